@@ -1,0 +1,77 @@
+"""Shared fixtures: a real ``tether serve`` process with real ipykernel kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+READY_DEADLINE = 60.0
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen[str]
+    info: dict
+    root: Path
+    runtime_dir: Path
+
+    @property
+    def url(self) -> str:
+        return self.info["url"].rstrip("/")
+
+    @property
+    def token(self) -> str:
+        return self.info["token"]
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+
+def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+    """Start ``tether serve --json`` and wait (bounded) for its one JSON line."""
+    root = tmp / "notebooks"
+    runtime = tmp / "runtime"
+    root.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), **(env or {})}
+    cmd = [sys.executable, "-m", "tether", "serve", "--json", "--notebook-dir", str(root), *args]
+    if "--port" not in args and "--sock" not in args:
+        cmd += ["--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], READY_DEADLINE)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"tether serve did not become ready (exit {proc.poll()})")
+    return RunningServer(proc, json.loads(line), root, runtime)
+
+
+def stop_server(server: RunningServer, timeout: float = 30.0) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(5)
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One tether server per test module."""
+    srv = start_server(tmp_path_factory.mktemp("srv"))
+    yield srv
+    stop_server(srv)

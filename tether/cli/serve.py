@@ -1,0 +1,88 @@
+"""``tether serve``: a Colab-ready runtime on this machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from tether.cli import cli, err, out, print_json
+from tether.config import COLAB_ORIGIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, ServeConfig, read_token
+from tether.remote.state import ServerState
+
+LNA_HINT = (
+    "Chrome may ask to let colab.research.google.com access devices on your local network: "
+    "allow it, or the connection fails."
+)
+
+
+def serve_options(f):  # type: ignore[no-untyped-def]
+    """The options shared by ``serve`` and ``up`` (which forwards them to the remote serve)."""
+    options = [
+        click.option("--port", type=int, default=DEFAULT_PORT, show_default=True,
+                     help="Port on 127.0.0.1 (never moved to another one if taken)."),
+        click.option("--origin", "origins", multiple=True, metavar="ORIGIN",
+                     help=f"Extra exact browser origin to allow, besides {COLAB_ORIGIN}."),
+        click.option("--notebook-dir", type=click.Path(path_type=Path, file_okay=False),
+                     help="Directory the notebooks live in (default: the current one)."),
+        click.option("--idle-timeout", type=int, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+                     help="Seconds before an idle kernel with no open tab is shut down; 0: never."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@serve_options
+@click.option("--sock", type=click.Path(path_type=Path, dir_okay=False),
+              help="Listen on this Unix socket (mode 0600) instead of a port.")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Read the token from this file (else $TETHER_TOKEN, else a fresh one).")
+@click.option("--ip", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--i-know-this-exposes-the-server", "allow_remote", is_flag=True,
+              help="Allow a non-loopback --ip. Anyone who can reach it can try the token.")
+def serve(
+    port: int,
+    origins: tuple[str, ...],
+    notebook_dir: Path | None,
+    idle_timeout: int,
+    as_json: bool,
+    sock: Path | None,
+    token_file: Path | None,
+    ip: str,
+    allow_remote: bool,
+) -> None:
+    """Start a Colab-ready Jupyter server here and print the URL to paste into Colab."""
+    from tether.remote.server import serve as run_server
+
+    cfg = ServeConfig(
+        port=port,
+        sock=sock.absolute() if sock else None,
+        ip=ip,
+        allow_remote_access=allow_remote,
+        origins=tuple(dict.fromkeys((COLAB_ORIGIN, *origins))),
+        notebook_dir=notebook_dir.absolute() if notebook_dir else None,
+        token=read_token(token_file),
+        idle_timeout=idle_timeout,
+    )
+    if os.geteuid() == 0:
+        err.print("[yellow]warning:[/] running as root; kernels will run as root too.")
+
+    def ready(state: ServerState) -> None:
+        if as_json:
+            print_json({**state.to_json(), "colab_url": state.colab_url})
+            return
+        if state.sock:
+            err.print(f"Jupyter server ready on socket {state.sock} (pid {state.pid}).")
+            err.print("Forward it to a local port, e.g. with `tether up HOST` from your laptop.")
+            return
+        err.print(f"[green]Colab runtime ready[/] (pid {state.pid}). In Colab: Connect > "
+                  "Connect to a local runtime, and paste:")
+        out.print(state.colab_url)
+        err.print(LNA_HINT)
+        err.print("Ctrl-C stops the server and shuts its kernels down.")
+
+    run_server(cfg, ready)

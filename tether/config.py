@@ -1,0 +1,94 @@
+"""Configuration: frozen dataclasses, resolved once (CLI > environment > defaults).
+
+Inside Jupyter, settings are traitlets (see ``tether.remote.extension``); this module only builds
+what the command line asks for and hands it down.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether.errors import ConfigError
+
+COLAB_ORIGIN = "https://colab.research.google.com"
+DEFAULT_PORT = 9999
+TOKEN_ENV = "TETHER_TOKEN"
+MIN_TOKEN_BITS = 128
+
+# Defaults that suit GPU users (docs/kernel-gpu-lifecycle.md): an idle notebook frees its GPU
+# after an hour, an open tab or a running training loop is never culled.
+DEFAULT_IDLE_TIMEOUT = 3600
+DEFAULT_CULL_INTERVAL = 300
+DEFAULT_SHUTDOWN_WAIT = 10.0
+
+
+def new_token() -> str:
+    """A fresh 192-bit token, URL-safe (hex)."""
+    return secrets.token_hex(24)
+
+
+def check_origin(origin: str) -> str:
+    """Return ``origin`` if it is a bare ``scheme://host[:port]`` origin, else raise."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest or "*" in origin:
+        raise ConfigError(
+            f"invalid origin {origin!r}",
+            hint="Give an exact origin such as https://colab.research.google.com (no path, no wildcard).",
+        )
+    return origin
+
+
+def read_token(token_file: Path | None) -> str:
+    """The token from ``token_file``, else ``$TETHER_TOKEN``, else a fresh one. Never from argv."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+        source = str(token_file)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        source = f"${TOKEN_ENV}"
+        if not token:
+            return new_token()
+    # hex: 4 bits a character; anything else: assume at least 5 bits (base32/64 alphabets)
+    bits = len(token) * (4 if all(c in "0123456789abcdef" for c in token.lower()) else 5)
+    if bits < MIN_TOKEN_BITS or not token.isprintable() or " " in token:
+        raise ConfigError(
+            f"the token from {source} is too weak or malformed",
+            hint="Use at least 32 hex characters, e.g. `python3 -c 'import secrets; print(secrets.token_hex(24))'`.",
+        )
+    return token
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``tether serve`` needs to start a Colab-ready server."""
+
+    port: int = DEFAULT_PORT
+    sock: Path | None = None
+    ip: str = "127.0.0.1"
+    allow_remote_access: bool = False
+    origins: tuple[str, ...] = (COLAB_ORIGIN,)
+    notebook_dir: Path | None = None
+    token: str = field(default_factory=new_token, repr=False)
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT
+    stop_after_idle: int = 0
+    on_idle: str | None = None
+    log_level: str = "WARN"
+
+    def __post_init__(self) -> None:
+        for origin in self.origins:
+            check_origin(origin)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range", hint="Pick a port in 1-65535.")
+        if self.ip not in ("127.0.0.1", "localhost", "::1") and not self.allow_remote_access:
+            raise ConfigError(
+                f"refusing to listen on {self.ip}: it is not a loopback address",
+                hint="Use an SSH tunnel, or pass --i-know-this-exposes-the-server if you really mean it.",
+            )
+        if self.idle_timeout < 0 or self.stop_after_idle < 0:
+            raise ConfigError("idle timeouts must be >= 0 seconds (0 turns them off)")

@@ -1,0 +1,211 @@
+"""What stock jupyter_server lacks for Colab's direct mode (docs/colab-runtime.md, 2 and 3).
+
+- CORS on every response, for exactly the allowed origins (never ``*``), errors included, so a
+  wrong token shows up in the browser as a 403 and not as an opaque CORS failure;
+- preflights (``OPTIONS``) answered 2xx without a token on every path, ``/`` and ``/tree``
+  included, with ``Access-Control-Allow-Private-Network`` when asked (colabtools#5302, #5506);
+- Colab's own ``/api/colab/*`` endpoints, so its resource monitor shows RAM, disk and GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import psutil
+import tornado.httputil
+import tornado.routing
+import tornado.web
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+
+from tether import __version__
+from tether.remote import gpu
+
+XSSI_PREFIX = ")]}'\n"
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+DEFAULT_ALLOW_HEADERS = "accept, authorization, content-type, x-xsrftoken, x-requested-with"
+PREFLIGHT_MAX_AGE = "600"
+
+
+def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
+    """The CORS grant for ``origin``: empty unless it is exactly one of ``allowed``."""
+    if origin is None or origin not in allowed:
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true"}
+
+
+class CorsTransform(tornado.web.OutputTransform):
+    """Adds the exact-origin CORS grant and ``Vary: Origin`` to every response of the app."""
+
+    def __init__(self, request: tornado.httputil.HTTPServerRequest, allowed: frozenset[str]):
+        super().__init__(request)
+        self._origin = request.headers.get("Origin")
+        self._allowed = allowed
+
+    def transform_first_chunk(
+        self, status_code: int, headers: tornado.httputil.HTTPHeaders, chunk: bytes, finishing: bool
+    ) -> tuple[int, tornado.httputil.HTTPHeaders, bytes]:
+        grant = cors_headers(self._origin, self._allowed)
+        if grant:
+            for name, value in grant.items():
+                headers[name] = value
+        elif "Access-Control-Allow-Origin" in headers:
+            # jupyter_server's own allow_origin settings never widen what tether allows
+            del headers["Access-Control-Allow-Origin"]
+            headers.pop("Access-Control-Allow-Credentials", None)
+        if "Origin" not in headers.get_list("Vary"):
+            headers.add("Vary", "Origin")
+        return status_code, headers, chunk
+
+
+class _OptionsMatcher(tornado.routing.Matcher):
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        return {} if request.method == "OPTIONS" else None
+
+
+class PreflightHandler(tornado.web.RequestHandler):
+    """Answers every ``OPTIONS`` with 204, no token needed: preflights never carry credentials."""
+
+    def initialize(self, allowed: frozenset[str]) -> None:
+        self._allowed = allowed
+
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        origin = self.request.headers.get("Origin")
+        self.set_header("Allow", ALLOW_METHODS)
+        if cors_headers(origin, self._allowed):
+            asked = self.request.headers.get("Access-Control-Request-Headers", "").strip()
+            self.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
+            self.set_header("Access-Control-Allow-Headers", asked or DEFAULT_ALLOW_HEADERS)
+            self.set_header("Access-Control-Max-Age", PREFLIGHT_MAX_AGE)
+            if self.request.headers.get("Access-Control-Request-Private-Network") == "true":
+                self.set_header("Access-Control-Allow-Private-Network", "true")
+        self.set_status(204)
+        self.finish()
+
+    def check_xsrf_cookie(self) -> None:
+        pass  # OPTIONS is safe and carries no credentials
+
+
+def install_cors(web_app: tornado.web.Application, origins: Iterable[str]) -> None:
+    """Answer preflights on every path and add the CORS grant to every response."""
+    allowed = frozenset(origins)
+    rule = tornado.routing.Rule(_OptionsMatcher(), PreflightHandler, {"allowed": allowed})
+    # First rule of the app's router: before any handler (which would 405 or demand a token)
+    web_app.default_router.rules.insert(0, web_app.default_router.process_rule(rule))
+    web_app.transforms.append(_transform_factory(allowed))
+
+
+def _transform_factory(
+    allowed: frozenset[str],
+) -> Callable[[tornado.httputil.HTTPServerRequest], CorsTransform]:
+    def make(request: tornado.httputil.HTTPServerRequest) -> CorsTransform:
+        return CorsTransform(request, allowed)
+
+    return make
+
+
+class ColabHandler(APIHandler):
+    """Base of ``/api/colab/*``: authenticated JSON behind Colab's XSSI guard."""
+
+    def write_colab(self, body: dict[str, Any]) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(XSSI_PREFIX + json.dumps(body))
+
+
+class BuildInfoHandler(ColabHandler):
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.write_colab({"release_tag": f"tether-{__version__}"})
+
+
+class DriveHandler(ColabHandler):
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.write_colab({"dfs": []})
+
+
+class ResourcesHandler(ColabHandler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        gpus = await asyncio.to_thread(gpu.query_gpus)
+        root = self.settings.get("server_root_dir") or os.getcwd()
+        self.write_colab(resources(self.kernel_manager, root, gpus))
+
+
+_ever_used: set[int] = set()
+
+
+def resources(kernel_manager: Any, root_dir: str, gpus: list[gpu.GpuInfo]) -> dict[str, Any]:
+    """The body of ``/api/colab/resources`` (shape: docs/colab-runtime.md, section 3)."""
+    vm = psutil.virtual_memory()
+    disk = shutil.disk_usage(root_dir)
+    for g in gpus:
+        if g.memory_used > 0:
+            _ever_used.add(g.index)
+    return {
+        "memory": {
+            "totalBytes": vm.total,
+            "freeBytes": vm.available,
+            "kernels": [
+                {"uuid": kid, "usedBytes": kernel_rss(kernel_manager, kid)}
+                for kid in kernel_manager.list_kernel_ids()
+            ],
+        },
+        "disks": [
+            {
+                "filesystem": {
+                    "label": _mount_of(root_dir),
+                    "totalBytes": disk.total,
+                    "usedBytes": disk.used,
+                }
+            }
+        ],
+        "gpus": [
+            {
+                "name": g.name,
+                "memoryUsedBytes": g.memory_used,
+                "memoryTotalBytes": g.memory_total,
+                "gpuUtilization": g.utilization_gpu / 100,
+                "memoryUtilization": g.utilization_memory / 100,
+                "everUsed": g.index in _ever_used,
+            }
+            for g in gpus
+        ],
+    }
+
+
+def kernel_rss(kernel_manager: Any, kernel_id: str) -> int:
+    """Resident memory of a kernel and all its descendants, in bytes (0 if it is gone)."""
+    try:
+        pid = kernel_manager.get_kernel(kernel_id).provisioner.pid
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except (KeyError, AttributeError, TypeError, psutil.Error):
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _mount_of(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def handlers(base_url: str) -> list[tuple[str, type[tornado.web.RequestHandler]]]:
+    return [
+        (url_path_join(base_url, "/api/colab/build-info"), BuildInfoHandler),
+        (url_path_join(base_url, "/api/colab/resources"), ResourcesHandler),
+        (url_path_join(base_url, "/api/colab/drive"), DriveHandler),
+    ]

@@ -1,0 +1,147 @@
+"""Start a Colab-ready jupyter_server in this process (the engine of ``tether serve``)."""
+
+from __future__ import annotations
+
+import errno
+import importlib.abc
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from traitlets.config import Config
+
+from tether.config import ServeConfig
+from tether.errors import ConfigError, PortInUseError, ServerStartError
+from tether.remote.extension import origin_pattern
+from tether.remote.state import ServerState, running_servers
+
+log = logging.getLogger(__name__)
+
+# Imported through jupyter_events' schema validation, rfc3987_syntax compiles a grammar for
+# ~1.25 s at import (jupyter_server#1559); jsonschema treats it as optional.
+SLOW_OPTIONAL_MODULES = ("rfc3987_syntax",)
+
+
+class _Unimportable(importlib.abc.MetaPathFinder):
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname.split(".")[0] in self.names:
+            raise ImportError(f"{fullname} is disabled in tether's server for start-up speed")
+        return None
+
+
+def skip_slow_imports() -> None:
+    if not any(isinstance(f, _Unimportable) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Unimportable(SLOW_OPTIONAL_MODULES))
+
+
+def check_port_free(ip: str, port: int) -> None:
+    """Raise PortInUseError if ``ip:port`` is taken: Jupyter must never move to another port."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                owner = next((srv for srv in running_servers() if srv.port == port), None)
+                what = f"tether's own server (pid {owner.pid})" if owner else "another program"
+                raise PortInUseError(
+                    f"port {port} on {ip} is already in use by {what}",
+                    hint="Stop it or pick another port with --port N.",
+                    port=port,
+                ) from e
+            raise ConfigError(f"cannot listen on {ip}:{port}: {e.strerror}") from e
+
+
+def check_socket_path(sock: Path) -> None:
+    """A stale socket file is removed; a live one (another server) is an error."""
+    if not sock.exists():
+        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            sock.unlink()
+            return
+    raise PortInUseError(
+        f"socket {sock} is already served by another process",
+        hint="Stop that server or pick another path with --sock PATH.",
+    )
+
+
+def jupyter_config(cfg: ServeConfig) -> Config:
+    """The traitlets config for a tether server: jupyter_server's own knobs, set in one place."""
+    c = Config()
+    app = c.ServerApp
+    app.open_browser = False
+    app.port_retries = 0
+    app.answer_yes = True  # Ctrl-C stops at once, no interactive prompt
+    app.allow_root = os.geteuid() == 0
+    app.allow_origin_pat = origin_pattern(list(cfg.origins))
+    app.allow_credentials = True
+    app.jpserver_extensions = {"tether.remote": True}
+    app.log_level = cfg.log_level
+    if cfg.sock is not None:
+        app.sock = str(cfg.sock)
+        app.sock_mode = "0600"
+    else:
+        app.ip = cfg.ip
+        app.port = cfg.port
+    if cfg.allow_remote_access:
+        app.allow_remote_access = True
+    if cfg.notebook_dir is not None:
+        app.root_dir = str(cfg.notebook_dir)
+    c.IdentityProvider.token = cfg.token
+    c.Tether.origins = list(cfg.origins)
+    # Idle policy and shutdown (docs/kernel-gpu-lifecycle.md): never cull a busy kernel or an
+    # open tab; give kernels time to let go of the GPU.
+    km = c.MappingKernelManager
+    km.cull_idle_timeout = cfg.idle_timeout
+    km.cull_interval = min(300, max(1, cfg.idle_timeout // 2)) if cfg.idle_timeout else 300
+    km.cull_connected = False
+    km.cull_busy = False
+    c.KernelManager.shutdown_wait_time = 10.0
+    return c
+
+
+def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
+    """Run a tether server until it is stopped (Ctrl-C or SIGTERM); kernels are shut down."""
+    from jupyter_server.serverapp import ServerApp
+
+    if cfg.notebook_dir is not None and not cfg.notebook_dir.is_dir():
+        raise ConfigError(
+            f"notebook directory {cfg.notebook_dir} does not exist",
+            hint="Create it or pass another --notebook-dir.",
+        )
+    if cfg.sock is not None:
+        check_socket_path(cfg.sock)
+    else:
+        check_port_free(cfg.ip, cfg.port)
+    skip_slow_imports()
+    app = ServerApp.instance(config=jupyter_config(cfg))
+    try:
+        app.initialize(argv=[])
+    except SystemExit as e:  # jupyter_server exits on bind and config errors
+        raise ServerStartError("the Jupyter server failed to start", hint="See the log above.") from e
+
+    from tether.remote.extension import server_state
+
+    def ready() -> None:
+        on_ready(server_state(app, list(cfg.origins)))
+
+    app.start_app()
+    app.io_loop.add_callback(ready)  # after the bind callback queued by initialize()
+    try:
+        app.start_ioloop()
+    finally:
+        ServerApp.clear_instance()
