@@ -22,6 +22,10 @@ from tether.remote import colab
 from tether.remote.state import ServerState, remove_state, write_state
 
 
+# ``tether serve`` puts a callable here to learn when the server is bound and its state written
+READY_CALLBACK = "tether_on_ready"
+
+
 class Tether(LoggingConfigurable):
     """Settings of the tether extension (``c.Tether.*`` in a Jupyter config file)."""
 
@@ -85,3 +89,6 @@ async def _start_jupyter_server_extension(serverapp: Any) -> None:
     state = server_state(serverapp, origins)
     write_state(state, runtime_dir)
     atexit.register(remove_state, state.pid, runtime_dir)
+    on_ready = serverapp.web_app.settings.get(READY_CALLBACK)
+    if on_ready is not None:
+        on_ready(state)

@@ -16,7 +16,7 @@ from traitlets.config import Config
 
 from tether.config import ServeConfig
 from tether.errors import ConfigError, PortInUseError, ServerStartError
-from tether.remote.extension import origin_pattern
+from tether.remote.extension import READY_CALLBACK, origin_pattern
 from tether.remote.state import ServerState, running_servers
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,8 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
     except SystemExit as e:  # jupyter_server exits on bind and config errors
         raise ServerStartError("the Jupyter server failed to start", hint="See the log above.") from e
 
-    from tether.remote.extension import server_state
-
-    def ready() -> None:
-        on_ready(server_state(app, list(cfg.origins)))
-
-    app.start_app()
-    app.io_loop.add_callback(ready)  # after the bind callback queued by initialize()
+    app.web_app.settings[READY_CALLBACK] = on_ready
     try:
-        app.start_ioloop()
+        app.start()
     finally:
         ServerApp.clear_instance()

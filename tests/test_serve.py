@@ -1,0 +1,127 @@
+"""`tether serve`: safe defaults, clear one-line errors, clean stop."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import start_server, stop_server
+from tether.replay import ColabClient
+
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_port_in_use_is_one_line_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), "--notebook-dir", str(tmp_path),
+                       env={"JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
+    line = one_line_error(proc)
+    assert f"port {port}" in line and "--port" in line
+
+
+def test_refuses_non_loopback_without_the_loud_flag(tmp_path):
+    line = one_line_error(run_cli("serve", "--ip", "0.0.0.0"))
+    assert "not a loopback address" in line and "--i-know-this-exposes-the-server" in line
+    assert run_cli("serve", "--ip", "0.0.0.0").returncode == 2
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 20])
+def test_weak_token_refused(bad):
+    line = one_line_error(run_cli("serve", env={"TETHER_TOKEN": bad}))
+    assert "too weak" in line
+
+
+def test_bad_origin_refused():
+    line = one_line_error(run_cli("serve", "--origin", "https://*.example.com"))
+    assert "invalid origin" in line
+
+
+def test_missing_notebook_dir(tmp_path):
+    line = one_line_error(run_cli("serve", "--notebook-dir", str(tmp_path / "nope"), "--port", "0"))
+    assert "does not exist" in line
+
+
+async def test_token_file_socket_and_state_file(tmp_path):
+    token = "ab" * 24
+    tf = tmp_path / "token"
+    tf.write_text(token + "\n")
+    tf.chmod(0o600)
+    sock = tmp_path / "run" / "tether.sock"
+    srv = start_server(tmp_path, "--sock", str(sock), "--token-file", str(tf))
+    try:
+        assert srv.info["sock"] == str(sock) and srv.info["token"] == token
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        state = srv.runtime_dir / f"tether-{srv.proc.pid}.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        assert json.loads(state.read_text())["sock"] == str(sock)
+        # the token is never on the command line of the server
+        cmdline = " ".join(psutil.Process(srv.proc.pid).cmdline())
+        assert token not in cmdline
+        assert unix_get(sock, "/api/status", token) == 200
+        assert unix_get(sock, "/api/status", "c" * 48) == 403
+    finally:
+        assert stop_server(srv) == 0
+    assert not state.exists()
+
+
+def unix_get(sock: Path, path: str, token: str) -> int:
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(str(sock))
+
+    conn = Conn("localhost")
+    conn.request("GET", path, headers={"Authorization": f"token {token}"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+async def test_sigint_stops_cleanly_and_kernels_die_and_token_never_logged(tmp_path):
+    log = tmp_path / "server.log"
+    with log.open("w") as f:
+        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "-vv", "serve", "--json", "--port", "0",
+             "--notebook-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=f, text=True, env=env, start_new_session=True)
+        info = json.loads(proc.stdout.readline())
+        async with ColabClient(info["url"], info["token"]) as c:
+            session = await c.create_session()
+            assert (await c.execute(session["kernel"]["id"], "print('hi')")).stdout == "hi\n"
+            await c.request("GET", f"/api/status?token={info['token']}")  # logged URL
+        kernels = psutil.Process(proc.pid).children(recursive=True)
+        assert kernels
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    _, alive = psutil.wait_procs(kernels, timeout=5)
+    assert not alive
+    text = log.read_text()
+    assert "GET /api/status" in text  # the request was logged...
+    assert info["token"] not in text  # ...without the token

@@ -1,0 +1,296 @@
+"""Find a kernel's processes and end them with certainty, under the safe-kill rule.
+
+Everything here is blocking (``/proc`` reads, bounded waits): call it through
+``asyncio.to_thread`` on a server. The rule (docs/kernel-gpu-lifecycle.md): kill only processes
+that run as the server's uid (as root: that also carry our marker), that are not the server, its
+ancestors or pid 1, not on the deny-list, that were created after the kernel they are attributed
+to, and that provably belong to us (marker, recorded process group, recorded descendant). Signals
+go through psutil, which refuses a pid that was reused since the snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+MARKER_ENV = "TETHER_KERNEL_MARKER"
+KERNEL_ID_ENV = "TETHER_KERNEL_ID"
+INSTANCE_ENV = "TETHER_SERVER_INSTANCE"
+DENY_NAMES = frozenset(
+    {"nvidia-persistenced", "nv-hostengine", "Xorg", "X", "Xwayland", "sshd", "systemd", "init",
+     "dcgm", "nvidia-smi", "containerd", "dockerd"}
+)
+# A process may be created a hair before the kernel's recorded start (clock granularity)
+CREATE_SLACK = 0.05
+KILL_WAIT = 2.0  # after SIGKILL: the kernel needs this long at most to reap a process
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Who we are: the processes that must never be signalled."""
+
+    uid: int
+    protected: frozenset[int]  # the server, its ancestors, pid 1
+
+    @classmethod
+    def here(cls) -> Guard:
+        me = psutil.Process()
+        protected = {1, me.pid, *(p.pid for p in me.parents())}
+        return cls(uid=os.geteuid(), protected=frozenset(protected))
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """What a kernel's processes can be recognised by, recorded at launch."""
+
+    kernel_id: str
+    pid: int
+    pgid: int | None
+    marker: str
+    started: float  # create time of the kernel process
+    descendants: frozenset[tuple[int, float]] = frozenset()  # (pid, create time) seen alive
+
+
+@dataclass
+class SweepResult:
+    terminated: list[int] = field(default_factory=list)  # ended after SIGTERM
+    killed: list[int] = field(default_factory=list)  # needed SIGKILL
+    survivors: list[psutil.Process] = field(default_factory=list)
+    refused: list[psutil.Process] = field(default_factory=list)  # ours by attribution, unsafe
+    seconds: float = 0.0
+
+    def merge(self, other: SweepResult) -> None:
+        self.terminated += other.terminated
+        self.killed += other.killed
+        self.survivors += other.survivors
+        self.refused += other.refused
+        self.seconds += other.seconds
+
+
+def environ_of(proc: psutil.Process) -> dict[str, str]:
+    """The environment ``proc`` was exec'ed with; {} where it cannot be read."""
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie holds no memory and no descriptors any more)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def same_uid(proc: psutil.Process, uid: int) -> bool:
+    try:
+        return proc.uids().real == uid
+    except psutil.Error:
+        return False
+
+
+def iter_marked(key: str, value: str, uid: int) -> Iterator[psutil.Process]:
+    """Same-uid processes whose environment has ``key=value``."""
+    for proc in psutil.process_iter():
+        if same_uid(proc, uid) and environ_of(proc).get(key) == value:
+            yield proc
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def group_members(pgid: int, uid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and same_uid(proc, uid):
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def snapshot_descendants(record: KernelRecord) -> KernelRecord:
+    """``record`` plus the kernel's live descendants (they lose their parent once it dies)."""
+    seen = set(record.descendants)
+    for proc in descendants(record.pid):
+        try:
+            seen.add((proc.pid, proc.create_time()))
+        except psutil.Error:
+            continue
+    return KernelRecord(record.kernel_id, record.pid, record.pgid, record.marker, record.started,
+                        frozenset(seen))
+
+
+def _recorded(record: KernelRecord) -> Iterator[psutil.Process]:
+    for pid, created in record.descendants:
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 0.01:
+                yield proc
+        except psutil.Error:
+            continue
+
+
+def kernel_processes(record: KernelRecord, guard: Guard) -> list[psutil.Process]:
+    """Every live process attributed to the kernel, kernel included, each once."""
+    found: dict[int, psutil.Process] = {}
+    candidates: list[psutil.Process] = []
+    try:
+        root = psutil.Process(record.pid)
+        if abs(root.create_time() - record.started) < 0.01:
+            candidates += [root, *descendants(record.pid)]
+    except psutil.Error:
+        pass
+    candidates += _recorded(record)
+    if record.pgid:
+        candidates += group_members(record.pgid, guard.uid)
+    candidates += iter_marked(MARKER_ENV, record.marker, guard.uid)
+    for proc in candidates:
+        if proc.pid not in found and alive(proc):
+            found[proc.pid] = proc
+    return list(found.values())
+
+
+def unsafe_reason(proc: psutil.Process, guard: Guard, marker: tuple[str, str] | None,
+                  not_before: float = 0.0) -> str:
+    """Why ``proc`` must not be signalled ("" when it may be).
+
+    ``marker`` is the (variable, value) pair that proves a process ours; as root it is required.
+    """
+    if proc.pid in guard.protected:
+        return "the server, one of its ancestors, or pid 1"
+    try:
+        name = proc.name()
+        uid = proc.uids().real
+        created = proc.create_time()
+    except psutil.Error:
+        return "gone"
+    if name in DENY_NAMES:
+        return f"deny-listed ({name})"
+    if uid != guard.uid:
+        return "another user's process"
+    if not_before and created + CREATE_SLACK < not_before:
+        return "older than the kernel it would belong to (pid reuse?)"
+    if guard.uid == 0 and marker is not None and environ_of(proc).get(marker[0]) != marker[1]:
+        return "running as root without our marker"
+    return ""
+
+
+def _signal(proc: psutil.Process, signum: int) -> bool:
+    try:
+        proc.send_signal(signum)  # psutil checks the create time: a reused pid raises
+        if signum == signal.SIGTERM:
+            proc.resume()  # a stopped process only acts on SIGTERM once continued
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        log.warning("not allowed to signal pid %d", proc.pid)
+        return False
+
+
+def wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait (bounded) until every process has exited; return those still alive.
+
+    Waits on pidfds where the kernel has them (no polling); falls back to psutil's bounded poll.
+    """
+    pending = [p for p in procs if alive(p)]
+    if not pending or timeout <= 0:
+        return pending
+    deadline = time.monotonic() + timeout
+    fds: dict[int, psutil.Process] = {}
+    try:
+        for proc in pending:
+            fd = os.pidfd_open(proc.pid)
+            if proc.is_running():  # the pidfd is of the very process we snapshotted
+                fds[fd] = proc
+            else:
+                os.close(fd)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        while fds and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                os.close(fd)
+                fds.pop(fd)
+    except OSError:  # no pidfd_open (old kernel) or a race with the exit: poll instead
+        for fd in fds:
+            os.close(fd)
+        fds = {}
+        _, still = psutil.wait_procs(pending, timeout=max(0.0, deadline - time.monotonic()))
+        return [p for p in still if alive(p)]
+    for fd in fds:
+        os.close(fd)
+    return [p for p in fds.values() if alive(p)]
+
+
+def terminate(procs: list[psutil.Process], grace: float) -> SweepResult:
+    """SIGTERM, wait up to ``grace``, SIGKILL, wait, verify. Returns who ended how."""
+    started = time.monotonic()
+    result = SweepResult()
+    targets = [p for p in procs if _signal(p, signal.SIGTERM)]
+    left = wait_gone(targets, grace)
+    result.terminated = [p.pid for p in targets if p not in left]
+    for proc in left:
+        _signal(proc, signal.SIGKILL)
+    survivors = wait_gone(left, KILL_WAIT)
+    result.killed = [p.pid for p in left if p not in survivors]
+    result.survivors = survivors
+    result.seconds = time.monotonic() - started
+    if result.terminated or result.killed:
+        log.info("swept: %d ended on SIGTERM %s, %d needed SIGKILL %s", len(result.terminated),
+                 result.terminated, len(result.killed), result.killed)
+    for proc in survivors:
+        log.warning("pid %d survived SIGKILL (state %s)", proc.pid, state_of(proc))
+    return result
+
+
+def state_of(proc: psutil.Process) -> str:
+    try:
+        return str(proc.status())
+    except psutil.Error:
+        return "gone"
+
+
+def split_safe(procs: list[psutil.Process], guard: Guard, marker: tuple[str, str] | None,
+               not_before: float = 0.0) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(may be signalled, must not be), logging why each refused one is refused."""
+    safe, refused = [], []
+    for proc in procs:
+        why = unsafe_reason(proc, guard, marker, not_before)
+        if why == "gone":
+            continue
+        if why:
+            log.warning("not killing pid %d: %s", proc.pid, why)
+            refused.append(proc)
+        else:
+            safe.append(proc)
+    return safe, refused
+
+
+def sweep_kernel(record: KernelRecord, guard: Guard, grace: float,
+                 include_kernel: bool = True) -> SweepResult:
+    """End every process of the kernel (the kernel itself too unless told not to)."""
+    procs = kernel_processes(record, guard)
+    if not include_kernel:
+        procs = [p for p in procs if p.pid != record.pid]
+    safe, refused = split_safe(procs, guard, (MARKER_ENV, record.marker), record.started)
+    result = terminate(safe, grace)
+    result.refused = refused
+    return result
