@@ -6,6 +6,7 @@ what the command line asks for and hands it down.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class ServeConfig:
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT
     stop_after_idle: int = 0
     on_idle: str | None = None
-    log_level: str = "WARN"
+    log_level: int = logging.WARNING
 
     def __post_init__(self) -> None:
         for origin in self.origins:

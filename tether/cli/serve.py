@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from tether.cli import cli, err, out, print_json
-from tether.config import COLAB_ORIGIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_PORT, ServeConfig, read_token
+from tether.config import (
+    COLAB_ORIGIN,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PORT,
+    TOKEN_ENV,
+    ServeConfig,
+    read_token,
+)
 from tether.remote.state import ServerState
 
 LNA_HINT = (
@@ -36,6 +43,7 @@ def serve_options(f):  # type: ignore[no-untyped-def]
 
 
 @cli.command()
+@click.pass_context
 @serve_options
 @click.option("--sock", type=click.Path(path_type=Path, dir_okay=False),
               help="Listen on this Unix socket (mode 0600) instead of a port.")
@@ -45,6 +53,7 @@ def serve_options(f):  # type: ignore[no-untyped-def]
 @click.option("--i-know-this-exposes-the-server", "allow_remote", is_flag=True,
               help="Allow a non-loopback --ip. Anyone who can reach it can try the token.")
 def serve(
+    ctx: click.Context,
     port: int,
     origins: tuple[str, ...],
     notebook_dir: Path | None,
@@ -67,7 +76,9 @@ def serve(
         notebook_dir=notebook_dir.absolute() if notebook_dir else None,
         token=read_token(token_file),
         idle_timeout=idle_timeout,
+        log_level=ctx.obj["log_level"],
     )
+    os.environ.pop(TOKEN_ENV, None)  # kernels inherit the environment: keep the token out of it
     if os.geteuid() == 0:
         err.print("[yellow]warning:[/] running as root; kernels will run as root too.")
 

@@ -18,7 +18,7 @@ from traitlets.config import LoggingConfigurable
 
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import colab
+from tether.remote import bridge, colab
 from tether.remote.state import ServerState, remove_state, write_state
 
 
@@ -77,6 +77,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
 
     base_url = serverapp.base_url
     handlers = colab.handlers(base_url)
+    if settings.bridge:
+        handlers += bridge.handlers(base_url)
     web_app.add_handlers(".*$", handlers)
 
     serverapp.log.info("tether %s: Colab-ready for %s", __version__, ", ".join(origins))

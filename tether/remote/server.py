@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Imported through jupyter_events' schema validation, rfc3987_syntax compiles a grammar for
 # ~1.25 s at import (jupyter_server#1559); jsonschema treats it as optional.
+TOKEN_ENV = "JUPYTER_TOKEN"
 SLOW_OPTIONAL_MODULES = ("rfc3987_syntax",)
 
 
@@ -101,7 +102,6 @@ def jupyter_config(cfg: ServeConfig) -> Config:
         app.allow_remote_access = True
     if cfg.notebook_dir is not None:
         app.root_dir = str(cfg.notebook_dir)
-    c.IdentityProvider.token = cfg.token
     c.Tether.origins = list(cfg.origins)
     # Idle policy and shutdown (docs/kernel-gpu-lifecycle.md): never cull a busy kernel or an
     # open tab; give kernels time to let go of the GPU.
@@ -129,10 +129,15 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
         check_port_free(cfg.ip, cfg.port)
     skip_slow_imports()
     app = ServerApp.instance(config=jupyter_config(cfg))
+    # The token goes in through the environment, read once at initialize and removed at once:
+    # a traitlets Config would be logged verbatim at debug level, and kernels inherit os.environ.
+    os.environ[TOKEN_ENV] = cfg.token
     try:
         app.initialize(argv=[])
     except SystemExit as e:  # jupyter_server exits on bind and config errors
         raise ServerStartError("the Jupyter server failed to start", hint="See the log above.") from e
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
 
     app.web_app.settings[READY_CALLBACK] = on_ready
     try:
