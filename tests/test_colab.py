@@ -88,3 +88,33 @@ async def test_kernel_state_kept_across_websockets(server):
         finally:
             await c.delete_session(session["id"])
     assert (out.status, out.result) == ("ok", "42")
+
+
+async def test_hand_started_jupyter_server_is_colab_ready(tmp_path):
+    """The extension is enabled on install: a plain `jupyter server` gets it too."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from tether.remote.state import running_servers
+
+    runtime = tmp_path / "rt"
+    token = "cd" * 24
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_TOKEN": token}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--port=0", "--no-browser", "--allow-root",
+         f"--ServerApp.root_dir={tmp_path}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(60):
+            while not (servers := running_servers(str(runtime))):
+                assert proc.poll() is None, "jupyter server exited"
+                await asyncio.sleep(0.1)  # polling the server's own state file, bounded above
+        state = servers[0]
+        assert state.pid == proc.pid and state.token == token
+        checks = await replay(state.url, token)
+        assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    finally:
+        proc.terminate()
+        proc.wait(30)
