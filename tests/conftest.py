@@ -75,3 +75,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     srv = start_server(tmp_path_factory.mktemp("srv"))
     yield srv
     stop_server(srv)
+
+
+pytest_plugins = ["tests.fixtures_ssh"]

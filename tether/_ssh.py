@@ -24,6 +24,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tether import __version__
 from tether.errors import AuthenticationError, HostUnreachableError, SSHError
@@ -94,7 +95,8 @@ def ssh_error(target: SSHTarget, command: str, status: int, stderr: bytes) -> SS
     """The right :class:`SSHError` for a failed ``ssh`` run (status 255 is OpenSSH's own)."""
     tail = stderr_tail(stderr)
     low = tail.lower()
-    data = {"host": target.host, "command": command, "status": status, "stderr": tail}
+    data: dict[str, Any] = {"host": target.host, "command": command, "status": status,
+                            "stderr": tail}
     last = tail.splitlines()[-1] if tail else f"exit status {status}"
     if status == SSH_FAILED and any(s in low for s in _AUTH):
         return AuthenticationError(
@@ -109,15 +111,17 @@ def ssh_error(target: SSHTarget, command: str, status: int, stderr: bytes) -> SS
     return SSHError(f"`{command}` on {target.host} failed (exit {status}): {last}", **data)
 
 
-async def spawn(argv: list[str], *, stdin: int | None = asyncio.subprocess.PIPE,
+async def spawn(target: SSHTarget, argv: list[str], *,
+                stdin: int | None = asyncio.subprocess.PIPE,
                 stdout: int | None = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
     """Start a local ssh process; a missing ``ssh`` binary is an :class:`SSHError`."""
-    log.debug("spawn %s", shlex.join(argv))
+    log.debug("spawn %s", shlex.join(a if len(a) < 300 else a[:300] + "...'" for a in argv))
     try:
         return await asyncio.create_subprocess_exec(
             *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
-            # Ctrl-C in the terminal reaches only tether, which ends its children itself
-            start_new_session=sys.platform != "win32",
+            # Non-interactive: Ctrl-C reaches only tether, which ends its children itself.
+            # Interactive: ssh keeps the terminal so passphrase and 2FA prompts reach the user.
+            start_new_session=sys.platform != "win32" and not target.interactive,
         )
     except OSError as e:
         raise SSHError(f"cannot run {argv[0]}: {e.strerror}",
@@ -143,7 +147,7 @@ async def run(target: SSHTarget, command: Sequence[str], *, input: bytes | None 
               timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Completed:
     """Run ``command`` (an argv) on the target; raise an :class:`SSHError` on failure."""
     argv = target.argv(command=command)
-    proc = await spawn(argv)
+    proc = await spawn(target, argv)
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except asyncio.TimeoutError as e:

@@ -24,6 +24,7 @@ MIN_TOKEN_BITS = 128
 DEFAULT_IDLE_TIMEOUT = 3600
 DEFAULT_CULL_INTERVAL = 300
 DEFAULT_SHUTDOWN_WAIT = 10.0
+DEFAULT_KILL_GRACE = 5.0  # SIGTERM -> SIGKILL when a kernel's processes are swept
 
 
 def new_token() -> str:
@@ -79,6 +80,8 @@ class ServeConfig:
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT
     stop_after_idle: int = 0
     on_idle: str | None = None
+    kill_grace: float = DEFAULT_KILL_GRACE
+    reap: bool = False
     log_level: int = logging.WARNING
 
     def __post_init__(self) -> None:
@@ -93,3 +96,10 @@ class ServeConfig:
             )
         if self.idle_timeout < 0 or self.stop_after_idle < 0:
             raise ConfigError("idle timeouts must be >= 0 seconds (0 turns them off)")
+        if self.on_idle and not self.stop_after_idle:
+            raise ConfigError(
+                "--on-idle needs --stop-after-idle SECONDS",
+                hint="The hook runs once the server has had no kernels for that long.",
+            )
+        if not 0 < self.kill_grace <= 300:
+            raise ConfigError("--kill-grace must be between 0 and 300 seconds")

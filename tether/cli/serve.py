@@ -11,6 +11,7 @@ from tether.cli import cli, err, out, print_json
 from tether.config import (
     COLAB_ORIGIN,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KILL_GRACE,
     DEFAULT_PORT,
     TOKEN_ENV,
     ServeConfig,
@@ -35,6 +36,19 @@ def serve_options(f):  # type: ignore[no-untyped-def]
                      help="Directory the notebooks live in (default: the current one)."),
         click.option("--idle-timeout", type=int, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
                      help="Seconds before an idle kernel with no open tab is shut down; 0: never."),
+        click.option("--stop-after-idle", type=int, default=0, metavar="SECONDS",
+                     help="Stop the server after this long with no kernels; 0 (default): never."),
+        click.option("--on-idle", metavar="COMMAND",
+                     help="Shell command run once when --stop-after-idle fires, before the server "
+                          "stops, e.g. 'sudo poweroff' or "
+                          "'az login --identity && az vm deallocate -g RG -n VM --no-wait'."),
+        click.option("--kill-grace", type=float, default=DEFAULT_KILL_GRACE, show_default=True,
+                     metavar="SECONDS",
+                     help="When a kernel is shut down: SIGTERM to its leftover processes, SIGKILL "
+                          "after this long."),
+        click.option("--reap", is_flag=True,
+                     help="At start, kill the processes a crashed tether server left behind "
+                          "(they are always reported)."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
     ]
     for option in reversed(options):
@@ -58,6 +72,10 @@ def serve(
     origins: tuple[str, ...],
     notebook_dir: Path | None,
     idle_timeout: int,
+    stop_after_idle: int,
+    on_idle: str | None,
+    kill_grace: float,
+    reap: bool,
     as_json: bool,
     sock: Path | None,
     token_file: Path | None,
@@ -76,6 +94,10 @@ def serve(
         notebook_dir=notebook_dir.absolute() if notebook_dir else None,
         token=read_token(token_file),
         idle_timeout=idle_timeout,
+        stop_after_idle=stop_after_idle,
+        on_idle=on_idle,
+        kill_grace=kill_grace,
+        reap=reap,
         log_level=ctx.obj["log_level"],
     )
     os.environ.pop(TOKEN_ENV, None)  # kernels inherit the environment: keep the token out of it

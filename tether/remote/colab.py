@@ -134,13 +134,16 @@ class ResourcesHandler(ColabHandler):
     async def get(self) -> None:
         gpus = await asyncio.to_thread(gpu.query_gpus)
         root = self.settings.get("server_root_dir") or os.getcwd()
-        self.write_colab(resources(self.kernel_manager, root, gpus))
+        lifecycle = self.settings.get("tether_lifecycle")
+        usage = await lifecycle.usage() if lifecycle is not None else {}
+        self.write_colab(resources(self.kernel_manager, root, gpus, usage))
 
 
 _ever_used: set[int] = set()
 
 
-def resources(kernel_manager: Any, root_dir: str, gpus: list[gpu.GpuInfo]) -> dict[str, Any]:
+def resources(kernel_manager: Any, root_dir: str, gpus: list[gpu.GpuInfo],
+              usage: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """The body of ``/api/colab/resources`` (shape: docs/colab-runtime.md, section 3)."""
     vm = psutil.virtual_memory()
     disk = shutil.disk_usage(root_dir)
@@ -152,7 +155,8 @@ def resources(kernel_manager: Any, root_dir: str, gpus: list[gpu.GpuInfo]) -> di
             "totalBytes": vm.total,
             "freeBytes": vm.available,
             "kernels": [
-                {"uuid": kid, "usedBytes": kernel_rss(kernel_manager, kid)}
+                # RSS of the kernel's whole process tree, as `tether ps` and the life-cycle API
+                {"uuid": kid, "usedBytes": (usage or {}).get(kid, (0, 0))[0]}
                 for kid in kernel_manager.list_kernel_ids()
             ],
         },
@@ -177,23 +181,6 @@ def resources(kernel_manager: Any, root_dir: str, gpus: list[gpu.GpuInfo]) -> di
             for g in gpus
         ],
     }
-
-
-def kernel_rss(kernel_manager: Any, kernel_id: str) -> int:
-    """Resident memory of a kernel and all its descendants, in bytes (0 if it is gone)."""
-    try:
-        pid = kernel_manager.get_kernel(kernel_id).provisioner.pid
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except (KeyError, AttributeError, TypeError, psutil.Error):
-        return 0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def _mount_of(path: str) -> str:

@@ -13,13 +13,13 @@ import re
 import time
 from typing import Any
 
-from traitlets import Bool, List, Unicode
+from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import bridge, colab
-from tether.remote.state import ServerState, remove_state, write_state
+from tether.remote import api, bridge, colab, lifecycle
+from tether.remote.state import ServerState, remove_state, state_path, write_state
 
 
 # ``tether serve`` puts a callable here to learn when the server is bound and its state written
@@ -37,6 +37,27 @@ class Tether(LoggingConfigurable):
 
     bridge = Bool(
         True, help="Serve the legacy HTTP-over-WebSocket protocol (jupyter_http_over_ws 0.0.7)."
+    ).tag(config=True)
+
+    sweep_kernels = Bool(
+        True, help="Make tether's sweeping provisioner the default (unless one is configured)."
+    ).tag(config=True)
+
+    reap = Bool(
+        False, help="At start, kill (not only report) processes left by a crashed tether server."
+    ).tag(config=True)
+
+    stop_after_idle = Int(
+        0, help="Stop the server after this many seconds with no kernels and no activity; 0: never."
+    ).tag(config=True)
+
+    on_idle = Unicode(
+        "", help="Shell command run once when the server has been idle for stop_after_idle "
+        "seconds, before it stops (e.g. power off or deallocate the VM)."
+    ).tag(config=True)
+
+    verify_timeout = Float(
+        30.0, help="Seconds a release waits for the kernel's GPU memory to be given back."
     ).tag(config=True)
 
 
@@ -80,17 +101,71 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     if settings.bridge:
         handlers += bridge.handlers(base_url)
     web_app.add_handlers(".*$", handlers)
+    _load_lifecycle(serverapp, settings)
 
     serverapp.log.info("tether %s: Colab-ready for %s", __version__, ", ".join(origins))
 
 
+def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
+    """Sweeping provisioner as the default, the life-cycle API, the kernels' way back to us."""
+    from jupyter_client.provisioning.factory import KernelProvisionerFactory
+
+    factory = KernelProvisionerFactory.instance(parent=serverapp)
+    explicit = "default_provisioner_name" in serverapp.config.get("KernelProvisionerFactory", {})
+    if settings.sweep_kernels and not explicit and not os.environ.get(
+        KernelProvisionerFactory.default_provisioner_name_env
+    ):
+        factory.default_provisioner_name = lifecycle.PROVISIONER_NAME
+    ctx = lifecycle.server_context()
+    ctx.state_file = str(state_path(os.getpid(), serverapp.runtime_dir))
+    grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
+    web_app = serverapp.web_app
+    web_app.settings[api.SETTINGS_KEY] = api.Lifecycle(
+        serverapp, grace=float(grace), verify_timeout=settings.verify_timeout, ctx=ctx)
+    web_app.add_handlers(".*$", api.handlers(serverapp.base_url))
+
+
 async def _start_jupyter_server_extension(serverapp: Any) -> None:
     # Runs once the loop is up and the port is bound (port 0 is resolved by then).
-    origins = Tether(parent=serverapp).origins
+    settings = Tether(parent=serverapp)
     runtime_dir = serverapp.runtime_dir
-    state = server_state(serverapp, origins)
+    state = server_state(serverapp, settings.origins)
     write_state(state, runtime_dir)
     atexit.register(remove_state, state.pid, runtime_dir)
+    service: api.Lifecycle = serverapp.web_app.settings[api.SETTINGS_KEY]
+    await _reap(service, settings.reap)
     on_ready = serverapp.web_app.settings.get(READY_CALLBACK)
     if on_ready is not None:
         on_ready(state)
+    if settings.stop_after_idle > 0:
+        from tether.remote.idle import IdleWatcher
+
+        service.idle_watcher = IdleWatcher(serverapp, settings.stop_after_idle, settings.on_idle,
+                                           spawn=service.releaser.spawn)
+        service.idle_watcher.start()
+    elif settings.on_idle:
+        serverapp.log.warning("tether: on_idle is ignored without stop_after_idle")
+
+
+async def _reap(service: api.Lifecycle, kill: bool) -> None:
+    """Report (and with ``reap`` kill) what a crashed tether server of this user left behind."""
+    import asyncio
+
+    from tether.remote import release
+
+    ctx = service.ctx
+    runtime_dir = os.path.dirname(ctx.state_file) if ctx.state_file else None
+    orphans = await asyncio.to_thread(lifecycle.find_orphans, ctx.guard, ctx.instance, runtime_dir)
+    if not orphans:
+        return
+    rows = await asyncio.to_thread(release.leftover_rows, orphans, {})
+    pids = [r["pid"] for r in rows]
+    if kill:
+        result = await asyncio.to_thread(lifecycle.reap, orphans, ctx.guard, service.releaser.grace)
+        lifecycle.log.warning("reaped %d process(es) left by a crashed tether server: %s",
+                              len(result.terminated) + len(result.killed), pids)
+        rows = await asyncio.to_thread(release.leftover_rows, orphans, {})
+    else:
+        lifecycle.log.warning("%d process(es) left by a crashed tether server: %s "
+                              "(tether serve --reap ends them)", len(rows), pids)
+    service.orphans = rows

@@ -5,8 +5,10 @@ Parsers are pure functions fed with recorded outputs in the tests; the I/O aroun
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -128,3 +130,145 @@ def query_gpus() -> list[GpuInfo]:
         return _from_smi()
     gpus = _from_nvml()
     return gpus if gpus is not None else _from_smi()
+
+
+# --- who holds the GPUs -------------------------------------------------------------------
+
+DEVICE_GLOB_ENV = "TETHER_NVIDIA_DEVICES"  # tests point this at temp files standing in
+DEFAULT_DEVICE_GLOB = "/dev/nvidia[0-9]*"
+SMI_APPS_QUERY = "pid,gpu_uuid,used_memory"
+
+
+@dataclass(frozen=True)
+class GpuHolder:
+    """A process with memory or an open device on a GPU."""
+
+    pid: int
+    gpu: int  # index; -1 where unknown
+    memory: int | None  # bytes; None where the driver does not say (fd holders, containers)
+    source: str  # "nvml", "nvidia-smi" or "fd"
+
+
+def parse_compute_apps_csv(text: str, uuid_to_index: dict[str, int]) -> list[GpuHolder]:
+    """Parse ``nvidia-smi --query-compute-apps=<SMI_APPS_QUERY> --format=csv,nounits,noheader``."""
+    holders = []
+    for line in text.strip().splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 3 or not fields[0].isdigit():
+            continue
+        used = fields[2]
+        memory = _int(used) * MIB if used.replace(".", "").isdigit() else None
+        holders.append(GpuHolder(int(fields[0]), uuid_to_index.get(fields[1], -1), memory,
+                                 "nvidia-smi"))
+    return holders
+
+
+def device_paths() -> dict[str, int]:
+    """The GPU device nodes (real path -> GPU index), ``/dev/nvidiaN`` unless overridden."""
+    pattern = os.environ.get(DEVICE_GLOB_ENV) or DEFAULT_DEVICE_GLOB
+    paths = {}
+    for path in glob.glob(pattern):
+        digits = re.search(r"(\d+)$", path)
+        paths[os.path.realpath(path)] = int(digits.group(1)) if digits else -1
+    return paths
+
+
+def fd_holders(devices: dict[str, int] | None = None, proc_root: str = "/proc") -> list[GpuHolder]:
+    """Processes with a GPU device open, from ``/proc/*/fd`` (what NVML may not list).
+
+    Processes whose descriptors we may not read (other users, when not root) are skipped.
+    """
+    devices = device_paths() if devices is None else devices
+    if not devices:
+        return []
+    holders = []
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit():
+            continue
+        seen: set[int] = set()
+        try:
+            for fd in os.scandir(f"{entry.path}/fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target in devices:
+                    seen.add(devices[target])
+        except OSError:
+            continue
+        holders += [GpuHolder(int(entry.name), index, None, "fd") for index in sorted(seen)]
+    return holders
+
+
+def _holders_nvml() -> list[GpuHolder] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        holders = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+            try:
+                procs += pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
+            except pynvml.NVMLError:
+                pass
+            for p in procs:
+                used = getattr(p, "usedGpuMemory", None)
+                holders.append(GpuHolder(int(p.pid), i, int(used) if used else None, "nvml"))
+        return holders
+    except pynvml.NVMLError as e:
+        log.warning("NVML process query failed, falling back to nvidia-smi: %s", e)
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _holders_smi() -> list[GpuHolder]:
+    exe = nvidia_smi()
+    if not exe:
+        return []
+    uuids = {g.uuid: g.index for g in _from_smi_with_uuid(exe)}
+    try:
+        out = subprocess.run(
+            [exe, f"--query-compute-apps={SMI_APPS_QUERY}", "--format=csv,nounits,noheader"],
+            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("nvidia-smi --query-compute-apps failed: %s", e)
+        return []
+    return parse_compute_apps_csv(out, uuids)
+
+
+def _from_smi_with_uuid(exe: str) -> list[GpuInfo]:
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index,uuid", "--format=csv,nounits,noheader"],
+            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        index, _, uuid = (f.strip() for f in line.partition(","))
+        if index.isdigit():
+            gpus.append(GpuInfo(int(index), "", 0, 0, 0, 0, uuid))
+    return gpus
+
+
+def query_holders() -> list[GpuHolder]:
+    """Every process holding a GPU: the driver's list (NVML, else nvidia-smi) plus fd holders.
+
+    A pid appears once per GPU; the driver's entry (with memory) wins over a bare fd holder.
+    Blocking: call it through ``asyncio.to_thread`` on a server.
+    """
+    driver = None if os.environ.get(NVIDIA_SMI_ENV) else _holders_nvml()
+    if driver is None:
+        driver = _holders_smi()
+    known = {(h.pid, h.gpu) for h in driver} | {(h.pid, -1) for h in driver if h.gpu == -1}
+    return driver + [h for h in fd_holders() if (h.pid, h.gpu) not in known]

@@ -14,9 +14,10 @@ from typing import Any
 
 from traitlets.config import Config
 
-from tether.config import ServeConfig
+from tether.config import DEFAULT_SHUTDOWN_WAIT, ServeConfig
 from tether.errors import ConfigError, PortInUseError, ServerStartError
 from tether.remote.extension import READY_CALLBACK, origin_pattern
+from tether.remote.lifecycle import PROVISIONER_NAME
 from tether.remote.state import ServerState, running_servers
 
 log = logging.getLogger(__name__)
@@ -110,12 +111,20 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     km.cull_interval = min(300, max(1, cfg.idle_timeout // 2)) if cfg.idle_timeout else 300
     km.cull_connected = False
     km.cull_busy = False
-    c.KernelManager.shutdown_wait_time = 10.0
+    c.KernelManager.shutdown_wait_time = DEFAULT_SHUTDOWN_WAIT
+    # Every kernel launched through the sweeping provisioner: nothing of it outlives a shutdown,
+    # restart or cull (docs/kernel-gpu-lifecycle.md).
+    c.KernelProvisionerFactory.default_provisioner_name = PROVISIONER_NAME
+    c.SweepingProvisioner.grace = cfg.kill_grace
+    c.Tether.stop_after_idle = cfg.stop_after_idle
+    c.Tether.on_idle = cfg.on_idle or ""
+    c.Tether.reap = cfg.reap
     return c
 
 
 def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
     """Run a tether server until it is stopped (Ctrl-C or SIGTERM); kernels are shut down."""
+    skip_slow_imports()  # before the first import of jupyter_server, or it is too late
     from jupyter_server.serverapp import ServerApp
 
     if cfg.notebook_dir is not None and not cfg.notebook_dir.is_dir():
@@ -127,7 +136,6 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
         check_socket_path(cfg.sock)
     else:
         check_port_free(cfg.ip, cfg.port)
-    skip_slow_imports()
     app = ServerApp.instance(config=jupyter_config(cfg))
     # The token goes in through the environment, read once at initialize and removed at once:
     # a traitlets Config would be logged verbatim at debug level, and kernels inherit os.environ.

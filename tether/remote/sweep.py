@@ -79,7 +79,7 @@ class SweepResult:
 def environ_of(proc: psutil.Process) -> dict[str, str]:
     """The environment ``proc`` was exec'ed with; {} where it cannot be read."""
     try:
-        return proc.environ()
+        return dict(proc.environ())
     except (psutil.Error, OSError):
         return {}
 
@@ -87,14 +87,14 @@ def environ_of(proc: psutil.Process) -> dict[str, str]:
 def alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (a zombie holds no memory and no descriptors any more)."""
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
 
 def same_uid(proc: psutil.Process, uid: int) -> bool:
     try:
-        return proc.uids().real == uid
+        return bool(proc.uids().real == uid)
     except psutil.Error:
         return False
 
@@ -108,7 +108,7 @@ def iter_marked(key: str, value: str, uid: int) -> Iterator[psutil.Process]:
 
 def descendants(pid: int) -> list[psutil.Process]:
     try:
-        return psutil.Process(pid).children(recursive=True)
+        return list(psutil.Process(pid).children(recursive=True))
     except psutil.Error:
         return []
 
@@ -146,6 +146,19 @@ def _recorded(record: KernelRecord) -> Iterator[psutil.Process]:
             continue
 
 
+def _group_is_ours(record: KernelRecord) -> bool:
+    """False if the group id now names another group: its leader (pid == pgid) is not the kernel.
+
+    Linux reuses a pgid only once no member of the old group is left, and a new group's id is
+    its leader's pid: a live leader that is not our kernel means the number was reused.
+    """
+    try:
+        leader = psutil.Process(record.pgid)
+        return abs(leader.create_time() - record.started) < 0.01 or record.pgid != record.pid
+    except psutil.Error:
+        return True
+
+
 def kernel_processes(record: KernelRecord, guard: Guard) -> list[psutil.Process]:
     """Every live process attributed to the kernel, kernel included, each once."""
     found: dict[int, psutil.Process] = {}
@@ -157,9 +170,10 @@ def kernel_processes(record: KernelRecord, guard: Guard) -> list[psutil.Process]
     except psutil.Error:
         pass
     candidates += _recorded(record)
-    if record.pgid:
+    if record.pgid and _group_is_ours(record):
         candidates += group_members(record.pgid, guard.uid)
-    candidates += iter_marked(MARKER_ENV, record.marker, guard.uid)
+    if record.marker:
+        candidates += iter_marked(MARKER_ENV, record.marker, guard.uid)
     for proc in candidates:
         if proc.pid not in found and alive(proc):
             found[proc.pid] = proc
@@ -240,11 +254,16 @@ def wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Pr
     return [p for p in fds.values() if alive(p)]
 
 
-def terminate(procs: list[psutil.Process], grace: float) -> SweepResult:
-    """SIGTERM, wait up to ``grace``, SIGKILL, wait, verify. Returns who ended how."""
+def terminate(procs: list[psutil.Process], grace: float,
+              no_term: frozenset[int] = frozenset()) -> SweepResult:
+    """SIGTERM, wait up to ``grace``, SIGKILL, wait, verify. Returns who ended how.
+
+    Pids in ``no_term`` get no SIGTERM (a kernel being shut down by its manager), only the
+    SIGKILL once ``grace`` is over.
+    """
     started = time.monotonic()
     result = SweepResult()
-    targets = [p for p in procs if _signal(p, signal.SIGTERM)]
+    targets = [p for p in procs if p.pid in no_term or _signal(p, signal.SIGTERM)]
     left = wait_gone(targets, grace)
     result.terminated = [p.pid for p in targets if p not in left]
     for proc in left:

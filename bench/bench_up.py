@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Benchmark ``tether up`` against a real sshd on loopback (compare ratios within one run).
+
+Figures (shared/docs/performance.md has the anchors and goals):
+
+- time to URL on a prepared remote: ``tether up HOST`` until its URL line (printed only once the
+  URL answers), with the server to start, and with a server already running (reuse);
+- the floor: a hand-written ``ssh HOST 'setsid jupyter server ...'`` + ``ssh -f -N -L`` script
+  with the same environment, until ``/api/status`` answers;
+- jupyter-forward against the same sshd, where it can run (``--jupyter-forward VENV``);
+- cold preparation: a wiped environment (the remote's pip cache kept) until the URL;
+- reconnect: the tunnel's ssh killed, and separately the sshd processes of the connection
+  killed, until the URL answers again (goal <= 3 s);
+- request round trip (``GET /api/status``, kept-alive connection) through tether's tunnel vs a
+  plain ``ssh -L`` to the same server (goal <= 1.1x).
+
+Needs root and openssh-server (it starts the test bed of ``tests/sshd.py``). Prints a Markdown
+table and writes ``bench/results/up-<time>.json``. Usage: ``python bench/bench_up.py [-n 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import secrets
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.sshd import SSHBed, free_port, kill_user_processes, start_testbed  # noqa: E402
+
+DEADLINE = 60.0
+COLD_DEADLINE = 900.0
+
+
+def tether(bed: SSHBed, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tether", *args, "-F", str(bed.config)]
+
+
+class Up:
+    """``tether up --json`` in the background; ``seconds`` until its URL line."""
+
+    def __init__(self, bed: SSHBed, host: str = "gpubox", deadline: float = DEADLINE) -> None:
+        self.port = free_port()
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(tether(bed, "up", host, "--json", "--port", str(self.port)),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], deadline)
+        line = self.proc.stdout.readline() if ready else ""
+        self.seconds = time.perf_counter() - t0
+        if not line:
+            self.stop()
+            raise RuntimeError(f"tether up failed: {self.proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        self.info = json.loads(line)
+
+    def tunnel_pid(self) -> int:
+        return next(c.pid for c in psutil.Process(self.proc.pid).children() if c.name() == "ssh")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def down(bed: SSHBed) -> None:
+    subprocess.run(tether(bed, "down", "gpubox"), capture_output=True, timeout=120, check=True)
+
+
+def wait_status(port: int, token: str, deadline: float = DEADLINE) -> float:
+    """Seconds until GET /api/status answers 200 on 127.0.0.1:port (polled every 10 ms)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/api/status", headers={"Authorization": f"token {token}"})
+            if conn.getresponse().status == 200:
+                return time.perf_counter() - t0
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"port {port} did not answer in {deadline} s")
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# -- the figures -------------------------------------------------------------------------------
+
+def time_to_url(bed: SSHBed, n: int) -> dict[str, list[float]]:
+    fresh, reuse = [], []
+    for _ in range(n):
+        down(bed)
+        up = Up(bed)
+        fresh.append(up.seconds)
+        up.stop()
+        up = Up(bed)
+        reuse.append(up.seconds)
+        up.stop()
+    return {"fresh": fresh, "reuse": reuse}
+
+
+def hand_written(bed: SSHBed, n: int) -> list[float]:
+    """The floor: start jupyter server detached over ssh, forward, poll until it answers."""
+    env = bed.tether_root / "env-0.1.0"
+    times = []
+    for _ in range(n):
+        down(bed)
+        port, local = free_port(), free_port()
+        token = secrets.token_hex(24)
+        remote = (f"setsid nohup {env}/bin/jupyter server --no-browser --ip=127.0.0.1 "
+                  f"--port={port} --ServerApp.port_retries=0 --IdentityProvider.token={token} "
+                  f"> /dev/null 2>&1 < /dev/null &")
+        t0 = time.perf_counter()
+        subprocess.run([*bed.ssh_argv(), remote], check=True, timeout=60)
+        tunnel = subprocess.Popen(["ssh", "-F", str(bed.config), "-N", "-o",
+                                   "ExitOnForwardFailure=yes", "-L",
+                                   f"127.0.0.1:{local}:127.0.0.1:{port}", "gpubox"])
+        wait_status(local, token)
+        times.append(time.perf_counter() - t0)
+        tunnel.terminate()
+        tunnel.wait(10)
+        kill_jupyter(bed)
+    return times
+
+
+def kill_jupyter(bed: SSHBed) -> None:
+    for p in psutil.process_iter(["uids", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["uids"] and p.info["uids"].real == bed.user.pw_uid and "jupyter" in cmd:
+            p.kill()
+
+
+def reconnect(bed: SSHBed, n: int) -> dict[str, list[float]]:
+    up = Up(bed)
+    tunnel_kill, sshd_kill = [], []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            psutil.Process(up.tunnel_pid()).kill()
+            wait_status(up.port, up.info["token"])
+            tunnel_kill.append(time.perf_counter() - t0)
+            time.sleep(0.3)  # let the new connection settle before the next kill
+            victims = []
+            for pid in bed.target.connection_pids():
+                proc = psutil.Process(pid)
+                victims += [proc, *proc.children(recursive=True)]
+            t0 = time.perf_counter()
+            for v in victims:
+                v.kill()
+            time.sleep(0.05)  # the old forward may answer until the kill lands
+            wait_status(up.port, up.info["token"])
+            sshd_kill.append(time.perf_counter() - t0)
+            time.sleep(0.3)
+    finally:
+        up.stop()
+    return {"tunnel_killed": tunnel_kill, "sshd_killed": sshd_kill}
+
+
+def round_trips(port: int, token: str, n: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"token {token}"}
+    times = []
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        conn.request("GET", "/api/status", headers=headers)
+        conn.getresponse().read()
+        if i >= 20:  # warm-up
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    return times
+
+
+def tunnel_vs_plain(bed: SSHBed, n: int) -> dict[str, list[float]]:
+    up = Up(bed)
+    try:
+        local = free_port()
+        target = up.info["remote_sock"] or f"127.0.0.1:{up.info['remote_port']}"
+        plain = subprocess.Popen(["ssh", "-F", str(bed.config), "-N", "-L",
+                                  f"127.0.0.1:{local}:{target}", "gpubox"])
+        try:
+            wait_status(local, up.info["token"])
+            result: dict[str, list[float]] = {"tether": [], "plain": []}
+            for _ in range(3):  # interleaved, so load changes hit both alike
+                result["tether"] += round_trips(up.port, up.info["token"], n // 3)
+                result["plain"] += round_trips(local, up.info["token"], n // 3)
+            return result
+        finally:
+            plain.terminate()
+            plain.wait(10)
+    finally:
+        up.stop()
+
+
+def cold(bed: SSHBed) -> float:
+    down(bed)
+    shutil.rmtree(bed.tether_root / "env-0.1.0")
+    up = Up(bed, deadline=COLD_DEADLINE)
+    up.stop()
+    return up.seconds
+
+
+def jupyter_forward(bed: SSHBed, venv: Path, n: int) -> list[float] | str:
+    """jupyter-forward (Fabric/paramiko) against the same sshd, if it can be made to run."""
+    exe = venv / "bin" / "jupyter-forward"
+    if not exe.exists():
+        return f"not installed in {venv}"
+    _jupyter_forward_shims(bed)
+    host = f"{bed.user.pw_name}@127.0.0.1:{bed.target.port}"
+    times = []
+    for _ in range(n):
+        down(bed)
+        kill_jupyter(bed)
+        t0 = time.perf_counter()
+        # no -F flag: it gets user, port and key on its command line
+        proc = subprocess.Popen([str(exe), host, "-i", str(bed.dir / "id_test"),
+                                 "--conda-env", "tether", "--port", str(free_port())],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        url = ""
+        while time.perf_counter() - t0 < DEADLINE:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            line = proc.stdout.readline() if ready else ""
+            if "token=" in line and "http" in line:
+                url = line
+                break
+            if proc.poll() is not None:
+                break
+        if not url:
+            proc.kill()
+            return "did not print a URL"
+        times.append(time.perf_counter() - t0)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        kill_jupyter(bed)
+    return times
+
+
+def _jupyter_forward_shims(bed: SSHBed) -> None:
+    """It runs `source activate ENV && jupyter lab`, and exits unless --conda-env is given:
+    a no-op `activate` and a `jupyter lab` -> `jupyter server` shim in the remote ~/bin."""
+    env = bed.tether_root / "env-0.1.0" / "bin"
+    bin_dir = bed.home / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "jupyter").write_text(
+        f'#!/bin/sh\nif [ "$1" = lab ]; then shift; exec {env}/jupyter server "$@"; fi\n'
+        f'exec {env}/jupyter "$@"\n')
+    (bin_dir / "jupyter").chmod(0o755)
+    (bin_dir / "activate").write_text("# conda-style activation: nothing to do\n")
+    for path in (bin_dir, bin_dir / "jupyter", bin_dir / "activate"):
+        shutil.chown(path, bed.user.pw_uid, bed.user.pw_gid)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def row(what: str, xs: list[float], unit: float = 1.0, fmt: str = "{:.2f} s") -> str:
+    xs = sorted(x * unit for x in xs)
+    p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+    return (f"| {what} | {fmt.format(median(xs))} | {fmt.format(xs[0])}-{fmt.format(xs[-1])} | "
+            f"{fmt.format(p90)} | {len(xs)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", type=int, default=5, help="repetitions of each timing")
+    ap.add_argument("--requests", type=int, default=600, help="round trips per path")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold preparation")
+    ap.add_argument("--jupyter-forward", type=Path, metavar="VENV",
+                    help="a venv with jupyter-forward installed")
+    args = ap.parse_args()
+
+    bed = start_testbed()
+    kill_user_processes(bed.user.pw_uid)
+    results: dict[str, object] = {}
+    lines = ["| what | median | range | p90 | n |", "|---|---|---|---|---|"]
+    try:
+        # the first up prepares the remote if needed; the cold figure is measured below
+        Up(bed, deadline=COLD_DEADLINE).stop()
+        ssh_true = []
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            subprocess.run([*bed.ssh_argv(), "true"], check=True, timeout=30)
+            ssh_true.append(time.perf_counter() - t0)
+        lines.append(row("`ssh HOST true` (one SSH connection)", ssh_true))
+        urls = time_to_url(bed, args.n)
+        lines.append(row("`tether up`, prepared remote, server to start", urls["fresh"]))
+        lines.append(row("`tether up`, server already running", urls["reuse"]))
+        floor = hand_written(bed, args.n)
+        lines.append(row("hand-written `ssh` + `jupyter server` + `ssh -L` (floor)", floor))
+        results.update(ssh_true=ssh_true, up=urls, hand_written=floor)
+        if args.jupyter_forward:
+            jf = jupyter_forward(bed, args.jupyter_forward, args.n)
+            results["jupyter_forward"] = jf
+            lines.append(row("jupyter-forward", jf) if isinstance(jf, list)
+                         else f"| jupyter-forward | {jf} | | | |")
+        rec = reconnect(bed, args.n)
+        lines.append(row("reconnect: tunnel ssh killed -> URL answers", rec["tunnel_killed"]))
+        lines.append(row("reconnect: sshd connection killed -> URL answers", rec["sshd_killed"]))
+        rtt = tunnel_vs_plain(bed, args.requests)
+        lines.append(row("`GET /api/status` through tether's tunnel", rtt["tether"], 1000,
+                         "{:.2f} ms"))
+        lines.append(row("`GET /api/status` through a plain `ssh -L`", rtt["plain"], 1000,
+                         "{:.2f} ms"))
+        results.update(reconnect=rec, round_trip=rtt)
+        if not args.no_cold:
+            seconds = cold(bed)
+            results["cold"] = seconds
+            lines.append(f"| cold preparation (venv + pip from the index) -> URL | {seconds:.1f} s | | | 1 |")
+    finally:
+        subprocess.run(tether(bed, "down", "gpubox"), capture_output=True, timeout=120)
+        kill_jupyter(bed)
+        for shim in ("bin/jupyter", "bin/activate"):
+            (bed.home / shim).unlink(missing_ok=True)
+        shutil.rmtree(bed.home / ".jupyter_forward", ignore_errors=True)
+        bed.stop()
+        kill_user_processes(bed.user.pw_uid)
+        shutil.rmtree(bed.dir, ignore_errors=True)
+
+    ratios = {
+        "up_fresh_vs_floor": median(urls["fresh"]) / median(floor),
+        "up_reuse_vs_floor": median(urls["reuse"]) / median(floor),
+        "round_trip_tether_vs_plain": median(rtt["tether"]) / median(rtt["plain"]),
+    }
+    results["ratios"] = ratios
+    print("\n".join(lines))
+    print()
+    for k, v in ratios.items():
+        print(f"- {k}: {v:.2f}x")
+    out = HERE / "results" / f"up-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\n(raw figures: {out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""A real OpenSSH test bed on loopback: two sshd (a target and a bastion), a non-root remote user.
+
+Used by the SSH fixtures and by ``bench/bench_up.py``. Needs root (to add the user and run sshd)
+and ``/usr/sbin/sshd`` (``apt-get install -y openssh-server``). Every process is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+SSHD = "/usr/sbin/sshd"
+REMOTE_USER = "tether-remote"
+NOPYTHON_USER = "tether-nopy"
+READY_DEADLINE = 15.0
+# One test bed at a time on a machine: they share the remote user, whose processes a starting
+# bed ends. Concurrent pytest runs (or a bench) wait here instead of killing each other's work.
+LOCK = Path(tempfile.gettempdir()) / "tether-sshbed.lock"
+LOCK_DEADLINE = 900.0
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {dir}/host_ed25519
+PidFile {dir}/sshd-{port}.pid
+AuthorizedKeysFile {dir}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+AllowStreamLocalForwarding {streamlocal}
+PermitRootLogin prohibit-password
+LogLevel VERBOSE
+"""
+
+CLIENT_CONFIG = """\
+Host gpubox
+  HostName 127.0.0.1
+  Port {port}
+Host nosock
+  HostName 127.0.0.1
+  Port {nosock_port}
+Host bastion
+  HostName 127.0.0.1
+  Port {bastion_port}
+Host behind
+  HostName 127.0.0.1
+  Port {port}
+  ProxyJump bastion
+Host badauth
+  HostName 127.0.0.1
+  Port {port}
+  User tether-nobody
+Host nopython
+  HostName 127.0.0.1
+  Port {port}
+  User {nopython_user}
+Host unreachable
+  HostName 127.0.0.1
+  Port {closed_port}
+  ConnectTimeout 5
+Host *
+  User {user}
+  IdentityFile {dir}/id_test
+  IdentitiesOnly yes
+  UserKnownHostsFile {dir}/known_hosts
+  StrictHostKeyChecking yes
+  ServerAliveInterval 5
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_user(name: str = REMOTE_USER) -> pwd.struct_passwd:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True, timeout=30)
+    # useradd leaves the account locked ("!"), which sshd refuses even for keys without PAM
+    subprocess.run(["usermod", "-p", "*", name], check=True, timeout=30)
+    return pwd.getpwnam(name)
+
+
+def kill_user_processes(uid: int, timeout: float = 10.0) -> list[int]:
+    """End every process of ``uid`` (left over from an earlier run), by pid."""
+    procs = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]
+
+
+@dataclass
+class Sshd:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def connection_pids(self) -> list[int]:
+        """The sshd processes serving connections (children of the listener)."""
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for c in children:
+            try:
+                c.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(children, timeout=5)
+
+
+@dataclass
+class SSHBed:
+    dir: Path
+    user: pwd.struct_passwd
+    config: Path
+    target: Sshd
+    bastion: Sshd
+    nosock: Sshd
+    daemons: list[Sshd] = field(default_factory=list)
+    lock_fd: int = -1
+
+    @property
+    def home(self) -> Path:
+        return Path(self.user.pw_dir)
+
+    @property
+    def tether_root(self) -> Path:
+        return self.home / ".cache" / "tether"
+
+    def ssh_argv(self, host: str = "gpubox") -> list[str]:
+        return ["ssh", "-F", str(self.config), host]
+
+    def user_pids(self) -> list[int]:
+        uid = self.user.pw_uid
+        return [p.pid for p in psutil.process_iter(["uids"])
+                if p.info["uids"] and p.info["uids"].real == uid]
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = -1
+
+
+def _lock(deadline: float = LOCK_DEADLINE) -> int:
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > end:
+                os.close(fd)
+                raise RuntimeError(f"another SSH test bed held {LOCK} for {deadline:.0f} s")
+            time.sleep(0.2)
+
+
+def _start_sshd(dir: Path, port: int, streamlocal: bool = True) -> Sshd:
+    cfg = dir / f"sshd_config-{port}"
+    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir,
+                                      streamlocal="yes" if streamlocal else "no"))
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(dir / f"sshd-{port}.log", "wb"))
+    deadline = time.monotonic() + READY_DEADLINE
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited: {(dir / f'sshd-{port}.log').read_text()[-500:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return Sshd(port, proc)
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError(f"sshd on port {port} did not start in {READY_DEADLINE} s")
+
+
+def _nopython_user(dir: Path) -> None:
+    """A user whose PATH has a shell and coreutils but no python3: a remote 'without Python'.
+
+    Debian's bash reads ~/.bashrc for commands run by sshd, so the PATH is set there.
+    """
+    bin_dir = dir / "nopython-bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "bash", "cat", "mkdir", "dirname", "env", "uname", "id"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    user = ensure_user(NOPYTHON_USER)
+    (Path(user.pw_dir) / ".bashrc").write_text(f"export PATH={bin_dir}\n")
+
+
+def start_testbed() -> SSHBed:
+    if os.geteuid() != 0 or not os.path.exists(SSHD):
+        raise RuntimeError("the SSH test bed needs root and /usr/sbin/sshd (openssh-server)")
+    lock_fd = _lock()
+    try:
+        return _start_testbed(lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _start_testbed(lock_fd: int) -> SSHBed:
+    user = ensure_user()
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    dir = Path(tempfile.mkdtemp(prefix="tether-sshd-"))
+    dir.chmod(0o755)  # sshd reads authorized_keys as the remote user
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
+    subprocess.run([*keygen, "-f", str(dir / "host_ed25519")], check=True, timeout=30)
+    subprocess.run([*keygen, "-f", str(dir / "id_test")], check=True, timeout=30)
+    shutil.copy(dir / "id_test.pub", dir / "authorized_keys")
+    (dir / "authorized_keys").chmod(0o644)
+    _nopython_user(dir)
+    ports = [free_port() for _ in range(3)]
+    host_key = (dir / "host_ed25519.pub").read_text().split()[:2]
+    (dir / "known_hosts").write_text(
+        "".join(f"[127.0.0.1]:{p} {' '.join(host_key)}\n" for p in ports))
+    config = dir / "ssh_config"
+    config.write_text(CLIENT_CONFIG.format(
+        port=ports[0], bastion_port=ports[1], nosock_port=ports[2], closed_port=free_port(),
+        dir=dir, user=user.pw_name, nopython_user=NOPYTHON_USER))
+    daemons: list[Sshd] = []
+    try:
+        daemons.append(_start_sshd(dir, ports[0]))
+        daemons.append(_start_sshd(dir, ports[1]))
+        daemons.append(_start_sshd(dir, ports[2], streamlocal=False))
+    except BaseException:
+        for d in daemons:
+            d.stop()
+        raise
+    return SSHBed(dir, user, config, daemons[0], daemons[1], daemons[2], daemons, lock_fd)

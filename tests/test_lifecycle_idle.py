@@ -1,0 +1,163 @@
+"""Idle policy, the Unix-socket path, the stop-after-idle hook and the reaper, with real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import start_server, stop_server
+from jupyter_client import BlockingKernelClient
+from kernel_client import Api, alive_pids, kill_pids, make_kernelspecs, matrix_code, wait_dead
+
+from tether.remote.kernel_helper import _UnixConnection
+
+IDLE = 3  # --idle-timeout: the culler looks every second
+
+
+@pytest.fixture
+def cleanup():
+    seen: list[int] = []
+    yield seen
+    kill_pids(alive_pids(seen))
+
+
+async def kernel_ids(api: Api) -> set[str]:
+    return {k["id"] for k in await api.call("GET", "/api/kernels")}
+
+
+async def test_cull_after_colab_disconnects_keeps_busy_and_connected(tmp_path, cleanup):
+    srv = start_server(tmp_path, "--idle-timeout", str(IDLE), "--kill-grace", "1",
+                       env=make_kernelspecs(tmp_path))
+    api = Api(srv.url, srv.token)
+    try:
+        async def session(path: str, kernel: str = "python3") -> tuple[str, object]:
+            s = await api.new_session(path, kernel)
+            return s["kernel"]["id"], await api.connect(s["kernel"]["id"])
+
+        (gone, ch1), (gone2, ch4), (busy, ch2), (open_tab, ch3) = await asyncio.gather(
+            session("left.ipynb"), session("left-nopsutil.ipynb", "nopsutil"),
+            session("training.ipynb"), session("open-tab.ipynb"))
+        outs = await asyncio.gather(ch1.execute(matrix_code()), ch4.execute(matrix_code()))
+        pids = [pid for out in outs for pid in json.loads(out.strip().splitlines()[-1]).values()]
+        cleanup.extend(pids)
+        await ch2.execute("import time\nwhile True: time.sleep(0.5)", wait=False)
+        await ch3.execute("x = 1")
+        for channel in (ch1, ch4, ch2):  # Colab's tab closes: the websocket goes, the kernel stays
+            channel.close()
+        deadline = time.monotonic() + 6 * IDLE + 10
+        while {gone, gone2} & await kernel_ids(api) and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        assert not {gone, gone2} & await kernel_ids(api), "...until the culler shuts it down"
+        assert await wait_dead(pids) == [], "and the cull was swept: no child survives it"
+        await asyncio.sleep(IDLE)  # past another cull round
+        assert {busy, open_tab} <= await kernel_ids(api), "busy or connected: never culled"
+        ch3.close()
+    finally:
+        stop_server(srv)
+
+
+def unix_call(sock: str, token: str, method: str, path: str, body: object = None) -> object:
+    conn = _UnixConnection(sock, 30)
+    try:
+        conn.request(method, path, json.dumps(body) if body is not None else None,
+                     {"Authorization": f"token {token}", "Content-Type": "application/json"})
+        reply = conn.getresponse()
+        raw = reply.read()
+    finally:
+        conn.close()
+    assert reply.status < 400, (reply.status, raw)
+    return json.loads(raw) if raw else None
+
+
+async def test_release_from_a_kernel_without_tether_over_a_unix_socket(tmp_path, cleanup):
+    """The kernel's own Python lacks tether; the server listens on a socket only."""
+    env = make_kernelspecs(tmp_path)
+    sock = str(tmp_path / "s" / "tether.sock")
+    srv = start_server(tmp_path, "--sock", sock, env=env)
+    try:
+        session = unix_call(sock, srv.token, "POST", "/api/sessions", {
+            "path": "mine.ipynb", "type": "notebook", "kernel": {"name": "notether"}})
+        kid = session["kernel"]["id"]
+        client = BlockingKernelClient(connection_file=str(srv.runtime_dir / f"kernel-{kid}.json"))
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            # ready once it answers (not wait_for_ready: its heartbeat check is flaky under load)
+            client.kernel_info()
+            assert client.get_shell_msg(timeout=60)["msg_type"] == "kernel_info_reply"
+            out: list[str] = []
+
+            def keep(msg: dict) -> None:
+                if msg["msg_type"] == "stream":
+                    out.append(msg["content"]["text"])
+
+            client.execute_interactive(matrix_code(), timeout=60, output_hook=keep)
+            pids = json.loads("".join(out).strip().splitlines()[-1])
+            cleanup.extend(pids.values())
+            ps = subprocess.run([sys.executable, "-m", "tether", "ps"], capture_output=True,
+                                text=True, timeout=60,
+                                env={**os.environ, "JUPYTER_RUNTIME_DIR": str(srv.runtime_dir)})
+            assert ps.returncode == 0 and "mine.ipynb" in ps.stdout, ps.stderr
+            out.clear()
+            client.execute_interactive("import tether; print(tether.__file__); tether.release()",
+                                       timeout=30, output_hook=keep)
+        finally:
+            client.stop_channels()
+        assert "_kernel_shim" in "".join(out)
+        deadline = time.monotonic() + 20
+        while unix_call(sock, srv.token, "GET", "/api/kernels") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert unix_call(sock, srv.token, "GET", "/api/kernels") == []
+        assert await wait_dead(pids) == []
+    finally:
+        stop_server(srv)
+
+
+def test_stop_after_idle_runs_the_hook_once_then_stops(tmp_path):
+    marker = tmp_path / "hook-ran"
+    srv = start_server(tmp_path, "--stop-after-idle", "2", "--on-idle",
+                       f"echo $TETHER_IDLE_SECONDS >> {marker}")
+    try:
+        assert srv.proc.wait(30) == 0
+    finally:
+        stop_server(srv)
+    lines = marker.read_text().split()
+    assert len(lines) == 1 and int(lines[0]) >= 2
+
+
+async def test_reaper_reports_then_ends_what_a_crashed_server_left(tmp_path, cleanup):
+    first = start_server(tmp_path)
+    api = Api(first.url, first.token)
+    s = await api.new_session("crash.ipynb")
+    channel = await api.connect(s["kernel"]["id"])
+    pids = json.loads((await channel.execute(matrix_code())).strip().splitlines()[-1])
+    channel.close()
+    cleanup.extend(pids.values())
+    first.proc.send_signal(signal.SIGKILL)  # the server crashes; its kernel lives on
+    first.proc.wait(10)
+    assert alive_pids(pids)
+
+    second = start_server(tmp_path)  # same runtime dir: same setup
+    try:
+        listing = await Api(second.url, second.token).call("GET", "/tether/api/kernels")
+    finally:
+        stop_server(second)
+    # the kernel itself may have gone (ipykernel notices its parent died); its children stay
+    children = [pid for what, pid in pids.items() if what not in ("kernel", "mp_daemon")]
+    assert set(alive_pids(children)) == set(children)
+    assert set(children) <= {o["pid"] for o in listing["orphans"]}
+    assert set(alive_pids(children)) == set(children), "without --reap they are only reported"
+
+    third = start_server(tmp_path, "--reap", "--kill-grace", "1")
+    try:
+        assert await wait_dead(pids, 10) == []
+    finally:
+        stop_server(third)

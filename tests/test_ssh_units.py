@@ -1,0 +1,122 @@
+"""The local side of ``tether up`` without a network: argv, error mapping, wheel, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shlex
+import subprocess
+import sys
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from tether import _ssh, bootstrap, tunnel
+from tether.errors import AuthenticationError, ForeignListenerError, HostUnreachableError, SSHError
+
+
+def test_argv_passes_config_and_options_through() -> None:
+    t = _ssh.SSHTarget("gpubox", "/x/config", ("ProxyJump=bastion", "Port=2222"), ssh="ssh")
+    argv = t.argv("-N", command=["echo", "a b", "$HOME"])
+    assert argv[:7] == ["ssh", "-F", "/x/config", "-o", "ProxyJump=bastion", "-o", "Port=2222"]
+    assert "BatchMode=yes" in argv  # not interactive: never hang on a hidden prompt
+    assert argv[-3:-1] == ["--", "gpubox"]
+    assert shlex.split(argv[-1]) == ["echo", "a b", "$HOME"]  # quoted for the remote shell
+    assert "StrictHostKeyChecking" not in " ".join(argv)  # never turned off by tether
+
+
+def test_interactive_leaves_prompts_to_ssh() -> None:
+    assert "BatchMode=yes" not in _ssh.SSHTarget("h", interactive=True, ssh="ssh").argv()
+
+
+@pytest.mark.parametrize(("status", "stderr", "kind"), [
+    (255, b"ssh: connect to host 10.0.0.1 port 22: Connection refused", HostUnreachableError),
+    (255, b"ssh: Could not resolve hostname nope: Name or service not known", HostUnreachableError),
+    (255, b"me@h: Permission denied (publickey).", AuthenticationError),
+    (255, b"Host key verification failed.", AuthenticationError),
+    (1, b"Permission denied", SSHError),  # the remote command's own status, not ssh's
+])
+def test_error_mapping(status: int, stderr: bytes, kind: type) -> None:
+    e = _ssh.ssh_error(_ssh.SSHTarget("h"), "true", status, stderr)
+    assert type(e) is kind
+    assert e.data["host"] == "h" and e.data["status"] == status
+    assert stderr.decode().strip() in e.data["stderr"]
+
+
+def test_remote_tether_argv_runs_the_installed_tether() -> None:
+    argv = _ssh.remote_tether_argv("ps", "--json")
+    assert argv[:2] == ["sh", "-c"] and argv[-2:] == ["ps", "--json"]
+    assert "env-0.1.0/bin/tether" in argv[2] and "JUPYTER_RUNTIME_DIR" in argv[2]
+
+
+def test_wheel_is_deterministic_and_complete() -> None:
+    bootstrap.build_wheel.cache_clear()
+    a = bootstrap.build_wheel()
+    bootstrap.build_wheel.cache_clear()
+    b = bootstrap.build_wheel()
+    assert a.sha256 == b.sha256 and a.name == "tether-0.1.0-py3-none-any.whl"
+    names = zipfile.ZipFile(io.BytesIO(a.data)).namelist()
+    for needed in ("tether/_agent.py", "tether/remote/server.py", "tether/cli/serve.py",
+                   "tether-0.1.0.dist-info/METADATA", "tether-0.1.0.dist-info/entry_points.txt",
+                   "tether-0.1.0.dist-info/RECORD"):
+        assert needed in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_agent_runs_on_plain_python_and_reports_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The agent alone, as the remote runs it: stdlib only, one JSON line."""
+    params = bootstrap._params("status", bootstrap.RemoteOptions(), bootstrap.build_wheel())
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-I", "-c", bootstrap.agent_source(), json.dumps(params)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result == {"event": "result", "servers": [], "env_ready": False,
+                      "root": f"{tmp_path}/.cache/tether"}
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    first = [tunnel._backoff(1) for _ in range(50)]
+    assert all(0.18 <= x <= 0.32 for x in first) and len(set(first)) > 1
+    assert all(tunnel._backoff(30) <= tunnel.BACKOFF_MAX * 1.25 for _ in range(20))
+
+
+def test_forward_spec() -> None:
+    assert tunnel.Forward(9999, "/run/t.sock").spec == "127.0.0.1:9999:/run/t.sock"
+    assert tunnel.Forward(9999, remote_port=8888).spec == "127.0.0.1:9999:127.0.0.1:8888"
+
+
+class _Foreign(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        body = b'{"hello": "not jupyter"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_foreign_listener_is_an_error() -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Foreign)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ForeignListenerError):
+            asyncio.run(tunnel.verify_own_server(server.server_address[1], "t" * 48))
+    finally:
+        server.shutdown()
+        thread.join(5)
+        server.server_close()
+
+
+def test_serve_options_are_forwarded_to_the_remote_serve() -> None:
+    from tether.cli.remote import serve_args
+
+    given = {"stop_after_idle": 600, "on_idle": "sudo poweroff", "reap": True,
+             "kill_grace": 5.0, "port": 1234, "as_json": True, "kernel_python": "/x"}
+    assert serve_args(given) == ("--stop-after-idle", "600", "--on-idle", "sudo poweroff",
+                                 "--reap")

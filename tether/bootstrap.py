@@ -1,0 +1,256 @@
+"""Prepare a remote without sudo, idempotently, and start (or find) its server.
+
+The remote work is done by :mod:`tether._agent`, a standard-library script run by the remote's
+own ``python3`` over one SSH connection per call. On a prepared remote ``up`` is a single call;
+a cold one needs a second call that carries tether's wheel on stdin. The wheel is built here
+from the installed package, so both sides always run the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from tether import __version__
+from tether import _ssh
+from tether.config import COLAB_ORIGIN
+from tether.errors import (
+    ConfigError,
+    RemoteEnvironmentError,
+    ServerNotFoundError,
+    ServerStartError,
+    SSHError,
+    TetherError,
+)
+
+log = logging.getLogger(__name__)
+
+NO_PYTHON = 97
+# The remote command: find the interpreter, then run the agent with it (argv: python, src, params)
+_PREFIX = ('command -v "$1" >/dev/null 2>&1 || exit 97; '
+           'exec "$1" -c "$2" "$3"')
+WHEEL_TAG = "py3-none-any"
+SERVER_CONFIG = {"ServerApp": {"jpserver_extensions": {"tether.remote": True}}}
+# Cold preparation installs from the package index: minutes on a slow link.
+INSTALL_TIMEOUT = 1800.0
+CALL_TIMEOUT = 120.0
+LOG_LINES = 12
+
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    data: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """What the remote side of ``up`` needs: the server's options and the kernel's Python."""
+
+    remote_python: str = "python3"
+    kernel_python: str | None = None
+    conda_env: str | None = None
+    install_kernel_deps: bool | None = None
+    remote_port: int | None = None
+    origins: tuple[str, ...] = ()
+    notebook_dir: str | None = None
+    idle_timeout: int = 3600
+    serve_args: tuple[str, ...] = ()  # further `tether serve` options, passed on as given
+
+
+# -- the wheel ---------------------------------------------------------------------------------
+
+def _record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest},{len(data)}"
+
+
+def _package_files() -> list[tuple[str, bytes]]:
+    root = Path(__file__).parent
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root.parent).as_posix()
+        if path.is_file() and "__pycache__" not in rel and path.suffix not in (".pyc", ".pyo"):
+            files.append((rel, path.read_bytes()))
+    return files
+
+
+def _dist_files() -> list[tuple[str, bytes]]:
+    dist = metadata.distribution("tether")
+    info = f"tether-{__version__}.dist-info"
+    meta = (dist.read_text("METADATA") or "").encode()
+    entry_points = (dist.read_text("entry_points.txt") or "").encode()
+    wheel = f"Wheel-Version: 1.0\nGenerator: tether\nRoot-Is-Purelib: true\nTag: {WHEEL_TAG}\n"
+    config = json.dumps(SERVER_CONFIG, indent=2).encode()
+    return [
+        (f"tether-{__version__}.data/data/etc/jupyter/jupyter_server_config.d/tether.json", config),
+        (f"{info}/METADATA", meta),
+        (f"{info}/WHEEL", wheel.encode()),
+        (f"{info}/entry_points.txt", entry_points),
+    ]
+
+
+@lru_cache(maxsize=1)
+def build_wheel() -> Wheel:
+    """tether's wheel, built in memory from the running package (same bytes for same files)."""
+    files = _package_files() + _dist_files()
+    record = "".join(f"{name},{_record_hash(data)}\n" for name, data in files)
+    record += f"tether-{__version__}.dist-info/RECORD,,\n"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in [*files, (f"tether-{__version__}.dist-info/RECORD", record.encode())]:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return Wheel(f"tether-{__version__}-{WHEEL_TAG}.whl", buf.getvalue())
+
+
+def requires_python() -> str:
+    spec = str((metadata.metadata("tether").get_all("Requires-Python") or [">=3.9"])[0])
+    return spec.replace(">=", "").split(",")[0].strip()
+
+
+def agent_source() -> str:
+    return resources.files("tether").joinpath("_agent.py").read_text()
+
+
+# -- calling the agent -------------------------------------------------------------------------
+
+def agent_command(python: str, params: dict[str, Any]) -> list[str]:
+    return ["sh", "-c", _PREFIX, "sh", python, agent_source(), json.dumps(params)]
+
+
+def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dict[str, Any]:
+    return {
+        "action": action, "version": __version__, "requires_python": requires_python(),
+        "wheel_sha256": wheel.sha256, "wheel_name": wheel.name,
+        "kernel_python": opts.kernel_python, "conda_env": opts.conda_env,
+        "install_kernel_deps": opts.install_kernel_deps, "remote_port": opts.remote_port,
+        "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
+        "notebook_dir": opts.notebook_dir, "idle_timeout": opts.idle_timeout,
+        "serve_args": list(opts.serve_args), **extra,
+    }
+
+
+async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
+                     on_event: OnEvent | None = None, wheel_data: bytes = b"",
+                     timeout: float = CALL_TIMEOUT, **extra: Any) -> dict[str, Any]:
+    """Run one agent action on the remote; stream its events; return its result."""
+    wheel = build_wheel()
+    params = _params(action, opts, wheel, wheel_size=len(wheel_data), **extra)
+    command = agent_command(opts.remote_python, params)
+    proc = await _ssh.spawn(target, target.argv(command=command))
+    try:
+        return await asyncio.wait_for(
+            _converse(target, proc, wheel_data, on_event or (lambda e: None)), timeout)
+    except asyncio.TimeoutError as e:
+        raise SSHError(f"{action} on {target.host} took more than {timeout:.0f} s",
+                       host=target.host) from e
+    finally:
+        await _ssh.terminate(proc)
+
+
+async def _converse(target: _ssh.SSHTarget, proc: asyncio.subprocess.Process, data: bytes,
+                    on_event: OnEvent) -> dict[str, Any]:
+    assert proc.stdin and proc.stdout and proc.stderr
+    async with asyncio.TaskGroup() as tg:  # on cancel, the stderr reader is cancelled too
+        stderr_task = tg.create_task(proc.stderr.read())
+        try:
+            if data:
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the remote ended early; its exit status says why
+        final = await _events(proc.stdout, on_event)
+        # stdin stays open until the result: the agent takes EOF as "the laptop is gone"
+        proc.stdin.close()
+        status = await proc.wait()
+    return _outcome(target, status, final, stderr_task.result())
+
+
+async def _events(stdout: asyncio.StreamReader, on_event: OnEvent) -> Event | None:
+    async for raw in stdout:
+        event = _parse(raw)
+        if event is None:
+            continue
+        if event.get("event") in ("result", "error"):
+            return event
+        on_event(event)
+    return None
+
+
+def _parse(raw: bytes) -> Event | None:
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        log.debug("agent said %r", raw[:200])
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _outcome(target: _ssh.SSHTarget, status: int, final: Event | None,
+             stderr: bytes) -> dict[str, Any]:
+    if status == NO_PYTHON:
+        raise RemoteEnvironmentError(
+            f"{target.host} has no python3 on its PATH",
+            hint=f"Install it (e.g. `ssh {target.host} sudo apt-get install -y python3 "
+                 "python3-venv`) or pass --remote-python PATH.", host=target.host)
+    if final is not None and final["event"] == "error":
+        raise _agent_error(target, final)
+    if final is None or status != 0:
+        raise _ssh.ssh_error(target, "tether remote agent", status, stderr)
+    return final
+
+
+def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
+    kind = event.get("kind", "")
+    message = f"{target.host}: {event.get('message', 'remote step failed')}"
+    hint = str(event.get("hint", "")).replace("HOST", target.host)
+    log_tail = str(event.get("log_tail", ""))
+    data = {"host": target.host, "kind": kind, "log_tail": log_tail}
+    if log_tail:  # the user sees why without logging in: the last lines of the remote log
+        lines = "\n".join("    " + line for line in log_tail.splitlines()[-LOG_LINES:])
+        message = f"{message}\n  remote log (tail):\n{lines}\n "
+    if kind == "start":
+        return ServerStartError(
+            message, hint=hint or f"Fix that and run `tether up {target.host}` again (full log: "
+                                  "~/.cache/tether/server.log there).", **data)
+    if kind in ("no-server", "stopped"):
+        return ServerNotFoundError(message, hint=f"`tether up {target.host}` starts one.",
+                                   **data)
+    if kind == "consent":
+        return ConfigError(message, hint=hint, **data)
+    return RemoteEnvironmentError(message, hint=hint, **data)
+
+
+async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent | None = None,
+             attach: bool = False) -> dict[str, Any]:
+    """Make sure a server runs on the remote (preparing it first if needed); return its state."""
+    result = await call_agent(target, opts, "up", on_event=on_event, attach=attach)
+    if result.get("need_wheel"):
+        wheel = build_wheel()
+        if on_event:
+            on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
+                      "label": f"sending {wheel.name} ({len(wheel.data) >> 10} KiB)"})
+        result = await call_agent(target, opts, "up", on_event=on_event, wheel_data=wheel.data,
+                                  timeout=INSTALL_TIMEOUT)
+    return result

@@ -1,0 +1,350 @@
+"""``tether up | attach | down | status | doctor HOST``: a remote runtime over the user's ssh."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+from rich.status import Status as Spinner
+
+from tether import _ssh, session
+from tether.bootstrap import RemoteOptions
+from tether.cli import cli, err, out, print_json
+from tether.cli.serve import LNA_HINT, serve, serve_options
+from tether.errors import ConfigError, TetherError
+from tether.tunnel import State
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+# serve's options, typed for mypy (the decorator itself is untyped)
+_serve_options = cast(Callable[[F], F], serve_options)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived; treated like Ctrl-C."""
+
+
+def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The one ``asyncio.run``: SIGTERM cancels like Ctrl-C, so children are always ended."""
+    terminated = False
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            assert task is not None
+            task.cancel()
+
+        if sys.platform != "win32":
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        try:
+            return await make()
+        except asyncio.CancelledError:
+            if terminated:
+                raise Terminated() from None
+            raise
+
+    return asyncio.run(main())
+
+
+def ssh_options(f: F) -> F:
+    options = [
+        click.option("-F", "--ssh-config", type=click.Path(dir_okay=False),
+                     help="ssh config file, passed to ssh as -F."),
+        click.option("-o", "--ssh-option", "ssh_opts", multiple=True, metavar="KEY=VALUE",
+                     help="ssh option, passed to ssh as -o (repeatable)."),
+        click.option("--batch", is_flag=True,
+                     help="Never prompt (ssh BatchMode); the default when stdin is not a terminal."),
+        click.option("--remote-python", default="python3", show_default=True,
+                     help="Python on the remote that builds tether's environment."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_target(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...],
+                batch: bool) -> _ssh.SSHTarget:
+    for opt in ssh_opts:
+        if "=" not in opt and " " not in opt:
+            raise ConfigError(f"-o {opt}: expected KEY=VALUE")
+    return _ssh.SSHTarget(host, ssh_config, ssh_opts,
+                          interactive=not batch and _ssh.interactive_default())
+
+
+class ConsoleReporter:
+    """Progress per step with timings, then the URL, then one live status line per host."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.tty = err.is_terminal
+        self.spinner: Spinner | None = None
+        self.lines: dict[str, str] = {}
+        self.states: dict[str, State] = {}
+        self.ready_hosts: list[str] = []
+
+    def _show(self, text: str) -> None:
+        if not self.tty:
+            return
+        if self.spinner is None:
+            self.spinner = Spinner(text, console=err)
+            self.spinner.start()
+        else:
+            self.spinner.update(text)
+
+    def close(self) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+            self.spinner = None
+
+    def event(self, host: str, event: dict[str, Any]) -> None:
+        if event.get("event") != "step":
+            return
+        label, state = event.get("label", event.get("key")), event.get("state")
+        if state == "start":
+            self._show(f"{host}: {label}")
+        elif state in ("done", "fail"):
+            mark = "[green]✓[/]" if state == "done" else "[red]✗[/]"
+            err.print(f"{mark} {host}: {label} [dim]{event.get('seconds', 0):.2f} s[/]")
+
+    def ready(self, runtime: session.Runtime) -> None:
+        self.close()
+        self.ready_hosts.append(runtime.host)
+        for warning in runtime.warnings:
+            warning = warning.replace("HOST", runtime.host)
+            err.print(f"[yellow]note:[/] {runtime.host}: {warning}")
+        if self.as_json:
+            print_json(runtime.to_json())
+            return
+        where = "running server" if runtime.reused else "new server"
+        err.print(f"[green]Colab runtime ready[/] on {runtime.host} ({where}, remote pid "
+                  f"{runtime.server.get('pid')}). In Colab: Connect > Connect to a local "
+                  "runtime, and paste:")
+        out.print(runtime.colab_url)
+        err.print(LNA_HINT)
+        err.print("Ctrl-C detaches: the server and kernels keep running on the remote.")
+
+    def live(self, host: str, live: session.Live) -> None:
+        t = live.tunnel
+        parts = [f"tunnel {t.state.value}", f"reconnects {t.reconnects}"]
+        if live.kernels is not None:
+            parts.append(f"kernels {live.kernels}")
+        if live.gpu_total:
+            parts.append(f"GPU {(live.gpu_used or 0) >> 20} / {live.gpu_total >> 20} MiB")
+        if t.state is State.RECONNECTING and t.last_error:
+            parts.append(t.last_error.splitlines()[-1][:60])
+        self.lines[host] = f"{host}: " + " · ".join(parts)
+        if self.tty:
+            self._show("\n".join(self.lines.values()))
+        elif self.states.get(host) is not t.state and not self.as_json:
+            err.print(self.lines[host])
+        self.states[host] = t.state
+
+
+# serve options that `up` handles itself, or that make no sense on the remote
+_NOT_FORWARDED = {"port", "as_json", "sock", "token_file", "ip", "allow_remote", "origins",
+                  "notebook_dir", "idle_timeout"}
+
+
+def serve_args(values: dict[str, Any]) -> tuple[str, ...]:
+    """The remote `tether serve` flags for the serve options given here (non-default only)."""
+    args: list[str] = []
+    for param in serve.params:
+        if not isinstance(param, click.Option) or param.name in _NOT_FORWARDED \
+                or param.name not in values or values[param.name] == param.default:
+            continue
+        flag, value = param.opts[0], values[param.name]
+        if param.is_flag:
+            args += [flag] if value else []
+        elif param.multiple:
+            for v in value:
+                args += [flag, str(v)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return tuple(args)
+
+
+def remote_options(**kw: Any) -> RemoteOptions:
+    origins = kw.get("origins") or ()
+    notebook_dir = kw.get("notebook_dir")
+    return RemoteOptions(
+        remote_python=kw["remote_python"], kernel_python=kw.get("kernel_python"),
+        conda_env=kw.get("conda_env"), install_kernel_deps=kw.get("install_kernel_deps"),
+        remote_port=kw.get("remote_port"), origins=tuple(origins),
+        notebook_dir=str(notebook_dir) if notebook_dir else None,
+        idle_timeout=kw.get("idle_timeout", 3600), serve_args=serve_args(kw))
+
+
+def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
+    reporter = ConsoleReporter(as_json)
+    hosts = ", ".join(c.target.host for c in configs)
+    try:
+        run(lambda: session.up_many(configs, reporter))
+    except (KeyboardInterrupt, Terminated):
+        reporter.close()
+        host = configs[0].target.host if len(configs) == 1 else "HOST"
+        if not reporter.ready_hosts:
+            err.print(f"Interrupted before {hosts} was ready; `tether up {host}` again resumes "
+                      "where this stopped.")
+            sys.exit(130)
+        err.print(f"Detached from {hosts}: the server and its kernels keep running there. "
+                  f"`tether attach {host}` reconnects (same URL); `tether down {host}` stops "
+                  "them.")
+        sys.exit(0)
+    except BaseExceptionGroup as group:  # TaskGroup: report the first real error
+        reporter.close()
+        first = _first_error(group)
+        if first is not None:
+            raise first from None
+        raise
+    finally:
+        reporter.close()
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> TetherError | None:
+    for e in group.exceptions:
+        if isinstance(e, TetherError):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            found = _first_error(e)
+            if found is not None:
+                return found
+    return None
+
+
+def _consent(configs: list[session.UpConfig], e: ConfigError) -> list[session.UpConfig]:
+    """Ask once before installing ipykernel into the user's own Python."""
+    if e.data.get("kind") != "consent" or not _ssh.interactive_default():
+        raise e
+    if not click.confirm(f"{e.message}. Install ipykernel and psutil there?", err=True):
+        raise e
+    return [session.UpConfig(c.target, c.local_port,
+                             RemoteOptions(**{**c.remote.__dict__, "install_kernel_deps": True}),
+                             c.attach) for c in configs]
+
+
+@cli.command()
+@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@_serve_options
+@ssh_options
+@click.option("--kernel-python", metavar="PATH", help="Remote Python the kernels run in.")
+@click.option("--conda-env", metavar="NAME", help="Remote conda env the kernels run in.")
+@click.option("--install-kernel-deps/--no-install-kernel-deps", default=None,
+              help="Install ipykernel and psutil into the kernel's Python if missing "
+                   "(asked when interactive).")
+@click.option("--remote-port", type=int, default=None, metavar="N",
+              help="Serve on 127.0.0.1:N on the remote instead of a Unix socket (0: any).")
+@click.pass_context
+def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
+       notebook_dir: Path | None, idle_timeout: int, as_json: bool, **kw: Any) -> None:
+    """Prepare HOST, start a runtime there, tunnel it here and print the Colab URL.
+
+    HOST is anything your `ssh` understands (an alias from ~/.ssh/config, user@host, ...).
+    Several hosts get consecutive local ports from --port. With no HOST, serve on this machine.
+    """
+    if not hosts:
+        local = {k: v for k, v in kw.items() if k in {p.name for p in serve.params}}
+        ctx.invoke(serve, port=port, origins=origins, notebook_dir=notebook_dir,
+                   idle_timeout=idle_timeout, as_json=as_json, **local)
+        return
+    if kw["kernel_python"] and kw["conda_env"]:
+        raise ConfigError("give --kernel-python or --conda-env, not both")
+    opts = remote_options(origins=origins, notebook_dir=notebook_dir, idle_timeout=idle_timeout,
+                          **kw)
+    configs = [session.UpConfig(make_target(h, kw["ssh_config"], kw["ssh_opts"], kw["batch"]),
+                                port + i, opts) for i, h in enumerate(hosts)]
+    try:
+        _up(configs, as_json, attach=False)
+    except ConfigError as e:
+        _up(_consent(configs, e), as_json, attach=False)
+
+
+@cli.command()
+@click.argument("host")
+@click.option("--port", type=int, default=9999, show_default=True, help="Local port.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@ssh_options
+def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:
+    """Tunnel to the server already running on HOST (same URL and token as before)."""
+    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    cfg = session.UpConfig(target, port, remote_options(**kw), attach=True)
+    _up([cfg], as_json, attach=True)
+
+
+@cli.command()
+@click.argument("host")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@ssh_options
+def down(host: str, as_json: bool, **kw: Any) -> None:
+    """Shut down the kernels and the server on HOST; nothing of tether's is left running."""
+    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    result = run(lambda: session.down(target, remote_options(**kw)))
+    result.pop("event", None)
+    if as_json:
+        print_json(result)
+        return
+    stopped = result.get("stopped", [])
+    if not stopped and not result.get("strays"):
+        err.print(f"No tether server was running on {host}.")
+    else:
+        err.print(f"Stopped {len(stopped)} server(s) on {host} (pids "
+                  f"{', '.join(map(str, stopped)) or '-'}); kernels shut down.")
+    if result.get("left"):
+        raise TetherError(f"processes still running on {host}: {result['left']}")
+
+
+@cli.command()
+@click.argument("host")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@ssh_options
+def status(host: str, as_json: bool, **kw: Any) -> None:
+    """The runtime on HOST: server, kernels, GPU memory."""
+    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    result = run(lambda: session.status(target, remote_options(**kw)))
+    result.pop("event", None)
+    if as_json:
+        print_json(result)
+        return
+    servers = result.get("servers", [])
+    if not servers:
+        out.print(f"{host}: no tether server running "
+                  f"(environment {'ready' if result.get('env_ready') else 'not prepared'}).")
+        return
+    for s in servers:
+        up_for = time.time() - float(s.get("started") or time.time())
+        kernels = s.get("kernels") or []
+        out.print(f"{host}: server pid {s['pid']} (tether {s.get('version')}), up "
+                  f"{up_for / 60:.0f} min, {len(kernels)} kernel(s), "
+                  f"{'socket ' + s['sock'] if s.get('sock') else 'port ' + str(s.get('port'))}")
+        for g in (s.get("resources") or {}).get("gpus", []):
+            out.print(f"  GPU {g.get('name')}: {int(g.get('memoryUsedBytes', 0)) >> 20} / "
+                      f"{int(g.get('memoryTotalBytes', 0)) >> 20} MiB")
+
+
+@cli.command()
+@click.argument("host")
+@click.option("--port", type=int, default=9999, show_default=True, help="Local port to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@ssh_options
+def doctor(host: str, port: int, as_json: bool, **kw: Any) -> None:
+    """Check SSH, Python, GPU driver, ports, and replay Colab's requests through a tunnel."""
+    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    checks = run(lambda: session.doctor(target, remote_options(**kw), port))
+    if as_json:
+        print_json([c.__dict__ for c in checks])
+    else:
+        for c in checks:
+            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
+            out.print(f"{mark} {c.name}: {c.detail}" + (f"\n    → {c.hint}" if not c.ok and c.hint
+                                                       else ""))
+    if not all(c.ok for c in checks):
+        sys.exit(1)

@@ -1,0 +1,183 @@
+"""Kernel life cycle: the sweeping provisioner, the server's identity, and the reaper.
+
+:class:`SweepingProvisioner` is a ``LocalProvisioner`` that puts a unique marker in each kernel's
+launch environment and, after every shutdown, restart, auto-restart or cull (jupyter_client
+calls ``cleanup`` on all of them), ends every process of the kernel: its recorded process group,
+its recorded descendants and whatever carries the marker (docs/kernel-gpu-lifecycle.md). It is
+the default provisioner of servers tether configures, so no kernelspec needs editing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from traitlets import Float
+
+from tether.remote import sweep
+from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
+
+log = logging.getLogger(__name__)
+
+PROVISIONER_NAME = "tether-provisioner"
+STATE_ENV = "TETHER_SERVER_STATE"  # the server's 0600 state file: url or socket, and token
+DEFAULT_GRACE = 5.0
+SHIM_DIR = Path(__file__).parent / "_kernel_shim"
+
+
+@dataclass
+class ServerContext:
+    """What kernels launched by this server process share: identity, guard, state file."""
+
+    instance: str
+    guard: Guard
+    state_file: str = ""
+    records: dict[str, KernelRecord] = field(default_factory=dict)  # kernel id -> live record
+
+
+_context: ServerContext | None = None
+
+
+def new_instance_id(pid: int | None = None) -> str:
+    """``pid.created.nonce``: lets a later server tell whether the one that wrote it still runs."""
+    proc = psutil.Process(pid)
+    return f"{proc.pid}.{int(proc.create_time() * 100)}.{secrets.token_hex(4)}"
+
+
+def server_context() -> ServerContext:
+    """This process's context (created on first use, so a hand-started server gets one too)."""
+    global _context
+    if _context is None:
+        _context = ServerContext(instance=new_instance_id(), guard=Guard.here())
+    return _context
+
+
+def instance_alive(instance: str) -> bool:
+    """Whether the server that minted ``instance`` is still running (pid reuse guarded)."""
+    pid, _, rest = instance.partition(".")
+    created, _, _ = rest.partition(".")
+    try:
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time() * 100) == int(created)
+    except (ValueError, psutil.Error):
+        return False
+
+
+def kernel_env(env: dict[str, str], kernel_id: str, marker: str,
+               ctx: ServerContext) -> dict[str, str]:
+    """The launch environment of a kernel: markers, and what ``tether.release()`` needs."""
+    env = dict(env)
+    env[MARKER_ENV] = marker
+    env[KERNEL_ID_ENV] = kernel_id
+    env[INSTANCE_ENV] = ctx.instance
+    if ctx.state_file:
+        env[STATE_ENV] = ctx.state_file
+    # Last on PYTHONPATH: a mini ``tether`` package that defers to a real install if the
+    # kernel's Python has one (see _kernel_shim/tether/__init__.py).
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SHIM_DIR)]
+    env["PYTHONPATH"] = os.pathsep.join([*path, str(SHIM_DIR)])
+    return env
+
+
+class SweepingProvisioner(LocalProvisioner):
+    """A ``LocalProvisioner`` that leaves nothing of a kernel behind."""
+
+    grace = Float(
+        DEFAULT_GRACE, config=True,
+        help="Seconds between SIGTERM and SIGKILL when a kernel's processes are swept.",
+    )
+
+    record: KernelRecord | None = None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        ctx = server_context()
+        self._marker = secrets.token_hex(16)
+        base = kwargs.get("env") or dict(os.environ)
+        kwargs["env"] = kernel_env(base, self.kernel_id, self._marker, ctx)
+        result: dict[str, Any] = await super().pre_launch(**kwargs)
+        return result
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        info = await super().launch_kernel(cmd, **kwargs)
+        try:
+            started = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            started = 0.0
+        self.record = KernelRecord(self.kernel_id, int(self.pid or 0), self.pgid, self._marker,
+                                   started)
+        server_context().records[self.kernel_id] = self.record
+        log.debug("kernel %s launched: pid %s, pgid %s", self.kernel_id, self.pid, self.pgid)
+        return info
+
+    def remember_descendants(self) -> None:
+        """Record the kernel's children while it still lives (orphans lose their parent)."""
+        if self.record is not None:
+            self.record = sweep.snapshot_descendants(self.record)
+            server_context().records[self.kernel_id] = self.record
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        await asyncio.to_thread(self.remember_descendants)
+        await super().shutdown_requested(restart=restart)
+
+    async def send_signal(self, signum: int) -> None:
+        await asyncio.to_thread(self.remember_descendants)
+        await super().send_signal(signum)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        record, self.record = self.record, None
+        try:
+            if record is not None:
+                result = await asyncio.to_thread(
+                    sweep.sweep_kernel, record, server_context().guard, self.grace
+                )
+                if result.survivors or result.refused:
+                    log.warning("kernel %s: %d process(es) survived its sweep, %d refused",
+                                record.kernel_id, len(result.survivors), len(result.refused))
+        finally:
+            server_context().records.pop(self.kernel_id, None)
+            await super().cleanup(restart=restart)
+
+
+def find_orphans(guard: Guard, own_instance: str,
+                 runtime_dir: str | None = None) -> list[psutil.Process]:
+    """Processes of this user left by a tether server that is gone (crashed or killed).
+
+    With ``runtime_dir``, only those of servers that kept their state there: one tether
+    setup never touches another's (a second install, a test run beside a real server).
+    """
+    orphans = []
+    for proc in psutil.process_iter():
+        if proc.pid in guard.protected or not sweep.same_uid(proc, guard.uid):
+            continue
+        env = sweep.environ_of(proc)
+        instance = env.get(INSTANCE_ENV)
+        if not instance or instance == own_instance or instance_alive(instance):
+            continue
+        if runtime_dir is not None and os.path.dirname(env.get(STATE_ENV, "")) != runtime_dir:
+            continue
+        if sweep.alive(proc):
+            orphans.append(proc)
+    return orphans
+
+
+def reap(orphans: list[psutil.Process], guard: Guard, grace: float) -> sweep.SweepResult:
+    """End orphans under the safe-kill rule (each carries a dead server's instance marker)."""
+    result = sweep.SweepResult()
+    by_instance: dict[str, list[psutil.Process]] = {}
+    for proc in orphans:
+        by_instance.setdefault(sweep.environ_of(proc).get(INSTANCE_ENV, ""), []).append(proc)
+    for instance, procs in by_instance.items():
+        if not instance:
+            continue
+        safe, refused = sweep.split_safe(procs, guard, (INSTANCE_ENV, instance))
+        part = sweep.terminate(safe, grace)
+        part.refused = refused
+        result.merge(part)
+    return result
