@@ -10,7 +10,6 @@ import fcntl
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile

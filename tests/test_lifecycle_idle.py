@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import start_server, stop_server

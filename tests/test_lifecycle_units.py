@@ -4,7 +4,6 @@ the kernel shim, the CLI's argument handling. Real processes, fake GPU devices."
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time

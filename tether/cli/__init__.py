@@ -7,16 +7,23 @@ line on stderr and an exit status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from tether import __version__
-from tether.errors import TetherError
+from tether import __version__, _ssh
+from tether.errors import ConfigError, TetherError
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # stdout carries results (the URL, --json); everything for humans goes to stderr
 out = Console(highlight=False, soft_wrap=True)
@@ -28,7 +35,7 @@ def print_json(data: Any) -> None:
 
 
 def fail(error: TetherError) -> NoReturn:
-    err.print(f"[bold red]error:[/] {error}", markup=True)
+    err.print(f"[bold red]error:[/] {escape(str(error))}", markup=True)
     sys.exit(error.exit_code)
 
 
@@ -43,16 +50,64 @@ def cli(ctx: click.Context, verbose: int) -> None:
     ctx.obj = {"log_level": level}
 
 
+class Terminated(Exception):
+    """SIGTERM arrived; treated like Ctrl-C."""
+
+
+def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The one ``asyncio.run``: SIGTERM cancels like Ctrl-C, so children are always ended."""
+    terminated = False
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            assert task is not None
+            task.cancel()
+
+        if sys.platform != "win32":
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        try:
+            return await make()
+        except asyncio.CancelledError:
+            if terminated:
+                raise Terminated() from None
+            raise
+
+    return asyncio.run(main())
+
+
+def shared_ssh_options(f: F) -> F:
+    """-F, -o and --batch: how to reach HOST with the user's own ssh."""
+    options = [
+        click.option("-F", "--ssh-config", type=click.Path(dir_okay=False),
+                     help="ssh config file, passed to ssh as -F."),
+        click.option("-o", "--ssh-option", "ssh_opts", multiple=True, metavar="KEY=VALUE",
+                     help="ssh option, passed to ssh as -o (repeatable)."),
+        click.option("--batch", is_flag=True,
+                     help="Never prompt (ssh BatchMode); the default when stdin is not a terminal."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_target(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...],
+                batch: bool) -> _ssh.SSHTarget:
+    for opt in ssh_opts:
+        if "=" not in opt and " " not in opt:
+            raise ConfigError(f"-o {opt}: expected KEY=VALUE")
+    return _ssh.SSHTarget(host, ssh_config, ssh_opts,
+                          interactive=not batch and _ssh.interactive_default())
+
+
 def main() -> None:
     """Console-script entry point."""
-    from tether.cli import serve as _serve  # noqa: F401  (registers commands)
+    from tether.cli import kernels, remote, serve  # noqa: F401  (they register the commands)
 
-    for name in ("remote", "kernels"):
-        try:
-            __import__(f"tether.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"tether.cli.{name}":
-                raise
     try:
         cli.main(standalone_mode=False, prog_name="tether")
     except TetherError as e:

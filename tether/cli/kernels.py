@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import click
 from rich.table import Table
 
-from tether.cli import cli, err, out, print_json
+from tether.cli import cli, err, make_target, out, print_json, run, shared_ssh_options
 from tether.errors import ReleaseError, ServerError, ServerNotFoundError, TetherError
 
 MIB = 1024 * 1024
@@ -143,7 +143,6 @@ class RemoteBackend:
 def ssh_runner(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...], batch: bool) -> Runner:
     """Run the remote ``tether`` that ``tether up`` installed, through the user's ssh."""
     from tether import _ssh
-    from tether.cli.remote import make_target
 
     target = make_target(host, ssh_config, ssh_opts, batch)
 
@@ -262,33 +261,13 @@ def show_release(result: dict[str, Any]) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _ssh_options(f: F) -> F:
-    options = [
-        click.option("-F", "--ssh-config", type=click.Path(dir_okay=False),
-                     help="ssh config file, passed to ssh as -F (with HOST)."),
-        click.option("-o", "--ssh-option", "ssh_opts", multiple=True, metavar="KEY=VALUE",
-                     help="ssh option, passed to ssh as -o (repeatable; with HOST)."),
-        click.option("--batch", is_flag=True, help="Never prompt (ssh BatchMode)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
-
-
 @cli.command()
 @click.argument("host", required=False)
-@_ssh_options
+@shared_ssh_options
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON answer.")
 def ps(host: str | None, as_json: bool, **ssh: Any) -> None:
     """Kernels with notebook, state, idle time, RSS and GPU memory (on HOST, or here)."""
-    data = _run(backend_for(host, ssh).listing())
+    data = run(lambda: backend_for(host, ssh).listing())
     if as_json:
         print_json(data)
     else:
@@ -302,7 +281,7 @@ def ps(host: str | None, as_json: bool, **ssh: Any) -> None:
 @click.option("--force", is_flag=True, help="Also end GPU holders that are not provably ours "
               "(never the server, its ancestors or system daemons).")
 @click.option("--stop-server", is_flag=True, help="With --all: stop the server afterwards.")
-@_ssh_options
+@shared_ssh_options
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON answer.")
 def release(args: tuple[str, ...], everything: bool, force: bool, stop_server: bool,
             as_json: bool, **ssh: Any) -> None:
@@ -318,7 +297,7 @@ def release(args: tuple[str, ...], everything: bool, force: bool, stop_server: b
                           hint="See `tether ps` for the ids.")
     if stop_server and not everything:
         raise TetherError("--stop-server goes with --all")
-    result = _run(backend_for(host, ssh).release(kernels, everything, force, stop_server))
+    result = run(lambda: backend_for(host, ssh).release(kernels, everything, force, stop_server))
     if as_json:
         print_json(result)
     else:

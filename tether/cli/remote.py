@@ -2,83 +2,39 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import click
 from rich.status import Status as Spinner
 
 from tether import _ssh, session
 from tether.bootstrap import RemoteOptions
-from tether.cli import cli, err, out, print_json
+from tether.cli import (
+    F,
+    Terminated,
+    cli,
+    err,
+    make_target,
+    out,
+    print_json,
+    run,
+    shared_ssh_options,
+)
 from tether.cli.serve import LNA_HINT, serve, serve_options
 from tether.errors import ConfigError, TetherError
 from tether.tunnel import State
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-# serve's options, typed for mypy (the decorator itself is untyped)
-_serve_options = cast(Callable[[F], F], serve_options)
-
-
-class Terminated(Exception):
-    """SIGTERM arrived; treated like Ctrl-C."""
-
-
-def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """The one ``asyncio.run``: SIGTERM cancels like Ctrl-C, so children are always ended."""
-    terminated = False
-
-    async def main() -> T:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            assert task is not None
-            task.cancel()
-
-        if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        try:
-            return await make()
-        except asyncio.CancelledError:
-            if terminated:
-                raise Terminated() from None
-            raise
-
-    return asyncio.run(main())
 
 
 def ssh_options(f: F) -> F:
-    options = [
-        click.option("-F", "--ssh-config", type=click.Path(dir_okay=False),
-                     help="ssh config file, passed to ssh as -F."),
-        click.option("-o", "--ssh-option", "ssh_opts", multiple=True, metavar="KEY=VALUE",
-                     help="ssh option, passed to ssh as -o (repeatable)."),
-        click.option("--batch", is_flag=True,
-                     help="Never prompt (ssh BatchMode); the default when stdin is not a terminal."),
-        click.option("--remote-python", default="python3", show_default=True,
-                     help="Python on the remote that builds tether's environment."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def make_target(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...],
-                batch: bool) -> _ssh.SSHTarget:
-    for opt in ssh_opts:
-        if "=" not in opt and " " not in opt:
-            raise ConfigError(f"-o {opt}: expected KEY=VALUE")
-    return _ssh.SSHTarget(host, ssh_config, ssh_opts,
-                          interactive=not batch and _ssh.interactive_default())
+    """The shared ssh options, plus the remote Python that builds tether's environment."""
+    f = click.option("--remote-python", default="python3", show_default=True,
+                     help="Python on the remote that builds tether's environment.")(f)
+    return shared_ssh_options(f)
 
 
 class ConsoleReporter:
@@ -234,7 +190,7 @@ def _consent(configs: list[session.UpConfig], e: ConfigError) -> list[session.Up
 
 @cli.command()
 @click.argument("hosts", nargs=-1, metavar="[HOST]...")
-@_serve_options
+@serve_options
 @ssh_options
 @click.option("--kernel-python", metavar="PATH", help="Remote Python the kernels run in.")
 @click.option("--conda-env", metavar="NAME", help="Remote conda env the kernels run in.")

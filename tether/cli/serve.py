@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tether.cli import cli, err, out, print_json
+from tether.cli import F, cli, err, out, print_json
 from tether.config import (
     COLAB_ORIGIN,
     DEFAULT_IDLE_TIMEOUT,
@@ -25,7 +25,7 @@ LNA_HINT = (
 )
 
 
-def serve_options(f):  # type: ignore[no-untyped-def]
+def serve_options(f: F) -> F:
     """The options shared by ``serve`` and ``up`` (which forwards them to the remote serve)."""
     options = [
         click.option("--port", type=int, default=DEFAULT_PORT, show_default=True,

@@ -99,6 +99,6 @@ def find_server(runtime_dir: str | None = None, *, port: int | None = None) -> S
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
