@@ -46,7 +46,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
     cmd = [sys.executable, "-m", "tether", "serve", "--json", "--notebook-dir", str(root), *args]
     if "--port" not in args and "--sock" not in args:
         cmd += ["--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=full_env,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            env=full_env,
                             start_new_session=True)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], READY_DEADLINE)

@@ -110,7 +110,8 @@ async def test_sigint_stops_cleanly_and_kernels_die_and_token_never_logged(tmp_p
         proc = subprocess.Popen(
             [sys.executable, "-m", "tether", "-vv", "serve", "--json", "--port", "0",
              "--notebook-dir", str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=f, text=True, env=env, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=f, text=True, env=env,
+            start_new_session=True)
         info = json.loads(proc.stdout.readline())
         async with ColabClient(info["url"], info["token"]) as c:
             session = await c.create_session()
@@ -123,5 +124,6 @@ async def test_sigint_stops_cleanly_and_kernels_die_and_token_never_logged(tmp_p
     _, alive = psutil.wait_procs(kernels, timeout=5)
     assert not alive
     text = log.read_text()
+    assert "Shutting down 1 kernel" in text  # a graceful stop, not a KeyboardInterrupt
     assert "GET /api/status" in text  # the request was logged...
     assert info["token"] not in text  # ...without the token

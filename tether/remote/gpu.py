@@ -11,9 +11,12 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NVIDIA_SMI_ENV = "TETHER_NVIDIA_SMI"  # tests point this at a recorded-output replayer
 SMI_QUERY = "index,name,memory.used,memory.total,utilization.gpu,utilization.memory"
@@ -66,7 +69,20 @@ def nvidia_smi() -> str | None:
     return os.environ.get(NVIDIA_SMI_ENV) or shutil.which("nvidia-smi")
 
 
-def _from_nvml() -> list[GpuInfo] | None:
+def _smi(exe: str, query: str) -> str | None:
+    """One ``nvidia-smi --query-...`` in CSV; None (logged) if it fails."""
+    try:
+        return subprocess.run(
+            [exe, query, "--format=csv,nounits,noheader"],
+            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("nvidia-smi %s failed: %s", query, e)
+        return None
+
+
+def _nvml(query: Callable[[Any], T]) -> T | None:
+    """Run ``query(pynvml)`` inside an NVML session; None without NVML or a driver, or on error."""
     try:
         import pynvml
     except ImportError:
@@ -76,29 +92,7 @@ def _from_nvml() -> list[GpuInfo] | None:
     except pynvml.NVMLError:
         return None  # no driver: not an error on a CPU machine
     try:
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-                gpu_util, mem_util = int(util.gpu), int(util.memory)
-            except pynvml.NVMLError:
-                gpu_util = mem_util = 0
-            name = pynvml.nvmlDeviceGetName(handle)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            gpus.append(
-                GpuInfo(
-                    index=i,
-                    name=name.decode() if isinstance(name, bytes) else name,
-                    memory_used=int(mem.used),
-                    memory_total=int(mem.total),
-                    utilization_gpu=gpu_util,
-                    utilization_memory=mem_util,
-                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                )
-            )
-        return gpus
+        return query(pynvml)
     except pynvml.NVMLError as e:
         log.warning("NVML query failed, falling back to nvidia-smi: %s", e)
         return None
@@ -106,19 +100,40 @@ def _from_nvml() -> list[GpuInfo] | None:
         pynvml.nvmlShutdown()
 
 
+def _from_nvml() -> list[GpuInfo] | None:
+    return _nvml(_nvml_gpus)
+
+
+def _nvml_gpus(pynvml: Any) -> list[GpuInfo]:
+    gpus = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        try:
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            gpu_util, mem_util = int(util.gpu), int(util.memory)
+        except pynvml.NVMLError:
+            gpu_util = mem_util = 0
+        name = pynvml.nvmlDeviceGetName(handle)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        gpus.append(
+            GpuInfo(
+                index=i,
+                name=name.decode() if isinstance(name, bytes) else name,
+                memory_used=int(mem.used),
+                memory_total=int(mem.total),
+                utilization_gpu=gpu_util,
+                utilization_memory=mem_util,
+                uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+            )
+        )
+    return gpus
+
+
 def _from_smi() -> list[GpuInfo]:
     exe = nvidia_smi()
-    if not exe:
-        return []
-    try:
-        out = subprocess.run(
-            [exe, f"--query-gpu={SMI_QUERY}", "--format=csv,nounits,noheader"],
-            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("nvidia-smi failed: %s", e)
-        return []
-    return parse_nvidia_smi_csv(out)
+    out = _smi(exe, f"--query-gpu={SMI_QUERY}") if exe else None
+    return parse_nvidia_smi_csv(out) if out else []
 
 
 def query_gpus() -> list[GpuInfo]:
@@ -201,32 +216,22 @@ def fd_holders(devices: dict[str, int] | None = None, proc_root: str = "/proc") 
 
 
 def _holders_nvml() -> list[GpuHolder] | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        holders = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
-            try:
-                procs += pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
-            except pynvml.NVMLError:
-                pass
-            for p in procs:
-                used = getattr(p, "usedGpuMemory", None)
-                holders.append(GpuHolder(int(p.pid), i, int(used) if used else None, "nvml"))
-        return holders
-    except pynvml.NVMLError as e:
-        log.warning("NVML process query failed, falling back to nvidia-smi: %s", e)
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    return _nvml(_nvml_holders)
+
+
+def _nvml_holders(pynvml: Any) -> list[GpuHolder]:
+    holders = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        try:
+            procs += pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)
+        except pynvml.NVMLError:
+            pass  # not supported on compute-only boards
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)
+            holders.append(GpuHolder(int(p.pid), i, int(used) if used else None, "nvml"))
+    return holders
 
 
 def _holders_smi() -> list[GpuHolder]:
@@ -234,27 +239,13 @@ def _holders_smi() -> list[GpuHolder]:
     if not exe:
         return []
     uuids = {g.uuid: g.index for g in _from_smi_with_uuid(exe)}
-    try:
-        out = subprocess.run(
-            [exe, f"--query-compute-apps={SMI_APPS_QUERY}", "--format=csv,nounits,noheader"],
-            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("nvidia-smi --query-compute-apps failed: %s", e)
-        return []
-    return parse_compute_apps_csv(out, uuids)
+    out = _smi(exe, f"--query-compute-apps={SMI_APPS_QUERY}")
+    return parse_compute_apps_csv(out, uuids) if out else []
 
 
 def _from_smi_with_uuid(exe: str) -> list[GpuInfo]:
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=index,uuid", "--format=csv,nounits,noheader"],
-            capture_output=True, text=True, timeout=SMI_TIMEOUT, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
     gpus = []
-    for line in out.strip().splitlines():
+    for line in (_smi(exe, "--query-gpu=index,uuid") or "").strip().splitlines():
         index, _, uuid = (f.strip() for f in line.partition(","))
         if index.isdigit():
             gpus.append(GpuInfo(int(index), "", 0, 0, 0, 0, uuid))

@@ -6,6 +6,7 @@ import errno
 import importlib.abc
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -87,7 +88,6 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     app = c.ServerApp
     app.open_browser = False
     app.port_retries = 0
-    app.answer_yes = True  # Ctrl-C stops at once, no interactive prompt
     app.allow_root = os.geteuid() == 0
     app.allow_origin_pat = origin_pattern(list(cfg.origins))
     app.allow_credentials = True
@@ -122,6 +122,20 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     return c
 
 
+def _stop_on_sigint(app: Any) -> None:
+    """First Ctrl-C: graceful stop (kernels shut down); second: the default, immediate exit.
+
+    jupyter_server only handles SIGINT when stdin is a terminal (and then asks for confirmation);
+    without one, Python's KeyboardInterrupt would end the loop without shutting kernels down.
+    """
+
+    def graceful(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        app.stop(from_signal=True)
+
+    signal.signal(signal.SIGINT, graceful)
+
+
 def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
     """Run a tether server until it is stopped (Ctrl-C or SIGTERM); kernels are shut down."""
     skip_slow_imports()  # before the first import of jupyter_server, or it is too late
@@ -148,6 +162,7 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
         os.environ.pop(TOKEN_ENV, None)
 
     app.web_app.settings[READY_CALLBACK] = on_ready
+    _stop_on_sigint(app)
     try:
         app.start()
     finally:
