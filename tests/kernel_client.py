@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.websocket import WebSocketClientConnection
 
-COLAB_ORIGIN = "https://colab.research.google.com"
+from tether.replay import XSSI_PREFIX, ColabClient, execute_request
 
 # The child matrix of docs/kernel-gpu-lifecycle.md, printed as {"what": pid}; the stubborn
 # child ignores SIGINT (the interrupt) as well as SIGTERM, so only SIGKILL ends it. DEVICE is the
@@ -48,25 +47,20 @@ def matrix_code(device: str = "") -> str:
 
 @dataclass
 class Api:
+    """REST calls that must succeed (4xx/5xx raise), and kernel channels, over tether.replay."""
+
     url: str  # http://127.0.0.1:PORT (no trailing slash)
     token: str
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"token {self.token}", "Origin": COLAB_ORIGIN}
-
     async def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
-        request = HTTPRequest(
-            f"{self.url}{path}", method=method, headers={**self.headers, "Content-Type": "application/json"},
-            body=json.dumps(body) if body is not None else (b"" if method in ("POST", "PUT", "PATCH") else None),
-            request_timeout=timeout,
-        )
-        reply = await AsyncHTTPClient().fetch(request, raise_error=False)
+        async with ColabClient(self.url, self.token, timeout=timeout) as client:
+            reply = await client.request(method, path, body if body is not None else (
+                b"" if method in ("POST", "PUT", "PATCH") else None),
+                headers={"Content-Type": "application/json"})
         if reply.code >= 400:
             raise AssertionError(f"{method} {path}: HTTP {reply.code} {reply.body!r}")
         text = reply.body.decode() if reply.body else ""
-        text = text.removeprefix(")]}'\n")
-        return json.loads(text) if text else None
+        return json.loads(text.removeprefix(XSSI_PREFIX)) if text else None
 
     async def new_session(self, path: str, kernel: str = "python3") -> dict[str, Any]:
         return await self.call("POST", "/api/sessions", {
@@ -74,10 +68,7 @@ class Api:
 
     async def connect(self, kernel_id: str) -> KernelChannel:
         session = uuid.uuid4().hex
-        ws_url = self.url.replace("http", "ws", 1)
-        request = HTTPRequest(f"{ws_url}/api/kernels/{kernel_id}/channels?session_id={session}",
-                              headers=self.headers)
-        conn = await asyncio.wait_for(websocket_connect(request), 30)
+        conn = await ColabClient(self.url, self.token).connect_kernel(kernel_id, session)
         return KernelChannel(conn, session)
 
 
@@ -92,13 +83,7 @@ class KernelChannel:
     async def execute(self, code: str, timeout: float = 60, wait: bool = True) -> str:
         """Run ``code``; its stdout (error text raises). ``wait=False``: send and return."""
         msg_id = uuid.uuid4().hex
-        self.conn.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": self.session,
-                       "username": "test", "version": "5.3", "date": ""},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": False,
-                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-        }))
+        self.conn.write_message(json.dumps(execute_request(msg_id, code, self.session)))
         if not wait:
             return ""
         return await asyncio.wait_for(self._collect(msg_id), timeout)

@@ -131,7 +131,7 @@ class ColabClient:
         ws = await self.connect_kernel(kernel_id)
         try:
             msg_id = uuid.uuid4().hex
-            await ws.write_message(json.dumps(_execute_request(msg_id, code)))
+            await ws.write_message(json.dumps(execute_request(msg_id, code)))
             return await asyncio.wait_for(_collect(ws, msg_id), self.timeout)
         except asyncio.TimeoutError as e:
             raise ReplayError(f"kernel {kernel_id} did not finish {code!r} in {self.timeout:.0f} s") from e
@@ -139,11 +139,12 @@ class ColabClient:
             ws.close()
 
 
-def _execute_request(msg_id: str, code: str) -> dict[str, Any]:
+def execute_request(msg_id: str, code: str, session: str = "") -> dict[str, Any]:
+    """A Jupyter ``execute_request`` message for the kernel websocket (protocol 5.3)."""
     return {
         "channel": "shell",
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "colab",
-                   "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
+                   "session": session or uuid.uuid4().hex, "version": "5.3", "date": ""},
         "parent_header": {}, "metadata": {},
         "content": {"code": code, "silent": False, "store_history": True,
                     "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
