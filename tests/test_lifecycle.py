@@ -93,7 +93,13 @@ async def sigkill_kernel(api, session, pids):
     while time.monotonic() < deadline:  # deleting a restarting kernel is a 500 in jupyter_server
         listing = await api.call("GET", "/tether/api/kernels")
         kernel = next(k for k in listing["kernels"] if k["id"] == kid)
-        if kernel["pid"] != pids["kernel"] and kernel["execution_state"] == "idle":
+        if kernel["pid"] not in (None, pids["kernel"]):
+            # the new kernel may not have said "idle" yet: running a cell proves it is up
+            channel = await api.connect(kid)
+            try:
+                await channel.execute("pass", timeout=deadline - time.monotonic())
+            finally:
+                channel.close()
             return
         await asyncio.sleep(0.2)
     raise AssertionError("the kernel was not restarted")
