@@ -105,3 +105,38 @@ async def test_without_local_network_permission_chrome_blocks(browser, server):
     page = await page_at(browser, COLAB_ORIGIN, allow_local_network=False)
     status = await page.evaluate(FETCH_STATUS, [server.url + "/api/status", server.token])
     assert "Failed to fetch" in str(status)
+
+
+async def test_status_page_lists_kernels_and_releases_one(browser, server, tmp_path):
+    """The buttons Colab lacks: the page shows the kernel and its Release button frees it."""
+    from tether.replay import ColabClient
+
+    async with ColabClient(server.url, server.token) as c:
+        session = await c.create_session("page.ipynb")
+        kid = session["kernel"]["id"]
+        assert (await c.execute(kid, "x = 1")).status == "ok"
+        ctx = await browser.new_context()
+        page = await ctx.new_page()
+        try:
+            await page.goto(f"{server.url}/tether/?token={server.token}")
+            row = page.locator(f"tr[data-kernel='{kid}']")
+            await row.wait_for(timeout=15000)
+            assert "page.ipynb" in await row.inner_text()
+            await page.screenshot(path=str(tmp_path / "status-page.png"))
+            await row.get_by_role("button", name="Release").click()
+            await page.get_by_text("every process ended, GPU memory freed").wait_for(timeout=60000)
+            await row.wait_for(state="detached", timeout=15000)
+        finally:
+            await ctx.close()
+        kernels = await c.get_json("/api/kernels")
+    assert kid not in {k["id"] for k in kernels}
+
+
+async def test_status_page_needs_the_token(browser, server):
+    ctx = await browser.new_context()
+    page = await ctx.new_page()
+    try:
+        response = await page.goto(f"{server.url}/tether/")
+        assert response.status == 403 or "/login" in page.url
+    finally:
+        await ctx.close()

@@ -106,7 +106,8 @@ def serve(
 
     def ready(state: ServerState) -> None:
         if as_json:
-            print_json({**state.to_json(), "colab_url": state.colab_url})
+            print_json({**state.to_json(), "colab_url": state.colab_url,
+                        "status_url": state.status_url})
             return
         if state.sock:
             err.print(f"Jupyter server ready on socket {state.sock} (pid {state.pid}).")
@@ -116,6 +117,8 @@ def serve(
                   "Connect to a local runtime, and paste:")
         out.print(state.colab_url)
         err.print(LNA_HINT)
+        err.print(f"Kernels, GPU memory and Release buttons: {state.url.rstrip('/')}/tether/"
+                  "?token=… (same token)")
         err.print("Ctrl-C stops the server and shuts its kernels down.")
 
     run_server(cfg, ready)

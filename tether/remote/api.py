@@ -6,6 +6,8 @@
                                    (``background``: answer 202 at once, as the kernel's own
                                    ``tether.release()`` does: it dies during the request)
 - ``POST release``                 ``{"force": bool, "stop_server": bool}``: release everything
+
+and the status page at ``<base_url>/tether/`` that drives them from a browser.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import asyncio
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import tornado.web
 from jupyter_core.utils import ensure_async
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
 from tether.remote import release as rel
@@ -155,9 +158,29 @@ class ReleaseAllHandler(_Handler):
             serverapp.io_loop.add_callback(serverapp.stop)
 
 
+PAGE = Path(__file__).with_name("page") / "index.html"
+
+
+class StatusPageHandler(JupyterHandler):
+    """``<base_url>/tether/?token=...``: the kernels and GPUs, with the buttons Colab lacks.
+
+    A static page (no CDN); its script calls the API above with the token from its own URL.
+    """
+
+    _track_activity = False  # looking at the page does not keep an idle server alive
+
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Referrer-Policy", "no-referrer")  # the URL carries the token
+        self.finish(PAGE.read_bytes())
+
+
 def handlers(base_url: str) -> list[tuple[str, type[tornado.web.RequestHandler]]]:
     api = url_path_join(base_url, NAMESPACE)
     return [
+        (url_path_join(base_url, "tether/?"), StatusPageHandler),
         (url_path_join(api, "kernels"), KernelsHandler),
         (url_path_join(api, r"kernels/(?P<kernel_id>[\w-]+)/release"), ReleaseKernelHandler),
         (url_path_join(api, "release"), ReleaseAllHandler),

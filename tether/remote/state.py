@@ -42,6 +42,11 @@ class ServerState:
         """The line to paste into Colab's "Connect to a local runtime" dialog."""
         return f"{self.url.rstrip('/')}/?token={self.token}"
 
+    @property
+    def status_url(self) -> str:
+        """The status page: kernels, GPU memory and Release buttons."""
+        return f"{self.url.rstrip('/')}/tether/?token={self.token}"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
