@@ -167,13 +167,6 @@ async def check_output(target: SSHTarget, command: Sequence[str], *,
     return (await run(target, command, timeout=timeout)).text
 
 
-async def copy(target: SSHTarget, data: bytes, remote_path: str, *,
-               timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Write ``data`` to ``remote_path`` (mode 0600) through stdin: no scp/sftp needed."""
-    script = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1"'
-    await run(target, ["sh", "-c", script, "sh", remote_path], input=data, timeout=timeout)
-
-
 def remote_root_expr() -> str:
     """Shell expression for tether's directory under the remote user's cache directory."""
     return '"${XDG_CACHE_HOME:-$HOME/.cache}/tether"'

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 from jupyter_core.utils import ensure_async
 
+from tether.config import DEFAULT_SHUTDOWN_WAIT
 from tether.remote import gpu, sweep
 from tether.remote.lifecycle import DEFAULT_GRACE, ServerContext, server_context
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, Guard, KernelRecord
@@ -323,7 +324,7 @@ class Releaser:
             outcome.error = f"shutdown failed: {e}"
 
     def _shutdown_wait(self) -> float:
-        return float(getattr(self.km, "shutdown_wait_time", 0) or 10.0)
+        return float(getattr(self.km, "shutdown_wait_time", 0) or DEFAULT_SHUTDOWN_WAIT)
 
     async def _verify(self, record: KernelRecord, outcome: Outcome,
                       refused: dict[int, str]) -> None:

@@ -15,10 +15,9 @@ from typing import Any
 
 from traitlets.config import Config
 
-from tether.config import DEFAULT_SHUTDOWN_WAIT, ServeConfig
+from tether.config import DEFAULT_CULL_INTERVAL, DEFAULT_SHUTDOWN_WAIT, ServeConfig
 from tether.errors import ConfigError, PortInUseError, ServerStartError
 from tether.remote.extension import READY_CALLBACK, origin_pattern
-from tether.remote.lifecycle import PROVISIONER_NAME
 from tether.remote.state import ServerState, running_servers
 
 log = logging.getLogger(__name__)
@@ -108,13 +107,12 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     # open tab; give kernels time to let go of the GPU.
     km = c.MappingKernelManager
     km.cull_idle_timeout = cfg.idle_timeout
-    km.cull_interval = min(300, max(1, cfg.idle_timeout // 2)) if cfg.idle_timeout else 300
+    km.cull_interval = (min(DEFAULT_CULL_INTERVAL, max(1, cfg.idle_timeout // 2))
+                        if cfg.idle_timeout else DEFAULT_CULL_INTERVAL)
     km.cull_connected = False
     km.cull_busy = False
     c.KernelManager.shutdown_wait_time = DEFAULT_SHUTDOWN_WAIT
-    # Every kernel launched through the sweeping provisioner: nothing of it outlives a shutdown,
-    # restart or cull (docs/kernel-gpu-lifecycle.md).
-    c.KernelProvisionerFactory.default_provisioner_name = PROVISIONER_NAME
+    # The extension makes the sweeping provisioner the default (docs/kernel-gpu-lifecycle.md).
     c.SweepingProvisioner.grace = cfg.kill_grace
     c.Tether.stop_after_idle = cfg.stop_after_idle
     c.Tether.on_idle = cfg.on_idle or ""
