@@ -1,5 +1,5 @@
 """The life-cycle pieces that need no server: parsers, fd scan, the safe-kill rule, the sweep,
-the kernel shim, the CLI's argument handling. Real processes, fake GPU devices."""
+the kernel shim. Real processes, fake GPU devices."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tether.cli import kernels as cli_kernels
 from tether.config import ServeConfig
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError
 from tether.remote import gpu, lifecycle, sweep
 from tether.remote.idle import check_interval
 
@@ -200,39 +198,6 @@ def test_on_idle_needs_a_period():
         ServeConfig(on_idle="true")
     assert ServeConfig(on_idle="true", stop_after_idle=60).on_idle == "true"
     assert check_interval(2) == 0.5 and check_interval(3600) == 60
-
-
-def test_release_arguments_split_host_from_kernels():
-    assert cli_kernels.split_host(["gpubox", "3f2a"]) == ("gpubox", ["3f2a"])
-    assert cli_kernels.split_host(["3f2a9c1d-0000"]) == (None, ["3f2a9c1d-0000"])
-    assert cli_kernels.split_host(["train.ipynb"]) == (None, ["train.ipynb"])
-    assert cli_kernels.split_host([]) == (None, [])
-
-
-def test_resolve_by_prefix_or_notebook():
-    kernels = [{"id": "abcd-1", "path": "a.ipynb"}, {"id": "abce-2", "path": "b.ipynb"}]
-    assert cli_kernels.resolve(["abcd", "b.ipynb"], kernels) == ["abcd-1", "abce-2"]
-    with pytest.raises(TetherError):
-        cli_kernels.resolve(["abc"], kernels)
-
-
-def test_idle_is_human():
-    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-    ago = (now - timedelta(seconds=7325)).isoformat().replace("+00:00", "Z")
-    assert cli_kernels.idle_for(ago, now) == "2h02m"
-    assert cli_kernels.idle_for(None, now) == "-"
-
-
-async def test_remote_backend_runs_the_remote_tether_with_json():
-    calls = []
-
-    async def runner(args):
-        calls.append(args)
-        return 3, '{"released": false, "kernels": []}\n'
-
-    result = await cli_kernels.RemoteBackend(runner).release(["k1"], False, True, False)
-    assert calls == [["release", "--json", "k1", "--force"]]
-    assert result == {"released": False, "kernels": []}
 
 
 def test_a_gpu_context_left_by_a_dead_process_needs_a_reset(monkeypatch):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,60 @@ class RemoteOptions:
     notebook_dir: str | None = None
     idle_timeout: int = 3600
     serve_args: tuple[str, ...] = ()  # further `tether serve` options, passed on as given
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A running remote server, as the agent reported it (parsed once, where it enters)."""
+
+    pid: int
+    token: str = field(repr=False)
+    sock: str = ""
+    port: int = 0
+    version: str = ""
+    started: float = 0.0
+    instance: str = ""
+    root_dir: str = ""
+
+    @classmethod
+    def from_agent(cls, host: str, data: Any) -> ServerInfo:
+        """Validate the agent's ``server`` object; anything malformed is one clear error."""
+        try:
+            pid, token = int(data["pid"]), str(data["token"])
+            sock, port = str(data.get("sock") or ""), int(data.get("port") or 0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RemoteEnvironmentError(
+                f"{host} described its server in a form this tether does not understand",
+                hint=f"Run `tether down {host}`, then `tether up {host}` (both sides of tether "
+                     "must be the same version).", host=host) from e
+        if not token or (not sock and not 0 < port < 65536):
+            raise RemoteEnvironmentError(f"{host} reported a server without a token or address",
+                                         hint=f"Run `tether up {host}` again.", host=host)
+        return cls(pid, token, sock, port, str(data.get("version") or ""),
+                   float(data.get("started") or 0.0), str(data.get("instance") or ""),
+                   str(data.get("root_dir") or ""))
+
+    @property
+    def address(self) -> str:
+        """What the tunnel forwards to: the Unix socket, else the loopback port."""
+        return self.sock or f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """What ``up`` found or started on a host."""
+
+    server: ServerInfo
+    reused: bool
+    warnings: tuple[str, ...] = ()
+    kernel_python: str = ""
+
+    @classmethod
+    def from_agent(cls, host: str, result: dict[str, Any]) -> UpResult:
+        warnings = result.get("warnings") or ()
+        return cls(ServerInfo.from_agent(host, result.get("server")), bool(result.get("reused")),
+                   tuple(str(w).replace("HOST", host) for w in warnings),
+                   str(result.get("kernel_python") or ""))
 
 
 # -- the wheel ---------------------------------------------------------------------------------
@@ -243,14 +298,38 @@ def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
 
 
 async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent | None = None,
-             attach: bool = False) -> dict[str, Any]:
-    """Make sure a server runs on the remote (preparing it first if needed); return its state."""
-    result = await call_agent(target, opts, "up", on_event=on_event, attach=attach)
+             attach: bool = False, **extra: Any) -> UpResult:
+    """Make sure a server runs on the remote (preparing it first if needed); return it."""
+    result = await call_agent(target, opts, "up", on_event=on_event, attach=attach, **extra)
     if result.get("need_wheel"):
         wheel = build_wheel()
         if on_event:
             on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
                       "label": f"sending {wheel.name} ({len(wheel.data) >> 10} KiB)"})
         result = await call_agent(target, opts, "up", on_event=on_event, wheel_data=wheel.data,
-                                  timeout=INSTALL_TIMEOUT)
-    return result
+                                  timeout=INSTALL_TIMEOUT, **extra)
+    return UpResult.from_agent(target.host, result)
+
+
+# -- where tether lives on a remote, seen from the laptop and from the remote's own CLI ----------
+
+# the remote `tether` is not installed (`tether up` was never run there, or another version)
+NO_TETHER = 96
+
+
+def remote_tether_argv(*args: str) -> list[str]:
+    """argv running the ``tether`` that ``tether up`` installed on the remote, with ``args``.
+
+    The remote runtime directory is set so that remote commands find the server's state file.
+    """
+    script = (f"r={_ssh.remote_root_expr()}; t=\"$r/env-{__version__}/bin/tether\"; "
+              f"[ -x \"$t\" ] || exit {NO_TETHER}; "
+              "JUPYTER_RUNTIME_DIR=\"$r/runtime\" exec \"$t\" \"$@\"")
+    return ["sh", "-c", script, "tether", *args]
+
+
+def local_runtime_dirs() -> list[str | None]:
+    """Where servers of this user on this machine keep their state: Jupyter's default runtime
+    dir (``tether serve``), then the one ``tether up`` gives the servers it starts."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return [None, str(Path(cache) / "tether" / "runtime")]

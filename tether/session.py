@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from tether import _ssh, bootstrap
 from tether.config import DEFAULT_PORT
-from tether.errors import RemoteEnvironmentError, SSHError, TetherError, TunnelError
+from tether.bootstrap import ServerInfo, UpResult
+from tether.errors import ConfigError, RemoteEnvironmentError, SSHError, TetherError, TunnelError
 from tether.tunnel import Forward, State, Status, Tunnel, check_local_port, free_port, http_get
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,20 @@ class Runtime:
 
     host: str
     local_port: int
-    token: str = field(repr=False)
-    server: dict[str, Any]
+    server: ServerInfo
     reused: bool
     warnings: tuple[str, ...] = ()
+
+    # kernel id -> notebook, as last seen through the tunnel: who was lost if the server dies
+    seen: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def token(self) -> str:
+        return self.server.token
+
+    @property
+    def kernels_seen(self) -> list[str]:
+        return [path or kid[:8] for kid, path in self.seen.items()]
 
     @property
     def url(self) -> str:
@@ -58,8 +69,8 @@ class Runtime:
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "url": self.url, "colab_url": self.colab_url,
                 "token": self.token, "port": self.local_port, "reused": self.reused,
-                "remote_pid": self.server.get("pid"), "remote_sock": self.server.get("sock"),
-                "remote_port": self.server.get("port"), "version": self.server.get("version"),
+                "remote_pid": self.server.pid, "remote_sock": self.server.sock,
+                "remote_port": self.server.port, "version": self.server.version,
                 "warnings": list(self.warnings)}
 
 
@@ -77,6 +88,7 @@ class Reporter(Protocol):
     def event(self, host: str, event: dict[str, Any]) -> None: ...
     def ready(self, runtime: Runtime) -> None: ...
     def live(self, host: str, live: Live) -> None: ...
+    def note(self, host: str, text: str) -> None: ...
 
 
 async def up(cfg: UpConfig, reporter: Reporter) -> None:
@@ -86,10 +98,8 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
     result = await bootstrap.up(cfg.target, cfg.remote, attach=cfg.attach,
                                 on_event=lambda e: reporter.event(host, e))
     tunnel, result, remote = await _open(cfg, result, reporter)
-    tunnel.restart_server = lambda: _restart(cfg.target, remote, result["server"]["token"],
-                                             cfg.local_port, reporter)
-    runtime = Runtime(host, cfg.local_port, result["server"]["token"], result["server"],
-                      bool(result.get("reused")), tuple(result.get("warnings", ())))
+    runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings)
+    tunnel.restart_server = lambda: _restart(cfg.target, remote, runtime, reporter)
     try:
         reporter.ready(runtime)
         async with asyncio.TaskGroup() as tg:
@@ -99,8 +109,8 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
         await tunnel.aclose()
 
 
-async def _open(cfg: UpConfig, result: dict[str, Any], reporter: Reporter
-                ) -> tuple[Tunnel, dict[str, Any], bootstrap.RemoteOptions]:
+async def _open(cfg: UpConfig, result: UpResult, reporter: Reporter
+                ) -> tuple[Tunnel, UpResult, bootstrap.RemoteOptions]:
     """The first tunnel; falls back to a loopback port where sshd refuses socket forwarding."""
     host = cfg.target.host
     remote = cfg.remote
@@ -112,7 +122,7 @@ async def _open(cfg: UpConfig, result: dict[str, Any], reporter: Reporter
         await tunnel.open()
     except TunnelError as e:
         socket_refused = bool(e.data.get("socket_refused"))
-        if not (socket_refused and not result.get("reused") and cfg.remote.remote_port is None):
+        if not (socket_refused and not result.reused and cfg.remote.remote_port is None):
             raise
         log.info("%s refuses socket forwarding; restarting its server on a loopback port", host)
         await bootstrap.call_agent(cfg.target, cfg.remote, "down")
@@ -126,24 +136,36 @@ async def _open(cfg: UpConfig, result: dict[str, Any], reporter: Reporter
     return tunnel, result, remote
 
 
-async def _restart(target: _ssh.SSHTarget, remote: bootstrap.RemoteOptions, token: str,
-                   local_port: int, reporter: Reporter) -> Forward:
-    """The server behind the tunnel is gone: start it again with the same token (same URL)."""
-    sha = hashlib.sha256(token.encode()).hexdigest()
-    result = await bootstrap.call_agent(target, remote, "up", token_sha256=sha,
-                                        on_event=lambda e: reporter.event(target.host, e))
-    server = result.get("server")
-    if not server or server.get("token") != token:
+async def _restart(target: _ssh.SSHTarget, remote: bootstrap.RemoteOptions, runtime: Runtime,
+                   reporter: Reporter) -> Forward:
+    """The server behind the tunnel is gone: start it again with the same token (same URL).
+
+    A server that had died (crash, kill, reboot) took its kernels with it: the user is told
+    which, since the URL that comes back is the same.
+    """
+    sha = hashlib.sha256(runtime.token.encode()).hexdigest()
+    result = await bootstrap.up(target, remote, token_sha256=sha,
+                                on_event=lambda e: reporter.event(target.host, e))
+    if result.server.token != runtime.token:
         raise RemoteEnvironmentError(f"could not start the server on {target.host} again",
                                      hint=f"Run `tether up {target.host}`.")
-    log.info("server on %s restarted (pid %s)", target.host, server.get("pid"))
-    return Forward(local_port, server.get("sock") or "", int(server.get("port") or 0))
+    if not result.reused:
+        lost = runtime.kernels_seen
+        what = (f"its kernels were lost ({', '.join(lost)})" if lost
+                else "kernels that were running there were lost")
+        reporter.note(target.host, f"the server on {target.host} had stopped (pid "
+                                   f"{runtime.server.pid}) and was started again on the same "
+                                   f"URL; {what}.")
+    log.info("server on %s restarted (pid %s)", target.host, result.server.pid)
+    return _forward(runtime.local_port, result.server)
 
 
-def _tunnel(cfg: UpConfig, result: dict[str, Any], reporter: Reporter) -> Tunnel:
-    server = result["server"]
-    forward = Forward(cfg.local_port, server.get("sock") or "", int(server.get("port") or 0))
-    return Tunnel(cfg.target, forward, server["token"],
+def _forward(local_port: int, server: ServerInfo) -> Forward:
+    return Forward(local_port, server.sock, server.port)
+
+
+def _tunnel(cfg: UpConfig, result: UpResult, reporter: Reporter) -> Tunnel:
+    return Tunnel(cfg.target, _forward(cfg.local_port, result.server), result.server.token,
                   on_status=lambda s: reporter.live(cfg.target.host, Live(s)))
 
 
@@ -188,7 +210,8 @@ async def up_many(configs: Sequence[UpConfig], reporter: Reporter) -> None:
     """Several hosts at once, each with its own local port; one failing stops them all."""
     ports = [c.local_port for c in configs]
     if len(set(ports)) != len(ports):
-        raise TetherError("two hosts were given the same local port", hint="Use distinct --port.")
+        raise ConfigError("two hosts were given the same local port",
+                          hint="Give each host its own --port.")
     async with asyncio.TaskGroup() as tg:
         for cfg in configs:
             tg.create_task(up(cfg, reporter))
@@ -269,16 +292,15 @@ async def _port_check(port: int) -> Check:
 async def _replay_checks(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) -> list[Check]:
     from tether.replay import replay
 
-    result = await bootstrap.call_agent(target, opts, "up", attach=True)
-    server = result["server"]
-    forward = Forward(free_port(), server.get("sock") or "", int(server.get("port") or 0))
-    tunnel = Tunnel(target, forward, server["token"])
+    server = (await bootstrap.up(target, opts, attach=True)).server
+    forward = _forward(free_port(), server)
+    tunnel = Tunnel(target, forward, server.token)
     try:
         await tunnel.open()
     except TetherError as e:
         return [Check("tunnel", False, e.message, e.hint)]
     try:
-        found = await replay(f"http://127.0.0.1:{forward.local_port}", server["token"])
+        found = await replay(f"http://127.0.0.1:{forward.local_port}", server.token)
     finally:
         await tunnel.aclose()
     return [Check("tunnel", True, forward.spec)] + [Check(c.name, c.ok, c.detail, c.hint)

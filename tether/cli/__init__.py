@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tether import __version__, _ssh
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError, TetherError, sentence
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,7 +34,26 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, sort_keys=True))
 
 
+class _Output:
+    """Whether the running command was asked for ``--json`` (then errors are JSON too)."""
+
+    json = False
+
+
+def json_option(f: F) -> F:
+    """``--json``: results, and errors (same class on the other side of an SSH hop), as JSON."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        _Output.json = _Output.json or value
+        return value
+
+    return click.option("--json", "as_json", is_flag=True, callback=remember,
+                        help="Print one JSON object instead of text.")(f)
+
+
 def fail(error: TetherError) -> NoReturn:
+    if _Output.json:
+        print_json(error.to_json())
     err.print(f"[bold red]error:[/] {escape(str(error))}", markup=True)
     sys.exit(error.exit_code)
 
@@ -115,6 +134,13 @@ def main() -> None:
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:  # one line, like every other error (click prints a block)
+        command = e.ctx.command_path if e.ctx is not None else "tether"
+        if _Output.json:
+            print_json(ConfigError(e.format_message()).to_json())
+        err.print(f"[bold red]error:[/] {escape(sentence(e.format_message()))} "
+                  f"`{escape(command)} -h` lists the options.", markup=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.markup import escape
 from rich.status import Status as Spinner
 
 from tether import _ssh, session
@@ -24,6 +26,7 @@ from tether.cli import (
     shared_ssh_options,
 )
 from tether.cli.serve import LNA_HINT, serve, serve_options
+from tether.config import check_origin
 from tether.errors import ConfigError, TetherError
 from tether.tunnel import State
 
@@ -83,11 +86,18 @@ class ConsoleReporter:
             return
         where = "running server" if runtime.reused else "new server"
         err.print(f"[green]Colab runtime ready[/] on {runtime.host} ({where}, remote pid "
-                  f"{runtime.server.get('pid')}). In Colab: Connect > Connect to a local "
+                  f"{runtime.server.pid}). In Colab: Connect > Connect to a local "
                   "runtime, and paste:")
         out.print(runtime.colab_url)
         err.print(LNA_HINT)
         err.print("Ctrl-C detaches: the server and kernels keep running on the remote.")
+
+    def note(self, host: str, text: str) -> None:
+        self.close()
+        if self.as_json:
+            print_json({"host": host, "note": text})
+        else:
+            err.print(f"[yellow]note:[/] {escape(text)}")
 
     def live(self, host: str, live: session.Live) -> None:
         t = live.tunnel
@@ -147,14 +157,18 @@ def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
         run(lambda: session.up_many(configs, reporter))
     except (KeyboardInterrupt, Terminated):
         reporter.close()
-        host = configs[0].target.host if len(configs) == 1 else "HOST"
+        target = configs[0].target
+        again = command_for("up", target) if len(configs) == 1 else "tether up HOST"
         if not reporter.ready_hosts:
-            err.print(f"Interrupted before {hosts} was ready; `tether up {host}` again resumes "
+            err.print(f"Interrupted before {hosts} was ready; `{again}` again resumes "
                       "where this stopped.")
             sys.exit(130)
-        err.print(f"Detached from {hosts}: the server and its kernels keep running there. "
-                  f"`tether attach {host}` reconnects (same URL); `tether down {host}` stops "
-                  "them.")
+        if len(configs) == 1:
+            hint = (f"`{command_for('attach', target)}` reconnects (same URL); "
+                    f"`{command_for('down', target)}` stops them.")
+        else:
+            hint = "`tether attach HOST` reconnects (same URL); `tether down HOST` stops them."
+        err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
         sys.exit(0)
     except BaseExceptionGroup as group:  # TaskGroup: report the first real error
         reporter.close()
@@ -164,6 +178,44 @@ def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
         raise
     finally:
         reporter.close()
+
+
+def command_for(command: str, target: _ssh.SSHTarget) -> str:
+    """The tether command line for ``target``, with the user's own -F and -o options."""
+    args = ["tether", command, target.host]
+    if target.config_file:
+        args += ["-F", target.config_file]
+    for opt in target.options:
+        args += ["-o", opt]
+    return shlex.join(args)
+
+
+def check_up_options(hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
+                     kw: dict[str, Any]) -> None:
+    """Every option of ``up`` checked here, before any SSH round trip (usage errors: exit 2)."""
+    last = port + max(len(hosts), 1) - 1
+    if not 1 <= port <= 65535 or last > 65535:
+        raise ConfigError(f"--port {port}: the local port must be between 1 and 65535"
+                          + (f" (with {len(hosts)} hosts, up to {last})" if len(hosts) > 1
+                             else ""), hint="Pick a free port, e.g. --port 9999.")
+    remote_port = kw.get("remote_port")
+    if remote_port is not None and not 0 <= remote_port <= 65535:
+        raise ConfigError(f"--remote-port {remote_port}: must be between 0 and 65535",
+                          hint="0 lets the remote pick a free loopback port.")
+    for origin in origins:
+        check_origin(origin)
+    for name in ("idle_timeout", "stop_after_idle"):
+        if (kw.get(name) or 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 seconds",
+                              hint="0 turns it off.")
+    if kw.get("on_idle") and not kw.get("stop_after_idle"):
+        raise ConfigError("--on-idle needs --stop-after-idle SECONDS",
+                          hint="The hook runs once the server has had no kernels for that long.")
+    grace = kw.get("kill_grace")
+    if grace is not None and not 0 < grace <= 300:
+        raise ConfigError(f"--kill-grace {grace}: must be between 0 and 300 seconds")
+    if kw.get("kernel_python") and kw.get("conda_env"):
+        raise ConfigError("give --kernel-python or --conda-env, not both")
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> TetherError | None:
@@ -212,8 +264,7 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
         ctx.invoke(serve, port=port, origins=origins, notebook_dir=notebook_dir,
                    idle_timeout=idle_timeout, as_json=as_json, **local)
         return
-    if kw["kernel_python"] and kw["conda_env"]:
-        raise ConfigError("give --kernel-python or --conda-env, not both")
+    check_up_options(hosts, port, origins, {"idle_timeout": idle_timeout, **kw})
     opts = remote_options(origins=origins, notebook_dir=notebook_dir, idle_timeout=idle_timeout,
                           **kw)
     configs = [session.UpConfig(make_target(h, kw["ssh_config"], kw["ssh_opts"], kw["batch"]),
@@ -226,7 +277,8 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
 
 @cli.command()
 @click.argument("host")
-@click.option("--port", type=int, default=9999, show_default=True, help="Local port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9999, show_default=True,
+              help="Local port.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @ssh_options
 def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:

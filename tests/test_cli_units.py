@@ -1,0 +1,131 @@
+"""The command line's own logic, no server: argument checks, kernel ids, errors across SSH."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tether import errors
+from tether.cli import kernels as cli_kernels
+from tether.errors import ConfigError, HostUnreachableError, KernelNotFoundError, TetherError
+from tether.kernels import RemoteKernels, resolve
+
+
+def tether(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def test_resolve_by_prefix_or_notebook():
+    kernels = [{"id": "abcd-1", "path": "a.ipynb"}, {"id": "abce-2", "path": "b.ipynb"}]
+    assert resolve(["abcd", "b.ipynb"], kernels) == ["abcd-1", "abce-2"]
+    with pytest.raises(KernelNotFoundError, match="2 kernels match 'abc'"):
+        resolve(["abc"], kernels)
+    with pytest.raises(KernelNotFoundError) as caught:
+        resolve(["nosuchkernel"], kernels)
+    assert caught.value.exit_code == 2
+
+
+def test_idle_is_human():
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    ago = (now - timedelta(seconds=7325)).isoformat().replace("+00:00", "Z")
+    assert cli_kernels.idle_for(ago, now) == "2h02m"
+    assert cli_kernels.idle_for(None, now) == "-"
+
+
+def test_error_and_hint_read_as_two_sentences():
+    e = HostUnreachableError("cannot reach gpubox: Name or service not known",
+                             hint="Check the host name.")
+    assert str(e) == "cannot reach gpubox: Name or service not known. Check the host name."
+    assert str(TetherError("done.", hint="Next.")) == "done. Next."
+
+
+def test_an_error_keeps_its_class_across_the_hop():
+    sent = errors.ServerNotFoundError("no server", hint="start one", host="h", pids=[1])
+    back = errors.from_json(json.loads(json.dumps(sent.to_json())))
+    assert type(back) is errors.ServerNotFoundError
+    assert (back.message, back.hint, back.data) == ("no server", "start one",
+                                                     {"host": "h", "pids": [1]})
+    assert errors.from_json({"kernels": []}) is None
+    unknown = errors.from_json({"error": {"type": "NoSuchClass", "message": "m"}})
+    assert type(unknown) is TetherError
+
+
+async def test_remote_kernels_run_the_remote_tether_with_json():
+    calls = []
+
+    async def runner(args):
+        calls.append(args)
+        return 3, '{"released": false, "kernels": []}\n'
+
+    result = await RemoteKernels("gpubox", runner).release(["k1"], False, True, False)
+    assert calls == [["release", "--json", "k1", "--force"]]
+    assert result == {"released": False, "kernels": []}
+
+
+async def test_a_remote_error_is_raised_here_as_the_same_class():
+    async def no_server(args):
+        return 1, json.dumps(errors.ServerNotFoundError("x", hint="tether serve").to_json())
+
+    with pytest.raises(errors.ServerNotFoundError, match="no tether server is running on gpubox"
+                                                         r".*tether up gpubox"):
+        await RemoteKernels("gpubox", no_server).listing()
+
+    async def not_found(args):
+        return 2, json.dumps(KernelNotFoundError("no kernel matches 'zz'").to_json())
+
+    with pytest.raises(KernelNotFoundError):
+        await RemoteKernels("gpubox", not_found).release(["zz"], False, False, False)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["release"], "name the kernels to release, or give --all"),
+    (["release", "abcd", "--all"], "not both"),
+    (["release", "abcd", "--stop-server"], "--stop-server goes with --all"),
+])
+def test_release_usage_mistakes_exit_2_with_one_line(args, needle):
+    done = tether(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_json_errors_are_json(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tether", "ps", "--json"], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"]["type"] == "ServerNotFoundError"
+    assert "-H HOST" in done.stderr
+
+
+def test_usage_errors_are_config_errors():
+    assert issubclass(KernelNotFoundError, ConfigError) and ConfigError.exit_code == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["up", "gpubox", "--port", "0"], "--port 0: the local port must be between 1 and 65535"),
+    (["up", "gpubox", "--port", "70000"], "--port 70000"),
+    (["up", "a", "b", "--port", "65535"], "with 2 hosts, up to 65536"),
+    (["up", "gpubox", "--remote-port", "-1"], "--remote-port -1"),
+    (["up", "gpubox", "--origin", "https://*.example.com"], "invalid origin"),
+    (["up", "gpubox", "--idle-timeout", "-5"], "--idle-timeout must be >= 0"),
+    (["up", "gpubox", "--on-idle", "true"], "--on-idle needs --stop-after-idle"),
+    (["up", "gpubox", "--kill-grace", "0"], "--kill-grace 0.0"),
+    (["up", "gpubox", "--kernel-python", "/x", "--conda-env", "y"], "not both"),
+    (["attach", "gpubox", "--port", "70000"], "70000 is not in the range"),
+    (["doctor", "gpubox", "--port", "x"], "'x' is not a valid integer"),
+    (["ps", "a", "-H", "b"], "two hosts given"),
+])
+def test_bad_options_fail_before_any_ssh_with_one_line(args, needle):
+    """Nothing is started: these fail in the argument checks (an unknown host would take ssh)."""
+    done = tether(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in done.stderr

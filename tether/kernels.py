@@ -1,0 +1,159 @@
+"""The life-cycle client: list and release the kernels of a tether server, here or on a host.
+
+Library code under the CLI and beside :mod:`tether.session`. On the server's own machine it
+talks to the server found through its 0600 state file (port or Unix socket, token in a header).
+For a HOST it runs the remote ``tether ps|release --json`` over the user's ssh and parses the
+answer; a remote failure comes back as the same :mod:`tether.errors` class it was there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from tether import _ssh, bootstrap
+from tether.errors import KernelNotFoundError, ServerError, ServerNotFoundError, from_json
+
+RELEASE_TIMEOUT = 120.0  # the server bounds each step; this only guards against a hung server
+LISTING_TIMEOUT = 30.0
+
+
+class Kernels(Protocol):
+    """Where the kernels are: this machine's server, or the one on a host."""
+
+    async def listing(self) -> dict[str, Any]: ...
+
+    async def release(self, kernels: Sequence[str], everything: bool, force: bool,
+                      stop_server: bool) -> dict[str, Any]: ...
+
+
+def find_local_server() -> dict[str, Any]:
+    """The newest tether server of this user on this machine (its state file's contents)."""
+    from tether.remote.state import find_server
+
+    for runtime_dir in bootstrap.local_runtime_dirs():
+        try:
+            return asdict(find_server(runtime_dir))
+        except ServerNotFoundError:
+            continue
+    raise ServerNotFoundError("no running tether server for this user on this machine",
+                              hint="Start one with `tether serve`, or name the machine it runs "
+                                   "on with -H HOST.")
+
+
+def resolve(wanted: Sequence[str], kernels: list[dict[str, Any]]) -> list[str]:
+    """Kernel ids for ``wanted``: ids, unique id prefixes, or notebook paths."""
+    ids = []
+    for key in wanted:
+        hits = [k["id"] for k in kernels if k["id"].startswith(key) or k.get("path") == key]
+        if len(hits) != 1:
+            what = "no kernel matches" if not hits else f"{len(hits)} kernels match"
+            raise KernelNotFoundError(f"{what} {key!r}",
+                                      hint="`tether ps` lists the kernels with their ids.")
+        ids.append(hits[0])
+    return list(dict.fromkeys(ids))
+
+
+class LocalKernels:
+    """The server on this machine, over its port or Unix socket."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   timeout: float = RELEASE_TIMEOUT) -> Any:
+        from tether.remote.kernel_helper import ApiError, api_request
+
+        try:
+            return await asyncio.to_thread(api_request, self.state, method, path, body, timeout)
+        except ApiError as e:
+            raise ServerError(str(e), status=e.status) from e
+
+    async def listing(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.call("GET", "kernels", timeout=LISTING_TIMEOUT)
+        return data
+
+    async def release(self, kernels: Sequence[str], everything: bool, force: bool,
+                      stop_server: bool) -> dict[str, Any]:
+        if everything:
+            data: dict[str, Any] = await self.call(
+                "POST", "release", {"force": force, "stop_server": stop_server})
+            return data
+        ids = resolve(kernels, (await self.listing())["kernels"])
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(
+            self.call("POST", f"kernels/{kid}/release", {"force": force}) for kid in ids))
+        return {"released": all(o["released"] for o in outcomes), "kernels": list(outcomes),
+                "seconds": round(time.monotonic() - started, 3)}
+
+
+Runner = Callable[[list[str]], Awaitable[tuple[int, str]]]
+
+
+class RemoteKernels:
+    """The server on a host: runs the remote ``tether ... --json`` through ``runner``.
+
+    ``runner`` takes the arguments of the remote ``tether`` and returns (exit status, stdout);
+    :func:`ssh_runner` is the one for real hosts.
+    """
+
+    def __init__(self, host: str, runner: Runner) -> None:
+        self.host = host
+        self.runner = runner
+
+    async def _json(self, args: list[str]) -> dict[str, Any]:
+        status, text = await self.runner(args)
+        try:
+            data: dict[str, Any] = json.loads(text.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise ServerError(f"`tether {args[0]}` on {self.host} gave no answer (exit {status})",
+                              hint=f"`tether status {self.host}` shows whether a runtime is up "
+                                   "there.", host=self.host) from e
+        error = from_json(data)
+        if isinstance(error, ServerNotFoundError):
+            raise ServerNotFoundError(f"no tether server is running on {self.host}",
+                                      hint=f"Start one with `tether up {self.host}`.",
+                                      host=self.host)
+        if error is not None:
+            raise error
+        return data
+
+    async def listing(self) -> dict[str, Any]:
+        return await self._json(["ps", "--json"])
+
+    async def release(self, kernels: Sequence[str], everything: bool, force: bool,
+                      stop_server: bool) -> dict[str, Any]:
+        args = ["release", "--json", *kernels]
+        args += ["--all"] if everything else []
+        args += ["--force"] if force else []
+        args += ["--stop-server"] if stop_server else []
+        return await self._json(args)
+
+
+def ssh_runner(target: _ssh.SSHTarget) -> Runner:
+    """Run the remote ``tether`` that ``tether up`` installed, through the user's ssh."""
+
+    async def run(args: list[str]) -> tuple[int, str]:
+        done = await _ssh.run(target, bootstrap.remote_tether_argv(*args),
+                              timeout=RELEASE_TIMEOUT, check=False)
+        if done.returncode == bootstrap.NO_TETHER:
+            raise ServerNotFoundError(f"tether is not set up on {target.host}",
+                                      hint=f"Start a runtime there with `tether up "
+                                           f"{target.host}`.", host=target.host)
+        if done.returncode == _ssh.SSH_FAILED or (done.returncode and not done.stdout.strip()):
+            raise _ssh.ssh_error(target, f"tether {args[0]}", done.returncode, done.stderr)
+        return done.returncode, done.text
+
+    return run
+
+
+def kernels_for(target: _ssh.SSHTarget | None) -> Kernels:
+    """The kernels on ``target``, or on this machine when it is None."""
+    if target is None:
+        return LocalKernels(find_local_server())
+    return RemoteKernels(target.host, ssh_runner(target))
+
