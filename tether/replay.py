@@ -212,23 +212,29 @@ async def replay(base_url: str, token: str, *, origin: str = COLAB_ORIGIN,
                 check(f"preflight {path}", resp.code < 300 and _cors_ok(resp, origin),
                       f"HTTP {resp.code}", "Is this a tether server? Stock Jupyter fails these.")
             pna = await c.preflight("/api/sessions", "POST")
-            check("private network access", pna.headers.get("Access-Control-Allow-Private-Network") == "true",
-                  hint="Older Chrome needs this header; newer Chrome asks the user instead.")
+            pna_header = pna.headers.get("Access-Control-Allow-Private-Network")
+            check("private network access", pna_header == "true",
+                  f"Access-Control-Allow-Private-Network: {pna_header or '(absent)'}",
+                  "Older Chrome needs this header; newer Chrome asks the user instead.")
             resp = await c.request("GET", "/api/status")
             if not check("token accepted", resp.code == 200, f"HTTP {resp.code}",
                          "The token in the URL is wrong: copy the URL tether printed again."):
                 return checks
-            check("CORS grant", _cors_ok(resp, origin), hint=f"The server does not allow {origin}.")
+            check("CORS grant", _cors_ok(resp, origin),
+                  f"Access-Control-Allow-Origin: "
+                  f"{resp.headers.get('Access-Control-Allow-Origin') or '(absent)'}",
+                  f"The server does not allow {origin}.")
             specs = await c.get_json("/api/kernelspecs")
             if not check("kernelspec python3", "python3" in specs.get("kernelspecs", {}),
                          f"default {specs.get('default')!r}",
                          "Colab asks for `python3`: register your kernel under that name."):
                 return checks
             info = await c.get_json("/api/colab/build-info")
-            check("/api/colab/build-info", "release_tag" in info)
+            check("/api/colab/build-info", "release_tag" in info, str(info.get("release_tag")))
             res = await c.get_json("/api/colab/resources")
             gpus = res.get("gpus", [])
-            check("/api/colab/resources", "memory" in res, f"{len(gpus)} GPU(s)")
+            check("/api/colab/resources", "memory" in res,
+                  f"{len(gpus)} GPU(s), {res.get('memory', {}).get('totalBytes', 0) >> 20} MiB RAM")
             session = await c.create_session()
             try:
                 out = await c.execute(session["kernel"]["id"], "print(6 * 7)")

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import psutil
 
 from tether import _ssh, bootstrap
 from tether.config import DEFAULT_PORT
@@ -100,13 +105,58 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
     tunnel, result, remote = await _open(cfg, result, reporter)
     runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings)
     tunnel.restart_server = lambda: _restart(cfg.target, remote, runtime, reporter)
+    record = attached_path(host)
     try:
+        _write_private(record, {"host": host, "port": cfg.local_port, "pid": os.getpid(),
+                                "create_time": _create_time(os.getpid())})
         reporter.ready(runtime)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(tunnel.run())
             tg.create_task(_watch(runtime, tunnel, reporter))
     finally:
+        record.unlink(missing_ok=True)
         await tunnel.aclose()
+
+
+# -- what runs here: the local port each attached `tether up` holds, for `tether doctor` -------
+
+def local_state_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tether")
+    return Path(base) / "tether-local"
+
+
+def attached_path(host: str) -> Path:
+    return local_state_dir() / f"up-{hashlib.sha256(host.encode()).hexdigest()[:16]}.json"
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+
+
+def attached_port(host: str) -> int | None:
+    """The local port of the `tether up` attached to ``host`` right now (None if there is none;
+    a record whose process is gone or was replaced by another with its pid is removed)."""
+    path = attached_path(host)
+    try:
+        data = json.loads(path.read_text())
+        pid, port = int(data["pid"]), int(data["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if abs(_create_time(pid) - float(data.get("create_time") or -1)) > 0.05:
+        path.unlink(missing_ok=True)
+        return None
+    return port
 
 
 async def _open(cfg: UpConfig, result: UpResult, reporter: Reporter
@@ -235,7 +285,7 @@ class Check:
 
 
 async def doctor(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
-                 local_port: int) -> list[Check]:
+                 local_port: int | None) -> list[Check]:
     """SSH, Python, disk, GPU driver, environment, ports, then Colab's requests via a tunnel."""
     checks: list[Check] = []
     t0 = time.monotonic()
@@ -248,7 +298,7 @@ async def doctor(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
                 Check("python", False, e.message, e.hint)]
     checks.append(Check("ssh", True, f"{target.host} answered in {time.monotonic() - t0:.2f} s"))
     checks += _probe_checks(target.host, probe)
-    checks.append(await _port_check(local_port))
+    checks.append(_port_check(target.host, local_port))
     servers = probe.get("servers", [])
     checks.append(Check("server", bool(servers),
                         f"pid {servers[0]['pid']}" if servers else "no server running",
@@ -281,12 +331,20 @@ def _probe_checks(host: str, probe: dict[str, Any]) -> list[Check]:
     ]
 
 
-async def _port_check(port: int) -> Check:
+def _port_check(host: str, port: int | None) -> Check:
+    """The port the user's attached `tether up` holds for ``host``, else whether ``port`` (or
+    the default) is free for one."""
+    attached = attached_port(host)
+    if attached is not None and port in (None, attached):
+        return Check("local port", True, f"127.0.0.1:{attached} is the tunnel of the `tether up` "
+                                         f"attached to {host}")
+    port = port or DEFAULT_PORT
     try:
         check_local_port(port)
-    except TetherError:
-        return Check("local port", True, f"127.0.0.1:{port} is in use (a running `tether up`?)")
-    return Check("local port", True, f"127.0.0.1:{port} is free")
+    except TetherError as e:
+        return Check("local port", False, f"127.0.0.1:{port} is taken by another program",
+                     f"`tether up {host} --port N` with a free N ({e.message}).")
+    return Check("local port", True, f"127.0.0.1:{port} is free for `tether up {host}`")
 
 
 async def _replay_checks(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) -> list[Check]:

@@ -340,10 +340,12 @@ def status(host: str, as_json: bool, **kw: Any) -> None:
 
 @cli.command()
 @click.argument("host")
-@click.option("--port", type=int, default=9999, show_default=True, help="Local port to check.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Local port to check (default: the one an attached `tether up HOST` uses, "
+                   "else 9999).")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @ssh_options
-def doctor(host: str, port: int, as_json: bool, **kw: Any) -> None:
+def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     """Check SSH, Python, GPU driver, ports, and replay Colab's requests through a tunnel."""
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
     checks = run(lambda: session.doctor(target, remote_options(**kw), port))
