@@ -295,3 +295,156 @@ def test_a_consent_question_is_a_value_the_caller_answers() -> None:
     assert question.question == ("/opt/ds/bin/python on gpubox has no ipykernel or psutil. "
                                  "Install ipykernel and psutil there?")
     assert "--install-kernel-deps" in question.hint and "gpubox" in question.hint
+
+
+# -- against the real sshd test bed, as the non-root remote user -------------------------------
+
+ssh_tests = pytest.mark.timeout(600)
+
+
+def as_remote_user(testbed: Any, *argv: str) -> subprocess.Popen:
+    """A process of the remote user that is not tether's (started here, not over SSH)."""
+    user = testbed.user
+    return subprocess.Popen(list(argv), user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                            cwd=user.pw_dir, env={"HOME": user.pw_dir, "PATH": "/usr/bin:/bin"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def down_json(testbed: Any) -> dict[str, Any]:
+    from tests.fixtures_ssh import run_tether
+
+    r = run_tether(testbed, "down", "gpubox", "--json")
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+def started_server(testbed: Any, *args: str) -> dict[str, Any]:
+    from tests.fixtures_ssh import start_up
+    from tests.sshd import free_port
+
+    up = start_up(testbed, "gpubox", "--port", str(free_port()), *args)
+    up.stop()
+    assert up.info, up.stderr()
+    return up.info
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+@ssh_tests
+async def test_down_ends_a_crashed_servers_orphans_and_spares_a_tail_of_its_files(
+        prepared: Any, testbed: Any) -> None:
+    from tests.fixtures_ssh import start_up
+    from tests.sshd import free_port
+    from tether.replay import ColabClient
+
+    down_json(testbed)
+    up = start_up(testbed, "gpubox", "--port", str(free_port()))
+    try:
+        assert up.info, up.stderr()
+        async with ColabClient(up.url, up.token) as c:
+            kernel = (await c.create_session("orphan.ipynb"))["kernel"]["id"]
+            started = await c.execute(kernel, "import subprocess\nsubprocess.Popen(['sleep', "
+                                              "'1001'], start_new_session=True).pid")
+    finally:
+        up.stop()
+    orphan = psutil.Process(int(started.result))
+    watched = next((testbed.tether_root / "env-0.1.0").rglob("sweep.py"))
+    tail = as_remote_user(testbed, "tail", "-f", str(watched))
+    try:
+        server = psutil.Process(up.info["remote_pid"])
+        server.kill()  # a crash: its kernel's child lives on, with the server's markers
+        server.wait(10)
+        assert orphan.is_running()
+        result = down_json(testbed)
+        assert orphan.pid in result["strays"] and result["left"] == []
+        assert [e["pid"] for e in result["stale"]] == [server.pid]
+        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+        assert tail.poll() is None, "down ended a process that only names a tether path"
+        assert not list((testbed.tether_root / "runtime").glob("launch-*.json"))
+    finally:
+        stop(tail)
+
+
+@ssh_tests
+def test_a_reused_pid_is_never_signalled_and_up_starts_a_fresh_server(
+        prepared: Any, testbed: Any) -> None:
+    import shutil
+
+    down_json(testbed)
+    info = started_server(testbed)
+    runtime = testbed.tether_root / "runtime"
+    server = psutil.Process(info["remote_pid"])
+    state = json.loads((runtime / f"tether-{server.pid}.json").read_text())
+    state.setdefault("create_time", server.create_time())  # (until every server records it)
+    server.kill()
+    server.wait(10)
+    impostor = as_remote_user(testbed, "sleep", "600")
+
+    def reuse_pid() -> Path:
+        """What a reboot or a long uptime does: the dead server's pid is now another process."""
+        (runtime / f"tether-{server.pid}.json").unlink(missing_ok=True)
+        path = runtime / f"tether-{impostor.pid}.json"
+        path.write_text(json.dumps({**state, "pid": impostor.pid}))
+        path.chmod(0o600)
+        shutil.chown(path, testbed.user.pw_uid, testbed.user.pw_gid)
+        return path
+
+    try:
+        stale = reuse_pid()
+        result = down_json(testbed)
+        assert result["stopped"] == [] and impostor.pid not in result["strays"]
+        assert [e["pid"] for e in result["stale"]] == [impostor.pid]
+        assert "is now another process (sleep" in result["stale"][0]["why"]
+        assert not stale.exists() and impostor.poll() is None
+
+        reuse_pid()
+        fresh = started_server(testbed)
+        assert fresh["reused"] is False and fresh["remote_pid"] != impostor.pid
+        assert any("stopped without cleaning up" in w for w in fresh["warnings"])
+        assert impostor.poll() is None
+    finally:
+        stop(impostor)
+        down_json(testbed)
+
+
+@ssh_tests
+def test_reusing_a_server_with_other_options_warns_once(prepared: Any, testbed: Any) -> None:
+    down_json(testbed)
+    first = started_server(testbed, "--stop-after-idle", "7200")
+    try:
+        again = started_server(testbed, "--stop-after-idle", "600",
+                               "--notebook-dir", str(testbed.home))
+        assert again["reused"] is True and again["remote_pid"] == first["remote_pid"]
+        [warning] = again["warnings"]
+        assert "--notebook-dir, --stop-after-idle" in warning
+        assert "`tether down gpubox`, then `tether up gpubox`" in warning
+        assert started_server(testbed, "--stop-after-idle", "7200")["warnings"] == []
+        assert started_server(testbed)["warnings"] == []  # asking for nothing differs from nothing
+    finally:
+        down_json(testbed)
+
+
+@ssh_tests
+def test_messages_for_a_remote_or_kernel_python_that_is_not_one(prepared: Any,
+                                                                testbed: Any) -> None:
+    from tests.fixtures_ssh import run_tether
+    from tests.sshd import free_port
+
+    down_json(testbed)
+    r = run_tether(testbed, "up", "gpubox", "--port", str(free_port()), "--remote-python", "/nope")
+    assert r.returncode == 1
+    assert "--remote-python /nope is not an executable on gpubox." in r.stderr
+    assert "no python3" not in r.stderr
+    r = run_tether(testbed, "up", "gpubox", "--port", str(free_port()),
+                   "--kernel-python", "/bin/false")
+    assert r.returncode == 2, r.stderr
+    assert "/bin/false is not a working Python on gpubox" in r.stderr
+    assert "-m pip" not in r.stderr and "HOST" not in r.stderr
+    assert not list((testbed.tether_root / "runtime").glob("tether-*.json"))
