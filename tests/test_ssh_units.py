@@ -73,8 +73,8 @@ def test_agent_runs_on_plain_python_and_reports_json(tmp_path) -> None:  # type:
     out = subprocess.run([sys.executable, "-I", "-c", bootstrap.agent_source(), json.dumps(params)],
                          capture_output=True, text=True, env=env, timeout=60)
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result == {"event": "result", "servers": [], "env_ready": False,
-                      "root": f"{tmp_path}/.cache/tether"}
+    assert result == {"event": "result", "servers": [], "stale": [], "unverified": [],
+                      "env_ready": False, "root": f"{tmp_path}/.cache/tether"}
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -32,21 +32,54 @@ import subprocess
 import sys
 import time
 
-PARAMS = json.loads(sys.argv[1])
-VERSION = PARAMS["version"]
-ROOT = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tether")
-ENV = os.path.join(ROOT, "env-" + VERSION)
-RUNTIME = os.path.join(ROOT, "runtime")
-JUPYTER_PATH = os.path.join(ROOT, "jupyter")
-MARKER = os.path.join(ENV, "tether-env.json")
-TOKEN_FILE = os.path.join(ROOT, "token")
-SERVER_LOG = os.path.join(ROOT, "server.log")
-INSTALL_LOG = os.path.join(ROOT, "install.log")
+# The layout of tether's files on this host comes from bootstrap.REMOTE_LAYOUT (params
+# "layout"); these defaults only serve a caller that sends none.
+DEFAULT_LAYOUT = {"cache_var": "XDG_CACHE_HOME", "cache_default": ".cache", "dirname": "tether",
+                  "env": "env-{version}", "runtime": "runtime", "jupyter_path": "jupyter",
+                  "token_file": "token", "server_log": "server.log",
+                  "install_log": "install.log", "socket": "runtime/tether.sock",
+                  "launch_record": "runtime/launch-{launch}.json"}
+# Every process of a server tether launched carries this (kernels inherit the server's
+# environment); the id is recorded in the launch record, so `down` finds orphans of a crash.
+LAUNCH_ENV = "TETHER_LAUNCH"
+INSTANCE_ENV = "TETHER_SERVER_INSTANCE"  # set by the server on each of its kernels
 MIN_FREE_BYTES = 1 << 30
-READY_DEADLINE = float(PARAMS.get("ready_deadline", 60))
 LOCK_DEADLINE = 900.0
 STOP_DEADLINE = 25.0
+STRAY_DEADLINE = 5.0
+PROBE_TIMEOUT = 30.0
+# Start times read from /proc are exact to a clock tick; psutil computes them the same way.
+START_TOLERANCE = 0.5
+DEFAULT_IDLE_TIMEOUT = 3600
 POLL = 0.02
+
+PARAMS = {}
+VERSION = ROOT = ENV = RUNTIME = JUPYTER_PATH = MARKER = TOKEN_FILE = SERVER_LOG = ""
+INSTALL_LOG = SOCKET = ""
+LAUNCH_RECORD = ""
+READY_DEADLINE = 60.0
+
+
+def configure(params, environ=None):
+    """Set the parameters and the paths of this run (a test may call it with its own)."""
+    global PARAMS, VERSION, ROOT, ENV, RUNTIME, JUPYTER_PATH, MARKER, TOKEN_FILE, SERVER_LOG
+    global INSTALL_LOG, SOCKET, LAUNCH_RECORD, READY_DEADLINE
+    environ = os.environ if environ is None else environ
+    layout = dict(DEFAULT_LAYOUT, **(params.get("layout") or {}))
+    PARAMS, VERSION = params, params["version"]
+    cache = environ.get(layout["cache_var"]) or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), layout["cache_default"])
+    ROOT = os.path.join(cache, layout["dirname"])
+
+    def at(key):
+        return os.path.join(ROOT, layout[key])
+
+    ENV = os.path.join(ROOT, layout["env"].format(version=VERSION))
+    RUNTIME, JUPYTER_PATH, TOKEN_FILE = at("runtime"), at("jupyter_path"), at("token_file")
+    SERVER_LOG, INSTALL_LOG, SOCKET = at("server_log"), at("install_log"), at("socket")
+    LAUNCH_RECORD = at("launch_record")
+    MARKER = os.path.join(ENV, "tether-env.json")
+    READY_DEADLINE = float(params.get("ready_deadline", 60))
 
 
 class Fail(Exception):
@@ -317,7 +350,7 @@ def conda_python(name):
             python = os.path.join(prefix, "bin", "python")
             if os.access(python, os.X_OK):
                 return python
-    raise Fail("kernel", "no conda environment named %r on the remote" % name,
+    raise Fail("kernel-python", "no conda environment named %r on HOST" % name,
                hint="List them with `ssh HOST conda env list`, or pass --kernel-python PATH.")
 
 
@@ -328,48 +361,89 @@ def default_python():
     return ""
 
 
-def has_modules(python, modules):
-    code = "import importlib.util,sys; sys.exit(any(importlib.util.find_spec(m) is None " \
-           "for m in %r))" % (list(modules),)
+def working_python(python):
+    """The version ("3.11") of ``python``, or "" when it does not run as a Python."""
+    code = "import sys; sys.stdout.write('tether-probe %d.%d' % sys.version_info[:2])"
     try:
-        return subprocess.call([python, "-c", code], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=60) == 0
+        out = subprocess.run([python, "-c", code], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=PROBE_TIMEOUT, universal_newlines=True)
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return ""
+    words = out.stdout.split()
+    return words[1] if out.returncode == 0 and len(words) == 2 and words[0] == "tether-probe" \
+        else ""
+
+
+def missing_modules(python, modules):
+    code = "import importlib.util,sys; print(' '.join(m for m in %r " \
+           "if importlib.util.find_spec(m) is None))" % (list(modules),)
+    try:
+        out = subprocess.run([python, "-c", code], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=60, universal_newlines=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return list(modules)
+    return out.stdout.split() if out.returncode == 0 else list(modules)
+
+
+KERNEL_MODULES = ("ipykernel", "psutil")
+
+
+def explicit_kernel_python():
+    """The --kernel-python given, checked: an executable that runs as a Python."""
+    given = PARAMS["kernel_python"]
+    python = os.path.expanduser(given)
+    if not os.path.isfile(python) or not os.access(python, os.X_OK):
+        raise Fail("kernel-python", "%s is not an executable on HOST" % given,
+                   hint="Give --kernel-python the full path of your environment's python "
+                        "(`ssh HOST which python` inside it shows it).")
+    if not working_python(python):
+        raise Fail("kernel-python", "%s is not a working Python on HOST (`%s -c` did not run)"
+                   % (given, given),
+                   hint="Give --kernel-python the python of an environment that runs "
+                        "(check with `ssh HOST %s -V`)." % given)
+    return python
 
 
 def kernel_python(warnings):
-    """The interpreter kernels run in, with ipykernel present (installed only with consent)."""
-    explicit = PARAMS.get("kernel_python")
-    if explicit:
-        python = os.path.expanduser(explicit)
-        if not os.access(python, os.X_OK):
-            raise Fail("kernel", "--kernel-python %s is not an executable on the remote" % explicit,
-                       hint="Give the full path of the python of your environment.")
+    """(python, None) for the interpreter kernels run in, with ipykernel present; or
+    (python, question) when installing ipykernel there needs the user's consent first."""
+    chosen = bool(PARAMS.get("kernel_python") or PARAMS.get("conda_env"))
+    if PARAMS.get("kernel_python"):
+        python = explicit_kernel_python()
     elif PARAMS.get("conda_env"):
         python = conda_python(PARAMS["conda_env"])
+        if not working_python(python):
+            raise Fail("kernel-python", "%s (conda environment %s) is not a working Python on HOST"
+                       % (python, PARAMS["conda_env"]),
+                       hint="Repair that environment, or pass --kernel-python PATH.")
     else:
         python = default_python()
-    if python and has_modules(python, ("ipykernel", "psutil")):
-        return python
+        if python and not working_python(python):
+            python = ""
+    missing = missing_modules(python, KERNEL_MODULES) if python else list(KERNEL_MODULES)
+    if python and not missing:
+        return python, None
     consent = PARAMS.get("install_kernel_deps")
     if python and consent:
-        with Step("kernel-deps", "installing ipykernel and psutil into " + python):
-            run_logged([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                        "ipykernel", "psutil"], "pip install ipykernel psutil", "kernel",
-                       "Install them yourself (`%s -m pip install ipykernel psutil`) or pass "
-                       "another --kernel-python." % python)
-        return python
-    if python and (explicit or PARAMS.get("conda_env")):
-        raise Fail("consent", "%s has no ipykernel/psutil" % python,
-                   hint="Run again with --install-kernel-deps to install them there, or run "
-                        "`%s -m pip install ipykernel psutil` on the remote." % python,
-                   python=python)
+        with Step("kernel-deps", "installing %s into %s" % (" and ".join(missing), python)):
+            run_logged([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+                       + missing, "pip install " + " ".join(missing), "kernel",
+                       "Install them yourself (`%s -m pip install %s`) or pass another "
+                       "--kernel-python." % (python, " ".join(missing)))
+        return python, None
+    if python and chosen:
+        if consent is None:  # not asked yet: the caller asks the user
+            return python, {"python": python, "missing": missing}
+        raise Fail("kernel-python", "%s has no %s, and installing them was declined"
+                   % (python, "/".join(missing)),
+                   hint="Run `%s -m pip install %s` on HOST, or pass another --kernel-python."
+                   % (python, " ".join(missing)))
     warnings.append("kernels run in tether's own environment: %s has no ipykernel (pass "
                     "--install-kernel-deps to add it, or --kernel-python / --conda-env)"
                     % (python or "the login shell's python3"))
-    return env_python()
+    return env_python(), None
 
 
 def write_kernelspec(python):
@@ -382,46 +456,328 @@ def write_kernelspec(python):
         json.dump(spec, f, indent=1)
 
 
-# -- servers -----------------------------------------------------------------------------------
+# -- processes: identified by what tether recorded, never by their command line --------------
 
-def alive(pid):
+_BOOT_TIME = []
+
+
+def boot_time():
+    if not _BOOT_TIME:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    _BOOT_TIME.append(float(line.split()[1]))
+                    break
+    return _BOOT_TIME[0]
+
+
+def proc_facts(pid):
+    """(state letter, start time in seconds since the epoch, uid) of a process; None if gone.
+
+    The start time is psutil's ``create_time``: field 22 of /proc/PID/stat (clock ticks since
+    boot) over SC_CLK_TCK, plus btime from /proc/stat.
+    """
+    if pid <= 0:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not a server
+        uid = os.stat("/proc/%d" % pid).st_uid
         with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+            fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
+        start = int(fields[19]) / float(os.sysconf("SC_CLK_TCK")) + boot_time()
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields[0], start, uid
+
+
+def proc_name(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def marks(pid):
+    """The tether markers in a process's environment ({} if unreadable)."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    found = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key in (b"TETHER_LAUNCH", b"TETHER_SERVER_INSTANCE"):
+            found[key.decode()] = value.decode("utf-8", "replace")
+    return found
+
+
+def gone(facts):
+    return facts is None or facts[0] in ("Z", "X", "x")  # a zombie has ended already
+
+
+def own_lineage():
+    """This process and its ancestors: never ours to end, whatever their environment says."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+class Target(object):
+    """One process to end, pinned by its start time (and a pidfd where the system has them),
+    so a pid reused by another process is never signalled."""
+
+    def __init__(self, pid, start, what):
+        self.pid, self.start, self.what = pid, start, what
+        self.name = proc_name(pid)
+        self.why = ""
+        self.fd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.fd = os.pidfd_open(pid)
+            except OSError:
+                self.fd = None
+        # Checked after the pidfd is open: if the start time still matches, the pidfd is ours.
+
+    def alive(self):
+        facts = proc_facts(self.pid)
+        return not gone(facts) and abs(facts[1] - self.start) <= START_TOLERANCE
+
+    def signal(self, sig):
+        if not self.alive():
+            return
+        try:
+            if self.fd is not None and hasattr(signal, "pidfd_send_signal"):
+                signal.pidfd_send_signal(self.fd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.why = "not permitted to signal it"
+        except OSError as e:
+            self.why = "cannot signal it: %s" % e
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def report(self, why=""):
+        return {"pid": self.pid, "name": self.name, "what": self.what,
+                "why": why or self.why or "still running after SIGKILL"}
+
+
+def wait_gone(targets, seconds):
+    """The targets still alive after ``seconds`` (polled: they are not our children)."""
+    deadline = time.monotonic() + seconds
+    left = [t for t in targets if t.alive()]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [t for t in left if t.alive()]
+    return left
+
+
+def end(targets, grace):
+    """SIGTERM, wait up to ``grace`` s, SIGKILL, wait again; returns (forced, survivors)."""
+    for t in targets:
+        t.signal(signal.SIGTERM)
+    forced = wait_gone(targets, grace)
+    for t in forced:
+        t.signal(signal.SIGKILL)
+    return forced, wait_gone(forced, STRAY_DEADLINE)
+
+
+def marked_processes(ids, skip):
+    """This user's processes whose environment carries one of ``ids`` (launch or instance)."""
+    found = []
+    uid = os.getuid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in skip:
+            continue
+        pid = int(name)
+        facts = proc_facts(pid)
+        if gone(facts) or facts[2] != uid:
+            continue
+        m = marks(pid)
+        if m.get(LAUNCH_ENV) in ids or m.get(INSTANCE_ENV) in ids:
+            found.append(Target(pid, facts[1], "process of a tether server"))
+    return found
+
+
+# -- launch records and state files ------------------------------------------------------------
+
+def launch_path(launch):
+    return LAUNCH_RECORD.replace("{launch}", launch)
+
+
+def read_launches():
+    """{launch id: record} of the servers the agent launched here (0600 files of ours)."""
+    found = {}
+    folder = os.path.dirname(LAUNCH_RECORD)
+    prefix, _, suffix = os.path.basename(LAUNCH_RECORD).partition("{launch}")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        launch = name[len(prefix):len(name) - len(suffix)] if suffix else name[len(prefix):]
+        if not (name.startswith(prefix) and name.endswith(suffix) and launch.isalnum()):
+            continue
+        try:
+            path = os.path.join(folder, name)
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("launch") == launch:
+            found[launch] = record
+    return found
+
+
+def asked_options():
+    """The options of this `up` that shape a server (recorded at launch, compared on reuse)."""
+    explicit = PARAMS.get("kernel_python")
+    notebook_dir = PARAMS.get("notebook_dir")
+    return {"notebook_dir": os.path.expanduser(notebook_dir) if notebook_dir else None,
+            "idle_timeout": int(PARAMS.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+            "serve_args": list(PARAMS.get("serve_args") or []),
+            "origins": sorted(PARAMS.get("origins") or []),
+            "kernel_python": os.path.expanduser(explicit) if explicit else None,
+            "conda_env": PARAMS.get("conda_env"), "remote_port": PARAMS.get("remote_port")}
+
+
+def record_launch(launch, python):
+    ensure_dir(RUNTIME)
+    record = {"launch": launch, "started": time.time(), "kernel_python_used": python,
+              "options": asked_options()}
+    write_private(launch_path(launch), json.dumps(record).encode())
+
+
+def forget_launch(launch):
+    try:
+        os.unlink(launch_path(launch))
+    except OSError:
+        pass
+
+
+def state_files():
+    """(path, state) of each readable server state file (``tether-<pid>.json``)."""
+    found = []
+    try:
+        names = os.listdir(RUNTIME)
+    except OSError:
+        return found
+    for name in names:
+        if not (name.startswith("tether-") and name.endswith(".json")):
+            continue
+        path = os.path.join(RUNTIME, name)
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            state["pid"] = int(state.get("pid") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        found.append((path, state))
+    return found
+
+
+def recorded_start(state):
+    """The server's start time as its state file records it, or None (an older server).
+
+    ``create_time`` is psutil's; the instance id ``pid.created.nonce`` holds it in 1/100 s.
+    """
+    if state.get("create_time") is not None:
+        try:
+            return float(state["create_time"])
+        except (TypeError, ValueError):
+            return None
+    pid, _, rest = str(state.get("instance") or "").partition(".")
+    created = rest.partition(".")[0]
+    if pid == str(state["pid"]) and created.isdigit():
+        return int(created) / 100.0
+    return None
+
+
+LIVE, STALE, UNVERIFIED = "live", "stale", "unverified"
+
+
+def judge(state, launches):
+    """(verdict, why): is the process named by a state file the server that wrote it?"""
+    pid = state["pid"]
+    facts = proc_facts(pid)
+    if gone(facts):
+        return STALE, "its process %d is gone" % pid
+    if facts[2] != os.getuid():
+        return STALE, "pid %d now belongs to another user" % pid
+    want = recorded_start(state)
+    if want is not None:
+        if abs(facts[1] - want) <= START_TOLERANCE:
+            return LIVE, ""
+        return STALE, "pid %d is now another process (%s, started %s; the server started %s)" \
+            % (pid, proc_name(pid), stamp(facts[1]), stamp(want))
+    if marks(pid).get(LAUNCH_ENV) in launches:
+        return LIVE, ""
+    return UNVERIFIED, ("pid %d runs, but its state file records no start time and the "
+                        "process carries no launch marker of ours" % pid)
+
+
+def stamp(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+_stale = []  # stale state files removed during this run (reported by every action)
+
+
+def scan_servers():
+    """{"live": verified servers newest first, "unverified": [...]}; stale files removed."""
+    launches = read_launches()
+    live, unverified = [], []
+    for path, state in state_files():
+        verdict, why = judge(state, launches)
+        if verdict == LIVE:
+            live.append(state)
+            continue
+        entry = {"file": path, "pid": state["pid"], "instance": state.get("instance"),
+                 "why": why}
+        if verdict == STALE:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            _stale.append(entry)
+        else:
+            entry["state"] = state
+            unverified.append(entry)
+    live.sort(key=lambda s: s.get("started", 0), reverse=True)
+    return {"live": live, "unverified": unverified}
 
 
 def servers():
-    found = []
-    if not os.path.isdir(RUNTIME):
-        return found
-    for name in os.listdir(RUNTIME):
-        if not (name.startswith("tether-") and name.endswith(".json")):
-            continue
-        try:
-            with open(os.path.join(RUNTIME, name)) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if alive(int(state.get("pid", 0))):
-            found.append(state)
-    return sorted(found, key=lambda s: s.get("started", 0), reverse=True)
+    return scan_servers()["live"]
 
+
+def stale_report():
+    return [{k: e[k] for k in ("file", "pid", "why")} for e in _stale]
+
+
+# -- starting a server -------------------------------------------------------------------------
 
 def serve_argv(token_file):
     argv = [os.path.join(ENV, "bin", "tether"), "serve", "--token-file", token_file,
-            "--idle-timeout", str(PARAMS.get("idle_timeout", 3600))]
+            "--idle-timeout", str(PARAMS.get("idle_timeout", DEFAULT_IDLE_TIMEOUT))]
     if PARAMS.get("remote_port") is not None:
         argv += ["--port", str(PARAMS["remote_port"])]
     else:
-        argv += ["--sock", os.path.join(RUNTIME, "tether.sock")]
+        argv += ["--sock", SOCKET]
     for origin in PARAMS.get("origins", []):
         argv += ["--origin", origin]
     if PARAMS.get("notebook_dir"):
@@ -444,7 +800,8 @@ def launch(argv, env):
                 "--unit", "tether-server-%d" % int(time.time()),
                 "-p", "StandardOutput=null", "-p", "StandardError=append:" + SERVER_LOG,
                 "-p", "KillMode=mixed", "-p", "WorkingDirectory=" + os.path.expanduser("~")]
-        unit += ["--setenv=%s=%s" % (k, env[k]) for k in ("JUPYTER_RUNTIME_DIR", "JUPYTER_PATH")]
+        unit += ["--setenv=%s=%s" % (k, env[k])
+                 for k in ("JUPYTER_RUNTIME_DIR", "JUPYTER_PATH", LAUNCH_ENV)]
         if subprocess.call(unit + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=30) == 0:
             return None
@@ -455,18 +812,20 @@ def launch(argv, env):
     return proc
 
 
-def wait_ready(proc, started):
+def wait_ready(proc, started, launch_id):
     deadline = time.monotonic() + READY_DEADLINE
     while time.monotonic() < deadline:
         for state in servers():
-            if state.get("started", 0) >= started - 1:
+            if marks(state["pid"]).get(LAUNCH_ENV) == launch_id \
+                    or state.get("started", 0) >= started - 1:
                 return state
         if proc is not None and proc.poll() is not None:
+            forget_launch(launch_id)
             raise Fail("start", "the server exited with status %d before it was ready"
-                       % proc.returncode, log_tail=tail(SERVER_LOG))
+                       % proc.returncode, log_tail=tail(SERVER_LOG), log=SERVER_LOG)
         time.sleep(POLL)
     raise Fail("start", "the server was not ready after %.0f s" % READY_DEADLINE,
-               log_tail=tail(SERVER_LOG))
+               log_tail=tail(SERVER_LOG), log=SERVER_LOG)
 
 
 def valid_token_file():
@@ -487,19 +846,22 @@ def start_server(python):
     # `tether down` removes it.
     if not valid_token_file():
         write_private(TOKEN_FILE, secrets.token_hex(24).encode())
-    sock = os.path.join(RUNTIME, "tether.sock")
-    if PARAMS.get("remote_port") is None and len(sock) > 100:
-        raise Fail("start", "the socket path %s is too long for a Unix socket" % sock,
+    if PARAMS.get("remote_port") is None and len(SOCKET) > 100:
+        raise Fail("start", "the socket path %s is too long for a Unix socket" % SOCKET,
                    hint="Set a shorter XDG_CACHE_HOME on the remote, or pass --remote-port N.")
+    launch_id = secrets.token_hex(16)
+    record_launch(launch_id, python)
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=RUNTIME, JUPYTER_PATH=JUPYTER_PATH)
+    env[LAUNCH_ENV] = launch_id
     started = time.time()
     with Step("start", "starting the server"):
-        state = wait_ready(launch(serve_argv(TOKEN_FILE), env), started)
+        state = wait_ready(launch(serve_argv(TOKEN_FILE), env), started, launch_id)
     return state
 
 
 def public(state):
-    keys = ("pid", "token", "port", "sock", "version", "started", "root_dir", "base_url")
+    keys = ("pid", "token", "port", "sock", "version", "started", "root_dir", "base_url",
+            "instance", "create_time")
     return {k: state.get(k) for k in keys}
 
 
@@ -513,6 +875,89 @@ def check_token(want):
         raise Fail("stopped", "the server was stopped (`tether down`); not starting it again")
 
 
+# -- options asked of a running server ----------------------------------------------------------
+
+OPTION_FLAGS = (("notebook_dir", "--notebook-dir"), ("idle_timeout", "--idle-timeout"),
+                ("origins", "--origin"), ("kernel_python", "--kernel-python"),
+                ("conda_env", "--conda-env"), ("remote_port", "--remote-port"))
+
+
+def serve_flags(args):
+    """{"--flag": [values]} of `tether serve` options given as an argv list."""
+    flags, current = {}, None
+    for arg in args:
+        if arg.startswith("--"):
+            current, sep, value = arg.partition("=")
+            flags.setdefault(current, [])
+            if sep:
+                flags[current].append(value)
+        elif current is not None:
+            flags[current].append(arg)
+    return flags
+
+
+def given(key, value):
+    """Whether the user asked for this option (defaults are not a request)."""
+    if key == "idle_timeout":
+        return value != DEFAULT_IDLE_TIMEOUT
+    return value not in (None, "", [])
+
+
+def same_path(a, b):
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def differing_options(asked, record):
+    """The flags given to this `up` that the running server was not launched with."""
+    running = record.get("options") or {}
+    names = []
+    for key, flag in OPTION_FLAGS:
+        want = asked.get(key)
+        if not given(key, want):
+            continue
+        if key == "kernel_python":
+            if not same_path(want, record.get("kernel_python_used") or running.get(key)):
+                names.append(flag)
+        elif key == "notebook_dir":
+            if not same_path(want, running.get(key)):
+                names.append(flag)
+        elif want != running.get(key):
+            names.append(flag)
+    want_flags = serve_flags(asked.get("serve_args") or [])
+    have_flags = serve_flags(running.get("serve_args") or [])
+    names += [f for f in sorted(want_flags) if want_flags[f] != have_flags.get(f)]
+    return names
+
+
+def given_flags(asked):
+    names = [flag for key, flag in OPTION_FLAGS if given(key, asked.get(key))]
+    return names + sorted(serve_flags(asked.get("serve_args") or []))
+
+
+def option_warnings(state):
+    """One warning when this `up` asks for options the reused server does not run with."""
+    asked = asked_options()
+    record = read_launches().get(marks(state["pid"]).get(LAUNCH_ENV) or "")
+    how = "they apply to a new server only: run `tether down HOST`, then `tether up HOST` " \
+          "with them again"
+    if record is None:
+        names = given_flags(asked)
+        if not names:
+            return []
+        return ["the server already running on HOST was not started by `tether up`, so %s "
+                "may not be what it runs with; %s" % (", ".join(names), how)]
+    names = differing_options(asked, record)
+    if not names:
+        return []
+    return ["the server already running on HOST runs with other %s than asked; %s"
+            % (", ".join(names), how)]
+
+
+def stale_warnings():
+    return ["a tether server on HOST had stopped without cleaning up (%s): its state file "
+            "was removed, and kernels it ran are lost" % e["why"] for e in _stale]
+
+
 def action_up():
     check_python()
     if PARAMS.get("token_sha256"):
@@ -520,20 +965,19 @@ def action_up():
     if PARAMS.get("attach"):
         running = servers()
         if not running:
-            raise Fail("no-server", "no tether server is running on the remote",
+            raise Fail("no-server", "no tether server is running on HOST",
                        hint="Start one with `tether up HOST`.")
-        return {"server": public(running[0]), "reused": True}
+        return {"server": public(running[0]), "reused": True, "stale": stale_report()}
     if not prepare_env():
         return {"need_wheel": True, "probe": probe()}
     running = servers()
     if running:
-        warnings = []
-        if PARAMS.get("kernel_python") or PARAMS.get("conda_env") or PARAMS.get("remote_port"):
-            warnings.append("a server was already running: its kernel Python and socket are "
-                            "unchanged (`tether down HOST` first to apply new options)")
-        return {"server": public(running[0]), "reused": True, "warnings": warnings}
+        return {"server": public(running[0]), "reused": True, "stale": stale_report(),
+                "warnings": stale_warnings() + option_warnings(running[0])}
     warnings = []
-    python = kernel_python(warnings)
+    python, question = kernel_python(warnings)
+    if question is not None:
+        return {"need_consent": question, "stale": stale_report()}
     fd = lock_root()
     try:
         running = servers()
@@ -541,7 +985,7 @@ def action_up():
     finally:
         os.close(fd)
     return {"server": public(state), "reused": bool(running), "kernel_python": python,
-            "warnings": warnings}
+            "stale": stale_report(), "warnings": stale_warnings() + warnings}
 
 
 # -- status and down ---------------------------------------------------------------------------
@@ -592,67 +1036,68 @@ def describe(state):
 
 
 def action_status():
-    return {"servers": [describe(s) for s in servers()], "env_ready": read_marker() is not None,
-            "root": ROOT}
+    scan = scan_servers()
+    return {"servers": [describe(s) for s in scan["live"]], "stale": stale_report(),
+            "unverified": [{k: e[k] for k in ("file", "pid", "why")} for e in scan["unverified"]],
+            "env_ready": read_marker() is not None, "root": ROOT}
 
 
-def wait_gone(pids, deadline):
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if alive(p)]
-        if pids:
-            time.sleep(0.05)
-    return pids
+def stop_servers(live):
+    """SIGTERM the verified servers (each shuts its kernels down), bounded; then SIGKILL."""
+    targets = []
+    for state in live:
+        facts = proc_facts(state["pid"])
+        if not gone(facts):
+            targets.append(Target(state["pid"], facts[1], "tether server"))
+    targets = [t for t in targets if t.alive()]
+    forced, survivors = end(targets, STOP_DEADLINE)
+    return targets, forced, survivors
 
 
-def ours():
-    """Processes of this user whose command line names tether's directories (kernels too)."""
-    found = []
-    if not os.path.isdir("/proc"):
-        return found
-    me, uid = os.getpid(), os.getuid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            if os.stat("/proc/" + name).st_uid != uid:
-                continue
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                cmd = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        if (ENV in cmd or RUNTIME in cmd) and alive(int(name)):
-            found.append(int(name))
-    return found
-
-
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def action_down():
-    stopped = [int(s["pid"]) for s in servers()]
-    signal_all(stopped, signal.SIGTERM)
-    left = wait_gone(stopped, time.monotonic() + STOP_DEADLINE)
-    for pid in left:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    stray = ours()
-    signal_all(stray, signal.SIGTERM)
-    stray_left = wait_gone(stray, time.monotonic() + 5)
-    signal_all(stray_left, signal.SIGKILL)
-    wait_gone(stray_left, time.monotonic() + 5)
-    for path in (TOKEN_FILE, os.path.join(RUNTIME, "tether.sock")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    return {"stopped": stopped, "forced": left + stray_left, "strays": stray, "left": ours()}
+    """End exactly this user's tether servers and every process that carries their markers.
+
+    A process is ours by what tether recorded: the server's pid and start time (state file),
+    the launch id the agent set in its environment (launch record), the instance id the server
+    sets in its kernels' environment. Never by its command line. A child started with an
+    emptied environment (``env -i``) carries no marker and cannot be found this way.
+    """
+    scan = scan_servers()
+    launches = read_launches()
+    ids = set(launches)
+    ids.update(e["instance"] for e in _stale if e.get("instance"))
+    ids.update(s["instance"] for s in scan["live"] if s.get("instance"))
+    servers_, forced, survivors = stop_servers(scan["live"])
+    for state in scan["live"]:  # a server that had to be killed leaves its state file
+        remove_quietly(os.path.join(RUNTIME, "tether-%d.json" % state["pid"]))
+    skip = own_lineage() | set(t.pid for t in survivors)
+    strays = marked_processes(ids, skip)
+    stray_forced, stray_survivors = end(strays, STRAY_DEADLINE)
+    left = [t.report() for t in survivors + stray_survivors]
+    left += [{"pid": e["pid"], "name": proc_name(e["pid"]), "what": "unverified server",
+              "why": e["why"]} for e in scan["unverified"]]
+    still_marked = set()
+    for t in survivors + stray_survivors:
+        m = marks(t.pid)
+        still_marked.update(v for v in (m.get(LAUNCH_ENV), m.get(INSTANCE_ENV)) if v)
+    for launch in launches:
+        if launch not in still_marked:
+            forget_launch(launch)
+    remove_quietly(TOKEN_FILE)
+    if not any(e["state"].get("sock") == SOCKET for e in scan["unverified"]):
+        remove_quietly(SOCKET)
+    for t in servers_ + strays:
+        t.close()
+    return {"stopped": [t.pid for t in servers_], "strays": [t.pid for t in strays],
+            "forced": [t.pid for t in forced + stray_forced], "stale": stale_report(),
+            "left": left}
 
 
 def action_probe():
@@ -666,6 +1111,7 @@ def action_probe():
     info["servers"] = [public(s) for s in servers()]
     for s in info["servers"]:
         s.pop("token")
+    info["stale"] = stale_report()
     return info
 
 
@@ -673,6 +1119,7 @@ ACTIONS = {"up": action_up, "status": action_status, "down": action_down, "probe
 
 
 def main():
+    configure(json.loads(sys.argv[1]))
     try:
         emit("result", **ACTIONS[PARAMS["action"]]())
     except Fail as e:

@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
@@ -75,6 +75,76 @@ class RemoteOptions:
     notebook_dir: str | None = None
     idle_timeout: int = 3600
     serve_args: tuple[str, ...] = ()  # further `tether serve` options, passed on as given
+
+
+@dataclass(frozen=True)
+class RemoteLayout:
+    """Where tether keeps its files on a remote host: the one definition of that layout.
+
+    The agent gets it in its parameters; ``_ssh`` (shell expression) and ``tether ps`` on the
+    host itself (:meth:`root`) derive their paths from it. The root is
+    ``$XDG_CACHE_HOME/tether``, else ``~/.cache/tether``: it is resolved where it is used, so
+    every other entry is relative to it (``{version}`` is tether's version, ``{launch}`` a
+    launch id).
+    """
+
+    cache_var: str = "XDG_CACHE_HOME"
+    cache_default: str = ".cache"  # under the home directory
+    dirname: str = "tether"
+    env: str = "env-{version}"
+    runtime: str = "runtime"  # JUPYTER_RUNTIME_DIR of the server: state files, kernel files
+    jupyter_path: str = "jupyter"
+    token_file: str = "token"
+    server_log: str = "server.log"
+    install_log: str = "install.log"
+    socket: str = "runtime/tether.sock"
+    launch_record: str = "runtime/launch-{launch}.json"  # 0600: launch id and options
+
+    def root(self, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
+        """The root on this machine, from ``environ`` (default: this process's)."""
+        env = os.environ if environ is None else environ
+        cache = env.get(self.cache_var) or str((home or Path.home()) / self.cache_default)
+        return Path(cache) / self.dirname
+
+    def path(self, name: str, environ: Mapping[str, str] | None = None) -> Path:
+        """An entry (``runtime``, ``token_file``, ...) resolved on this machine."""
+        return self.root(environ) / str(getattr(self, name)).format(version=__version__)
+
+    def root_expr(self) -> str:
+        """The root as a POSIX shell expression, for commands run on the remote."""
+        return f'"${{{self.cache_var}:-$HOME/{self.cache_default}}}/{self.dirname}"'
+
+    def params(self) -> dict[str, str]:
+        return asdict(self)
+
+
+REMOTE_LAYOUT = RemoteLayout()
+
+
+@dataclass(frozen=True)
+class ConsentNeeded:
+    """The kernel's Python lacks packages kernels need; installing them needs the user's yes.
+
+    Given to the ``consent`` callback of :func:`up`; ``yes`` runs ``up`` again with
+    ``install_kernel_deps=True``.
+    """
+
+    host: str
+    python: str
+    missing: tuple[str, ...]
+
+    @property
+    def question(self) -> str:
+        return (f"{self.python} on {self.host} has no {' or '.join(self.missing)}. "
+                f"Install {' and '.join(self.missing)} there?")
+
+    @property
+    def hint(self) -> str:
+        return (f"Run again with --install-kernel-deps to install them there, or run "
+                f"`{self.python} -m pip install {' '.join(self.missing)}` on {self.host}.")
+
+
+Consent = Callable[[ConsentNeeded], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -202,8 +272,13 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
         "install_kernel_deps": opts.install_kernel_deps, "remote_port": opts.remote_port,
         "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
         "notebook_dir": opts.notebook_dir, "idle_timeout": opts.idle_timeout,
-        "serve_args": list(opts.serve_args), **extra,
+        "serve_args": list(opts.serve_args), "layout": REMOTE_LAYOUT.params(), **extra,
     }
+
+
+# What each agent action does, in the user's words (for messages).
+_WHAT = {"up": "preparing {host}", "down": "stopping tether on {host}",
+         "status": "reading the status of {host}", "probe": "checking {host}"}
 
 
 async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
@@ -213,19 +288,22 @@ async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *
     wheel = build_wheel()
     params = _params(action, opts, wheel, wheel_size=len(wheel_data), **extra)
     command = agent_command(opts.remote_python, params)
+    what = _WHAT.get(action, action + " on {host}").format(host=target.host)
     proc = await _ssh.spawn(target, target.argv(command=command))
     try:
         return await asyncio.wait_for(
-            _converse(target, proc, wheel_data, on_event or (lambda e: None)), timeout)
+            _converse(target, proc, wheel_data, on_event or (lambda e: None),
+                      what=what, python=opts.remote_python), timeout)
     except asyncio.TimeoutError as e:
-        raise SSHError(f"{action} on {target.host} took more than {timeout:.0f} s",
-                       host=target.host) from e
+        raise SSHError(f"{what} took more than {timeout:.0f} s", host=target.host,
+                       hint=f"Check that `ssh {target.host}` answers quickly, then try again."
+                       ) from e
     finally:
         await _ssh.terminate(proc)
 
 
 async def _converse(target: _ssh.SSHTarget, proc: asyncio.subprocess.Process, data: bytes,
-                    on_event: OnEvent) -> dict[str, Any]:
+                    on_event: OnEvent, *, what: str, python: str) -> dict[str, Any]:
     assert proc.stdin and proc.stdout and proc.stderr
     async with asyncio.TaskGroup() as tg:  # on cancel, the stderr reader is cancelled too
         stderr_task = tg.create_task(proc.stderr.read())
@@ -239,7 +317,7 @@ async def _converse(target: _ssh.SSHTarget, proc: asyncio.subprocess.Process, da
         # stdin stays open until the result: the agent takes EOF as "the laptop is gone"
         proc.stdin.close()
         status = await proc.wait()
-    return _outcome(target, status, final, stderr_task.result())
+    return _outcome(target, status, final, stderr_task.result(), what=what, python=python)
 
 
 async def _events(stdout: asyncio.StreamReader, on_event: OnEvent) -> Event | None:
@@ -262,44 +340,101 @@ def _parse(raw: bytes) -> Event | None:
     return event if isinstance(event, dict) else None
 
 
-def _outcome(target: _ssh.SSHTarget, status: int, final: Event | None,
-             stderr: bytes) -> dict[str, Any]:
+def _outcome(target: _ssh.SSHTarget, status: int, final: Event | None, stderr: bytes, *,
+             what: str = "", python: str = "python3") -> dict[str, Any]:
     if status == NO_PYTHON:
-        raise RemoteEnvironmentError(
-            f"{target.host} has no python3 on its PATH",
-            hint=f"Install it (e.g. `ssh {target.host} sudo apt-get install -y python3 "
-                 "python3-venv`) or pass --remote-python PATH.", host=target.host)
+        raise _no_python(target.host, python)
     if final is not None and final["event"] == "error":
         raise _agent_error(target, final)
     if final is None or status != 0:
-        raise _ssh.ssh_error(target, "tether remote agent", status, stderr)
+        raise _no_answer(target, what or f"the remote step on {target.host}", python, status,
+                         stderr)
     return final
 
 
+def _no_python(host: str, python: str) -> RemoteEnvironmentError:
+    install = (f"Install it (e.g. `ssh {host} sudo apt-get install -y python3 python3-venv`) "
+               "or pass --remote-python PATH.")
+    if python == "python3":
+        return RemoteEnvironmentError(f"{host} has no python3 on its PATH.", hint=install,
+                                      host=host, python=python)
+    where = "an executable" if "/" in python else "on the PATH"
+    return RemoteEnvironmentError(
+        f"--remote-python {python} is not {where} on {host}.",
+        hint=f"Give the full path of a Python >= {requires_python()} there (`ssh {host} "
+             "command -v python3` shows one), or leave out --remote-python.",
+        host=host, python=python)
+
+
+def _no_answer(target: _ssh.SSHTarget, what: str, python: str, status: int,
+               stderr: bytes) -> SSHError:
+    """ssh ended without the agent's result: ssh's own failure, or a remote Python that broke."""
+    error = _ssh.ssh_error(target, what, status, stderr)
+    if type(error) is not SSHError:  # cannot reach or log in: already in the user's words
+        return error
+    last = str(error.data.get("stderr", "")).strip().splitlines()
+    said = f": {last[-1]}" if last else ""
+    hint = (f"Check that `ssh {target.host} {python} -V` prints Python >= {requires_python()}."
+            if status != _ssh.SSH_FAILED else
+            f"Check that `ssh {target.host}` works in a terminal, then try again.")
+    return SSHError(f"{what} failed: the remote ended with exit status {status} before "
+                    f"answering{said}.", hint=hint, **error.data)
+
+
 def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
+    host = target.host
     kind = event.get("kind", "")
-    message = f"{target.host}: {event.get('message', 'remote step failed')}"
-    hint = str(event.get("hint", "")).replace("HOST", target.host)
+    said = _sentence(str(event.get("message", "a remote step failed")))
+    # The agent names the host HOST where a sentence needs it; otherwise say where it failed.
+    message = said.replace("HOST", host) if "HOST" in said else f"{host}: {said}"
+    hint = str(event.get("hint", "")).replace("HOST", host)
     log_tail = str(event.get("log_tail", ""))
-    data = {"host": target.host, "kind": kind, "log_tail": log_tail}
+    data = {"host": host, "kind": kind, "log_tail": log_tail}
     if log_tail:  # the user sees why without logging in: the last lines of the remote log
         lines = "\n".join("    " + line for line in log_tail.splitlines()[-LOG_LINES:])
         message = f"{message}\n  remote log (tail):\n{lines}\n "
     if kind == "start":
+        log_path = str(event.get("log") or REMOTE_LAYOUT.server_log)
         return ServerStartError(
-            message, hint=hint or f"Fix that and run `tether up {target.host}` again (full log: "
-                                  "~/.cache/tether/server.log there).", **data)
+            message, hint=hint or f"Fix that and run `tether up {host}` again (full log: "
+                                  f"{log_path} on {host}).", **data)
     if kind in ("no-server", "stopped"):
-        return ServerNotFoundError(message, hint=f"`tether up {target.host}` starts one.",
-                                   **data)
-    if kind == "consent":
+        return ServerNotFoundError(message, hint=f"`tether up {host}` starts one.", **data)
+    if kind == "kernel-python":  # a --kernel-python or --conda-env that cannot be used
         return ConfigError(message, hint=hint, **data)
     return RemoteEnvironmentError(message, hint=hint, **data)
 
 
+def _sentence(text: str) -> str:
+    """Error and hint are printed one after the other: each ends as a sentence."""
+    text = text.strip()
+    return text if not text or text[-1] in ".!?:" else text + "."
+
+
 async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent | None = None,
-             attach: bool = False, **extra: Any) -> UpResult:
-    """Make sure a server runs on the remote (preparing it first if needed); return it."""
+             attach: bool = False, consent: Consent | None = None,
+             **extra: Any) -> UpResult:
+    """Make sure a server runs on the remote (preparing it first if needed); return it.
+
+    Where the kernel's Python lacks ipykernel, ``consent`` is asked (a :class:`ConsentNeeded`);
+    without one, or on a no, that is a :class:`ConfigError` whose hint says what to run.
+    """
+    result = await _up_once(target, opts, on_event=on_event, attach=attach, **extra)
+    if isinstance(result, ConsentNeeded):
+        if consent is None or not await consent(result):
+            raise ConfigError(f"{result.python} on {target.host} has no "
+                              f"{' or '.join(result.missing)}.", hint=result.hint,
+                              host=target.host, python=result.python)
+        opts = RemoteOptions(**{**opts.__dict__, "install_kernel_deps": True})
+        result = await _up_once(target, opts, on_event=on_event, attach=attach, **extra)
+        if isinstance(result, ConsentNeeded):  # the agent asks once per run: cannot happen twice
+            raise RemoteEnvironmentError(f"installing into {result.python} on {target.host} "
+                                         "did not take.", host=target.host)
+    return UpResult.from_agent(target.host, result)
+
+
+async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent | None,
+                   attach: bool, **extra: Any) -> dict[str, Any] | ConsentNeeded:
     result = await call_agent(target, opts, "up", on_event=on_event, attach=attach, **extra)
     if result.get("need_wheel"):
         wheel = build_wheel()
@@ -308,7 +443,13 @@ async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent |
                       "label": f"sending {wheel.name} ({len(wheel.data) >> 10} KiB)"})
         result = await call_agent(target, opts, "up", on_event=on_event, wheel_data=wheel.data,
                                   timeout=INSTALL_TIMEOUT, **extra)
-    return UpResult.from_agent(target.host, result)
+    question = result.get("need_consent")
+    if isinstance(question, dict):
+        return ConsentNeeded(target.host, str(question.get("python", "")),
+                             tuple(str(m) for m in question.get("missing") or ()))
+    result["warnings"] = [str(w).replace("HOST", target.host)
+                          for w in result.get("warnings") or ()]
+    return result
 
 
 # -- where tether lives on a remote, seen from the laptop and from the remote's own CLI ----------
@@ -322,14 +463,15 @@ def remote_tether_argv(*args: str) -> list[str]:
 
     The remote runtime directory is set so that remote commands find the server's state file.
     """
-    script = (f"r={_ssh.remote_root_expr()}; t=\"$r/env-{__version__}/bin/tether\"; "
+    layout = REMOTE_LAYOUT
+    env = layout.env.format(version=__version__)
+    script = (f"r={layout.root_expr()}; t=\"$r/{env}/bin/tether\"; "
               f"[ -x \"$t\" ] || exit {NO_TETHER}; "
-              "JUPYTER_RUNTIME_DIR=\"$r/runtime\" exec \"$t\" \"$@\"")
+              f"JUPYTER_RUNTIME_DIR=\"$r/{layout.runtime}\" exec \"$t\" \"$@\"")
     return ["sh", "-c", script, "tether", *args]
 
 
 def local_runtime_dirs() -> list[str | None]:
     """Where servers of this user on this machine keep their state: Jupyter's default runtime
     dir (``tether serve``), then the one ``tether up`` gives the servers it starts."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return [None, str(Path(cache) / "tether" / "runtime")]
+    return [None, str(REMOTE_LAYOUT.path("runtime"))]

@@ -40,6 +40,8 @@ class UpConfig:
     local_port: int = DEFAULT_PORT
     remote: bootstrap.RemoteOptions = field(default_factory=bootstrap.RemoteOptions)
     attach: bool = False
+    # asked before ipykernel is installed into the user's own Python (None: never install)
+    consent: bootstrap.Consent | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
     check_local_port(cfg.local_port)  # fail before any SSH round trip
     host = cfg.target.host
     result = await bootstrap.up(cfg.target, cfg.remote, attach=cfg.attach,
-                                on_event=lambda e: reporter.event(host, e))
+                                on_event=lambda e: reporter.event(host, e), consent=cfg.consent)
     tunnel, result, remote = await _open(cfg, result, reporter)
     runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings)
     tunnel.restart_server = lambda: _restart(cfg.target, remote, runtime, reporter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import shlex
 import sys
 import time
@@ -13,7 +15,7 @@ from rich.markup import escape
 from rich.status import Status as Spinner
 
 from tether import _ssh, session
-from tether.bootstrap import RemoteOptions
+from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions
 from tether.cli import (
     F,
     Terminated,
@@ -152,6 +154,8 @@ def remote_options(**kw: Any) -> RemoteOptions:
 
 def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
     reporter = ConsoleReporter(as_json)
+    ask = consent_prompt(reporter)
+    configs = [dataclasses.replace(c, consent=ask) for c in configs]
     hosts = ", ".join(c.target.host for c in configs)
     try:
         run(lambda: session.up_many(configs, reporter))
@@ -229,15 +233,16 @@ def _first_error(group: BaseExceptionGroup[Any]) -> TetherError | None:
     return None
 
 
-def _consent(configs: list[session.UpConfig], e: ConfigError) -> list[session.UpConfig]:
-    """Ask once before installing ipykernel into the user's own Python."""
-    if e.data.get("kind") != "consent" or not _ssh.interactive_default():
-        raise e
-    if not click.confirm(f"{e.message}. Install ipykernel and psutil there?", err=True):
-        raise e
-    return [session.UpConfig(c.target, c.local_port,
-                             RemoteOptions(**{**c.remote.__dict__, "install_kernel_deps": True}),
-                             c.attach) for c in configs]
+def consent_prompt(reporter: ConsoleReporter) -> Consent | None:
+    """Ask once, at the terminal, before ipykernel is installed into the user's own Python."""
+    if not _ssh.interactive_default():
+        return None
+
+    async def ask(question: ConsentNeeded) -> bool:
+        reporter.close()  # the spinner would overwrite the prompt
+        return await asyncio.to_thread(click.confirm, question.question, err=True)
+
+    return ask
 
 
 @cli.command()
@@ -269,10 +274,7 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
                           **kw)
     configs = [session.UpConfig(make_target(h, kw["ssh_config"], kw["ssh_opts"], kw["batch"]),
                                 port + i, opts) for i, h in enumerate(hosts)]
-    try:
-        _up(configs, as_json, attach=False)
-    except ConfigError as e:
-        _up(_consent(configs, e), as_json, attach=False)
+    _up(configs, as_json, attach=False)
 
 
 @cli.command()
@@ -300,14 +302,23 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
     if as_json:
         print_json(result)
         return
-    stopped = result.get("stopped", [])
-    if not stopped and not result.get("strays"):
+    stopped, strays = result.get("stopped", []), result.get("strays", [])
+    if not stopped and not strays:
         err.print(f"No tether server was running on {host}.")
     else:
         err.print(f"Stopped {len(stopped)} server(s) on {host} (pids "
-                  f"{', '.join(map(str, stopped)) or '-'}); kernels shut down.")
-    if result.get("left"):
-        raise TetherError(f"processes still running on {host}: {result['left']}")
+                  f"{', '.join(map(str, stopped)) or '-'}); kernels shut down"
+                  + (f"; {len(strays)} other process(es) of tether's ended." if strays else "."))
+    for stale in result.get("stale", []):
+        err.print(f"Removed a stale state file (pid {stale.get('pid')}: {stale.get('why')}).")
+    left = result.get("left", [])
+    for row in left:
+        err.print(f"  still running: pid {row.get('pid')} {row.get('name')} "
+                  f"({row.get('what')}): {row.get('why')}")
+    if left:
+        raise TetherError(f"{len(left)} process(es) of tether's could not be ended on {host} "
+                          "(listed above)", hint=f"End them by hand (`ssh {host} kill PID`), or "
+                                                 "reboot if they are stuck in the driver.")
 
 
 @cli.command()

@@ -1,0 +1,450 @@
+"""The remote agent: what `down` ends (and never ends), stale state files, the launch record,
+options that differ from the running server's, and the agent's messages.
+
+The first part runs the agent's functions here, on real processes, with a private layout; the
+second runs ``tether up``/``down`` against the real sshd test bed as the non-root remote user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tether import _agent, bootstrap
+
+Start = Callable[..., subprocess.Popen]
+
+
+@pytest.fixture
+def procs() -> Iterator[Start]:
+    """Start processes for a test; every one still alive is killed (by pid) afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+        p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})},
+                             stdin=subprocess.DEVNULL, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Any]:
+    """The agent module, configured for a private root under ``tmp_path``."""
+    params = {"version": "9.9.9", "layout": bootstrap.REMOTE_LAYOUT.params()}
+    _agent.configure(params, environ={"XDG_CACHE_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    os.makedirs(_agent.RUNTIME)
+    _agent._stale.clear()
+    yield _agent
+    _agent._stale.clear()
+
+
+def wait_started(p: subprocess.Popen) -> psutil.Process:
+    """A child is ours to inspect once it has exec'ed (its environ is the new program's)."""
+    proc = psutil.Process(p.pid)
+    deadline = time.monotonic() + 10
+    while proc.cmdline()[:1] != [p.args[0]] and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.01)
+    return proc
+
+
+def write_state(agent: Any, pid: int, **extra: Any) -> Path:
+    path = Path(agent.RUNTIME) / f"tether-{pid}.json"
+    path.write_text(json.dumps({"pid": pid, "token": "t" * 48, "started": time.time(), **extra}))
+    path.chmod(0o600)
+    return path
+
+
+def write_launch(agent: Any, launch: str, **options: Any) -> None:
+    record = {"launch": launch, "started": time.time(), "kernel_python_used": "/usr/bin/python3",
+              "options": options}
+    Path(agent.launch_path(launch)).write_text(json.dumps(record))
+
+
+# -- identity ----------------------------------------------------------------------------------
+
+def test_start_time_from_proc_is_psutils_create_time(agent: Any, procs: Start) -> None:
+    child = procs("sleep", "30")
+    for pid in (os.getpid(), child.pid):
+        state, start, uid = agent.proc_facts(pid)
+        assert abs(start - psutil.Process(pid).create_time()) < 0.02
+        assert uid == os.getuid() and state in "RSD"
+    assert agent.proc_facts(child.pid)[1] > agent.proc_facts(os.getpid())[1]
+    child.kill()
+    child.wait(10)
+    assert agent.proc_facts(child.pid) is None
+
+
+def test_a_state_file_is_trusted_by_pid_and_start_time(agent: Any, procs: Start) -> None:
+    child = procs("sleep", "30")
+    created = psutil.Process(child.pid).create_time()
+    assert agent.judge({"pid": child.pid, "create_time": created}, {})[0] == agent.LIVE
+    verdict, why = agent.judge({"pid": child.pid, "create_time": created - 1000}, {})
+    assert verdict == agent.STALE and f"pid {child.pid} is now another process" in why
+    # the instance id of a server carries its start time too (1/100 s)
+    instance = f"{child.pid}.{int(created * 100)}.abcd1234"
+    assert agent.judge({"pid": child.pid, "instance": instance}, {})[0] == agent.LIVE
+    old = f"{child.pid}.{int((created - 50) * 100)}.abcd1234"
+    assert agent.judge({"pid": child.pid, "instance": old}, {})[0] == agent.STALE
+    # no start time and no launch marker: neither trusted nor thrown away
+    assert agent.judge({"pid": child.pid}, {})[0] == agent.UNVERIFIED
+    child.kill()
+    child.wait(10)
+    verdict, why = agent.judge({"pid": child.pid, "create_time": created}, {})
+    assert verdict == agent.STALE and "is gone" in why
+
+
+def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
+        agent: Any, procs: Start) -> None:
+    marked = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": "feedf00d"}))
+    assert agent.judge({"pid": marked.pid}, {"feedf00d": {}})[0] == agent.LIVE
+    assert agent.judge({"pid": marked.pid}, {"0ther": {}})[0] == agent.UNVERIFIED
+
+
+def test_scan_removes_and_reports_stale_files_only(agent: Any, procs: Start) -> None:
+    reused = procs("sleep", "30")
+    live = procs("sleep", "30")
+    unverified = procs("sleep", "30")
+    stale = write_state(agent, reused.pid,
+                        create_time=psutil.Process(reused.pid).create_time() - 3600)
+    good = write_state(agent, live.pid, create_time=psutil.Process(live.pid).create_time())
+    unknown = write_state(agent, unverified.pid)
+    scan = agent.scan_servers()
+    assert [s["pid"] for s in scan["live"]] == [live.pid]
+    assert [e["pid"] for e in scan["unverified"]] == [unverified.pid]
+    assert [e["pid"] for e in agent.stale_report()] == [reused.pid]
+    assert not stale.exists() and good.exists() and unknown.exists()
+    assert reused.poll() is None  # judged, never signalled
+
+
+# -- down --------------------------------------------------------------------------------------
+
+def test_down_ends_exactly_what_tether_recorded(agent: Any, procs: Start,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent, "STRAY_DEADLINE", 2.0)
+    env_dir = Path(agent.ENV) / "lib"
+    env_dir.mkdir(parents=True)
+    (env_dir / "sweep.py").write_text("x = 1\n")
+    launch = "0123456789abcdef0123456789abcdef"
+    write_launch(agent, launch)
+    # a server of ours (launched with the marker, its state file with its start time)
+    server = procs(sys.executable, "-c", "import time; time.sleep(60)",
+                   env={"TETHER_LAUNCH": launch})
+    write_state(agent, server.pid, create_time=psutil.Process(server.pid).create_time())
+    # an orphan of a crashed server: its state file is stale, its instance is on the orphan
+    dead = procs("true")
+    dead.wait(10)
+    instance = f"{dead.pid}.12345.deadbeef"
+    write_state(agent, dead.pid, instance=instance, create_time=1.0)
+    orphan = wait_started(procs("sleep", "60", env={"TETHER_SERVER_INSTANCE": instance},
+                                start_new_session=True))
+    # a kernel's child that ignores SIGTERM
+    stubborn = procs(sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                     "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)",
+                     env={"TETHER_LAUNCH": launch}, stdout=subprocess.PIPE, text=True)
+    assert select.select([stubborn.stdout], [], [], 10)[0] and stubborn.stdout.readline()
+    # not ours: names tether's directories; another reuses a dead server's pid
+    tail = procs("tail", "-f", str(env_dir / "sweep.py"), stdout=subprocess.DEVNULL)
+    reused = procs("sleep", "60")
+    write_state(agent, reused.pid, instance=f"{reused.pid}.1.cafe",
+                create_time=psutil.Process(reused.pid).create_time() - 7200)
+    Path(agent.TOKEN_FILE).write_text("a" * 48)
+
+    result = agent.action_down()
+
+    assert result["stopped"] == [server.pid]
+    assert sorted(result["strays"]) == sorted([orphan.pid, stubborn.pid])
+    assert stubborn.pid in result["forced"] and result["left"] == []
+    assert sorted(e["pid"] for e in result["stale"]) == sorted([dead.pid, reused.pid])
+    assert server.wait(5) == -signal.SIGTERM and stubborn.wait(5) == -signal.SIGKILL
+    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+    assert tail.poll() is None and reused.poll() is None
+    assert list(Path(agent.RUNTIME).iterdir()) == []  # state files, launch record
+    assert not Path(agent.TOKEN_FILE).exists()
+
+
+def test_down_reports_what_it_could_not_end(agent: Any, procs: Start) -> None:
+    unverified = procs("sleep", "30")
+    write_state(agent, unverified.pid)  # an older server: no start time, no marker
+    result = agent.action_down()
+    assert result["stopped"] == [] and unverified.poll() is None
+    assert result["left"] == [{"pid": unverified.pid, "name": "sleep", "what": "unverified server",
+                               "why": agent.judge({"pid": unverified.pid}, {})[1]}]
+
+
+# -- options of a reused server ----------------------------------------------------------------
+
+def test_options_that_differ_from_the_running_servers(agent: Any) -> None:
+    running = {"kernel_python_used": "/usr/bin/python3",
+               "options": {"notebook_dir": "/srv/nb", "idle_timeout": 3600,
+                           "serve_args": ["--stop-after-idle", "20", "--reap"], "origins": [],
+                           "kernel_python": None, "conda_env": None, "remote_port": None}}
+    same = dict(running["options"])
+    assert agent.differing_options(same, running) == []
+    # options left at their defaults ask for nothing
+    assert agent.differing_options({"idle_timeout": 3600, "serve_args": []}, running) == []
+    asked = dict(same, notebook_dir="/srv/other", idle_timeout=60, kernel_python="/usr/bin/python3",
+                 serve_args=["--stop-after-idle=30", "--on-idle", "poweroff", "--reap"])
+    assert agent.differing_options(asked, running) == [
+        "--notebook-dir", "--idle-timeout", "--on-idle", "--stop-after-idle"]
+
+
+def test_reuse_warning_names_the_options_and_the_way_to_apply_them(agent: Any,
+                                                                   procs: Start) -> None:
+    launch = "abcdef0123456789abcdef0123456789"
+    write_launch(agent, launch, notebook_dir="/srv/nb", idle_timeout=3600, serve_args=[])
+    server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
+    agent.PARAMS.update(notebook_dir="/srv/other", serve_args=["--stop-after-idle", "20"])
+    try:
+        [warning] = agent.option_warnings({"pid": server.pid})
+    finally:
+        agent.PARAMS.pop("notebook_dir")
+        agent.PARAMS.pop("serve_args")
+    assert "--notebook-dir, --stop-after-idle" in warning
+    assert "`tether down HOST`, then `tether up HOST`" in warning
+    assert agent.option_warnings({"pid": server.pid}) == []
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+def test_kernel_python_is_checked_before_pip_is_suggested(agent: Any) -> None:
+    agent.PARAMS["kernel_python"] = "/bin/false"
+    try:
+        with pytest.raises(agent.Fail) as e:
+            agent.kernel_python([])
+        assert e.value.message == "/bin/false is not a working Python on HOST (`/bin/false -c` " \
+                                  "did not run)"
+        assert "-m pip" not in e.value.hint
+        agent.PARAMS["kernel_python"] = "/nope/python"
+        with pytest.raises(agent.Fail) as e:
+            agent.kernel_python([])
+        assert e.value.message == "/nope/python is not an executable on HOST"
+    finally:
+        agent.PARAMS.pop("kernel_python")
+
+
+def test_a_python_without_ipykernel_asks_for_consent_not_an_error(agent: Any,
+                                                                  tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
+                   check=True, timeout=120)
+    python = str(tmp_path / "bare" / "bin" / "python")
+    agent.PARAMS["kernel_python"] = python
+    try:
+        assert agent.kernel_python([]) == (python, {"python": python,
+                                                    "missing": ["ipykernel", "psutil"]})
+    finally:
+        agent.PARAMS.pop("kernel_python")
+
+
+def test_agent_errors_read_as_sentences_with_the_real_host() -> None:
+    from tether import _ssh
+    from tether.errors import ConfigError, RemoteEnvironmentError, SSHError
+
+    target = _ssh.SSHTarget("gpubox")
+    e = bootstrap._agent_error(target, {"kind": "kernel-python", "message":
+                                        "/bin/false is not a working Python on HOST",
+                                        "hint": "Check with `ssh HOST /bin/false -V`."})
+    assert isinstance(e, ConfigError) and e.exit_code == 2
+    assert str(e) == ("/bin/false is not a working Python on gpubox. "
+                      "Check with `ssh gpubox /bin/false -V`.")
+    e = bootstrap._no_python("gpubox", "/nope")
+    assert isinstance(e, RemoteEnvironmentError)
+    assert e.message == "--remote-python /nope is not an executable on gpubox."
+    assert bootstrap._no_python("gpubox", "python3").message == \
+        "gpubox has no python3 on its PATH."
+    e = bootstrap._no_answer(target, "preparing gpubox", "/bin/false", 1, b"")
+    assert type(e) is SSHError and "agent" not in str(e) and "tether remote" not in str(e)
+    assert str(e).startswith("preparing gpubox failed: the remote ended with exit status 1")
+
+
+def test_the_remote_layout_is_defined_once() -> None:
+    from tether import _ssh
+
+    layout = bootstrap.REMOTE_LAYOUT
+    assert layout.root_expr() == _ssh.remote_root_expr()
+    home = Path("/home/u")
+    assert layout.root({}, home=home) == home / ".cache" / "tether"
+    assert layout.root({"XDG_CACHE_HOME": "/scratch/c"}) == Path("/scratch/c/tether")
+    params = {"version": "1.2.3", "layout": layout.params()}
+    _agent.configure(params, environ={"HOME": "/home/u"})
+    assert (_agent.ROOT, _agent.ENV, _agent.RUNTIME, _agent.TOKEN_FILE) == (
+        "/home/u/.cache/tether", "/home/u/.cache/tether/env-1.2.3",
+        "/home/u/.cache/tether/runtime", "/home/u/.cache/tether/token")
+    _agent.configure({"version": "1.2.3"}, environ={"HOME": "/home/u"})  # the agent's defaults
+    assert _agent.SOCKET == "/home/u/.cache/tether/runtime/tether.sock"
+
+
+def test_a_consent_question_is_a_value_the_caller_answers() -> None:
+    question = bootstrap.ConsentNeeded("gpubox", "/opt/ds/bin/python", ("ipykernel", "psutil"))
+    assert question.question == ("/opt/ds/bin/python on gpubox has no ipykernel or psutil. "
+                                 "Install ipykernel and psutil there?")
+    assert "--install-kernel-deps" in question.hint and "gpubox" in question.hint
+
+
+# -- against the real sshd test bed, as the non-root remote user -------------------------------
+
+ssh_tests = pytest.mark.timeout(600)
+
+
+def as_remote_user(testbed: Any, *argv: str) -> subprocess.Popen:
+    """A process of the remote user that is not tether's (started here, not over SSH)."""
+    user = testbed.user
+    return subprocess.Popen(list(argv), user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                            cwd=user.pw_dir, env={"HOME": user.pw_dir, "PATH": "/usr/bin:/bin"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def down_json(testbed: Any) -> dict[str, Any]:
+    from tests.fixtures_ssh import run_tether
+
+    r = run_tether(testbed, "down", "gpubox", "--json")
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+def started_server(testbed: Any, *args: str) -> dict[str, Any]:
+    from tests.fixtures_ssh import start_up
+    from tests.sshd import free_port
+
+    up = start_up(testbed, "gpubox", "--port", str(free_port()), *args)
+    up.stop()
+    assert up.info, up.stderr()
+    return up.info
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+@ssh_tests
+async def test_down_ends_a_crashed_servers_orphans_and_spares_a_tail_of_its_files(
+        prepared: Any, testbed: Any) -> None:
+    from tests.fixtures_ssh import start_up
+    from tests.sshd import free_port
+    from tether.replay import ColabClient
+
+    down_json(testbed)
+    up = start_up(testbed, "gpubox", "--port", str(free_port()))
+    try:
+        assert up.info, up.stderr()
+        async with ColabClient(up.url, up.token) as c:
+            kernel = (await c.create_session("orphan.ipynb"))["kernel"]["id"]
+            started = await c.execute(kernel, "import subprocess\nsubprocess.Popen(['sleep', "
+                                              "'1001'], start_new_session=True).pid")
+    finally:
+        up.stop()
+    orphan = psutil.Process(int(started.result))
+    watched = next((testbed.tether_root / "env-0.1.0").rglob("sweep.py"))
+    tail = as_remote_user(testbed, "tail", "-f", str(watched))
+    try:
+        server = psutil.Process(up.info["remote_pid"])
+        server.kill()  # a crash: its kernel's child lives on, with the server's markers
+        server.wait(10)
+        assert orphan.is_running()
+        result = down_json(testbed)
+        assert orphan.pid in result["strays"] and result["left"] == []
+        assert [e["pid"] for e in result["stale"]] == [server.pid]
+        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+        assert tail.poll() is None, "down ended a process that only names a tether path"
+        assert not list((testbed.tether_root / "runtime").glob("launch-*.json"))
+    finally:
+        stop(tail)
+
+
+@ssh_tests
+def test_a_reused_pid_is_never_signalled_and_up_starts_a_fresh_server(
+        prepared: Any, testbed: Any) -> None:
+    import shutil
+
+    down_json(testbed)
+    info = started_server(testbed)
+    runtime = testbed.tether_root / "runtime"
+    server = psutil.Process(info["remote_pid"])
+    state = json.loads((runtime / f"tether-{server.pid}.json").read_text())
+    state.setdefault("create_time", server.create_time())  # (until every server records it)
+    server.kill()
+    server.wait(10)
+    impostor = as_remote_user(testbed, "sleep", "600")
+
+    def reuse_pid() -> Path:
+        """What a reboot or a long uptime does: the dead server's pid is now another process."""
+        (runtime / f"tether-{server.pid}.json").unlink(missing_ok=True)
+        path = runtime / f"tether-{impostor.pid}.json"
+        path.write_text(json.dumps({**state, "pid": impostor.pid}))
+        path.chmod(0o600)
+        shutil.chown(path, testbed.user.pw_uid, testbed.user.pw_gid)
+        return path
+
+    try:
+        stale = reuse_pid()
+        result = down_json(testbed)
+        assert result["stopped"] == [] and impostor.pid not in result["strays"]
+        assert [e["pid"] for e in result["stale"]] == [impostor.pid]
+        assert "is now another process (sleep" in result["stale"][0]["why"]
+        assert not stale.exists() and impostor.poll() is None
+
+        reuse_pid()
+        fresh = started_server(testbed)
+        assert fresh["reused"] is False and fresh["remote_pid"] != impostor.pid
+        assert any("stopped without cleaning up" in w for w in fresh["warnings"])
+        assert impostor.poll() is None
+    finally:
+        stop(impostor)
+        down_json(testbed)
+
+
+@ssh_tests
+def test_reusing_a_server_with_other_options_warns_once(prepared: Any, testbed: Any) -> None:
+    down_json(testbed)
+    first = started_server(testbed, "--stop-after-idle", "7200")
+    try:
+        again = started_server(testbed, "--stop-after-idle", "600",
+                               "--notebook-dir", str(testbed.home))
+        assert again["reused"] is True and again["remote_pid"] == first["remote_pid"]
+        [warning] = again["warnings"]
+        assert "--notebook-dir, --stop-after-idle" in warning
+        assert "`tether down gpubox`, then `tether up gpubox`" in warning
+        assert started_server(testbed, "--stop-after-idle", "7200")["warnings"] == []
+        assert started_server(testbed)["warnings"] == []  # asking for nothing differs from nothing
+    finally:
+        down_json(testbed)
+
+
+@ssh_tests
+def test_messages_for_a_remote_or_kernel_python_that_is_not_one(prepared: Any,
+                                                                testbed: Any) -> None:
+    from tests.fixtures_ssh import run_tether
+    from tests.sshd import free_port
+
+    down_json(testbed)
+    r = run_tether(testbed, "up", "gpubox", "--port", str(free_port()), "--remote-python", "/nope")
+    assert r.returncode == 1
+    assert "--remote-python /nope is not an executable on gpubox." in r.stderr
+    assert "no python3" not in r.stderr
+    r = run_tether(testbed, "up", "gpubox", "--port", str(free_port()),
+                   "--kernel-python", "/bin/false")
+    assert r.returncode == 2, r.stderr
+    assert "/bin/false is not a working Python on gpubox" in r.stderr
+    assert "-m pip" not in r.stderr and "HOST" not in r.stderr
+    assert not list((testbed.tether_root / "runtime").glob("tether-*.json"))
