@@ -1115,7 +1115,22 @@ def action_probe():
     return info
 
 
-ACTIONS = {"up": action_up, "status": action_status, "down": action_down, "probe": action_probe}
+def action_prepare():
+    """The environment and kernelspec only, no server: a batch job starts it (Slurm)."""
+    check_python()
+    if not prepare_env():
+        return {"need_wheel": True, "probe": probe()}
+    warnings = []
+    python, question = kernel_python(warnings)
+    if question is not None:
+        return {"need_consent": question}
+    write_kernelspec(python)
+    return {"prepared": True, "env": ENV, "root": ROOT, "kernel_python": python,
+            "warnings": warnings}
+
+
+ACTIONS = {"up": action_up, "status": action_status, "down": action_down, "probe": action_probe,
+           "prepare": action_prepare}
 
 
 def main():

@@ -277,8 +277,9 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
 
 
 # What each agent action does, in the user's words (for messages).
-_WHAT = {"up": "preparing {host}", "down": "stopping tether on {host}",
-         "status": "reading the status of {host}", "probe": "checking {host}"}
+_WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
+         "down": "stopping tether on {host}", "status": "reading the status of {host}",
+         "probe": "checking {host}"}
 
 
 async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
@@ -419,29 +420,44 @@ async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent |
     Where the kernel's Python lacks ipykernel, ``consent`` is asked (a :class:`ConsentNeeded`);
     without one, or on a no, that is a :class:`ConfigError` whose hint says what to run.
     """
-    result = await _up_once(target, opts, on_event=on_event, attach=attach, **extra)
+    result = await _with_consent(target, opts, "up", on_event, consent, attach=attach, **extra)
+    return UpResult.from_agent(target.host, result)
+
+
+async def prepare(target: _ssh.SSHTarget, opts: RemoteOptions, *,
+                  on_event: OnEvent | None = None, consent: Consent | None = None) -> str:
+    """Prepare the environment and kernelspec, start nothing (a batch job will); the kernels'
+    Python."""
+    result = await _with_consent(target, opts, "prepare", on_event, consent)
+    return str(result.get("kernel_python") or "")
+
+
+async def _with_consent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str,
+                        on_event: OnEvent | None, consent: Consent | None,
+                        **extra: Any) -> dict[str, Any]:
+    result = await _up_once(target, opts, action, on_event=on_event, **extra)
     if isinstance(result, ConsentNeeded):
         if consent is None or not await consent(result):
             raise ConfigError(f"{result.python} on {target.host} has no "
                               f"{' or '.join(result.missing)}.", hint=result.hint,
                               host=target.host, python=result.python)
         opts = RemoteOptions(**{**opts.__dict__, "install_kernel_deps": True})
-        result = await _up_once(target, opts, on_event=on_event, attach=attach, **extra)
+        result = await _up_once(target, opts, action, on_event=on_event, **extra)
         if isinstance(result, ConsentNeeded):  # the agent asks once per run: cannot happen twice
             raise RemoteEnvironmentError(f"installing into {result.python} on {target.host} "
                                          "did not take.", host=target.host)
-    return UpResult.from_agent(target.host, result)
+    return result
 
 
-async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent | None,
-                   attach: bool, **extra: Any) -> dict[str, Any] | ConsentNeeded:
-    result = await call_agent(target, opts, "up", on_event=on_event, attach=attach, **extra)
+async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
+                   on_event: OnEvent | None, **extra: Any) -> dict[str, Any] | ConsentNeeded:
+    result = await call_agent(target, opts, action, on_event=on_event, **extra)
     if result.get("need_wheel"):
         wheel = build_wheel()
         if on_event:
             on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
                       "label": f"sending {wheel.name} ({len(wheel.data) >> 10} KiB)"})
-        result = await call_agent(target, opts, "up", on_event=on_event, wheel_data=wheel.data,
+        result = await call_agent(target, opts, action, on_event=on_event, wheel_data=wheel.data,
                                   timeout=INSTALL_TIMEOUT, **extra)
     question = result.get("need_consent")
     if isinstance(question, dict):

@@ -10,11 +10,13 @@ they enter, and each exception carries the data a user needs to act::
     ├── ServerError                  the local/remote Jupyter server
     │   ├── PortInUseError           the port is taken (we never move to another one silently)
     │   ├── ServerNotFoundError      no running tether server where one was expected
+    │   │   └── SlurmJobEndedError   the runtime's Slurm job ended (state and reason attached)
     │   └── ServerStartError         did not become ready before its deadline (log tail attached)
     ├── SSHError                     the OpenSSH client failed (host, command, exit status, stderr)
     │   ├── HostUnreachableError
     │   └── AuthenticationError
     ├── RemoteEnvironmentError       remote without Python, disk space or package index access
+    ├── SlurmError                   not a Slurm login node, a refused submission, a stuck job
     ├── TunnelError                  the forward could not be (re)established
     │   └── ForeignListenerError     something that is not our server answers on the local port
     └── ReleaseError                 processes still alive / holding the GPU after a release
@@ -109,6 +111,10 @@ class ServerStartError(ServerError):
     pass
 
 
+class SlurmJobEndedError(ServerNotFoundError):
+    pass
+
+
 class SSHError(TetherError):
     exit_code = 255
 
@@ -122,6 +128,10 @@ class AuthenticationError(SSHError):
 
 
 class RemoteEnvironmentError(TetherError):
+    pass
+
+
+class SlurmError(TetherError):
     pass
 
 

@@ -1,7 +1,9 @@
-"""The one orchestrator of ``tether up``: bootstrap -> server -> tunnel -> status.
+"""The one orchestrator of ``tether up``: backend (prepare, start) -> tunnel -> status.
 
 Library code: it reports through a :class:`Reporter` and raises :mod:`tether.errors`; the CLI
-prints. ``up`` runs until cancelled (Ctrl-C detaches: the remote server and kernels stay up).
+prints. ``up`` runs until cancelled; where the runtime runs is the backend's business
+(:mod:`tether.backends`): a host's server stays up when ``up`` ends, a Slurm job goes unless
+kept.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
 from tether import _ssh, bootstrap
+from tether.backends import Backend, Placement
+from tether.bootstrap import ServerInfo
 from tether.config import DEFAULT_PORT
-from tether.bootstrap import ServerInfo, UpResult
-from tether.errors import ConfigError, RemoteEnvironmentError, SSHError, TetherError, TunnelError
+from tether.errors import ConfigError, SSHError, TetherError, TunnelError
 from tether.tunnel import Forward, State, Status, Tunnel, check_local_port, free_port, http_get
 
 log = logging.getLogger(__name__)
@@ -32,16 +35,15 @@ STATUS_INTERVAL = 2.0
 STATUS_FAILURES = 2
 
 
+ABANDON_DEADLINE = 60.0  # undoing what must not outlive `up` (cancelling a Slurm job)
+
+
 @dataclass(frozen=True)
 class UpConfig:
-    """One host of ``tether up``/``attach``: where, which local port, and the remote options."""
+    """One runtime of ``tether up``/``attach``: where it runs, and which local port."""
 
-    target: _ssh.SSHTarget
+    backend: Backend
     local_port: int = DEFAULT_PORT
-    remote: bootstrap.RemoteOptions = field(default_factory=bootstrap.RemoteOptions)
-    attach: bool = False
-    # asked before ipykernel is installed into the user's own Python (None: never install)
-    consent: bootstrap.Consent | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Runtime:
 
     # kernel id -> notebook, as last seen through the tunnel: who was lost if the server dies
     seen: dict[str, str] = field(default_factory=dict, compare=False)
+    # what the backend adds to the status line (a Slurm job's id and time left)
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def token(self) -> str:
@@ -101,12 +105,18 @@ class Reporter(Protocol):
 async def up(cfg: UpConfig, reporter: Reporter) -> None:
     """Prepare, start or find the server, open the tunnel, report, and supervise until cancelled."""
     check_local_port(cfg.local_port)  # fail before any SSH round trip
-    host = cfg.target.host
-    result = await bootstrap.up(cfg.target, cfg.remote, attach=cfg.attach,
-                                on_event=lambda e: reporter.event(host, e), consent=cfg.consent)
-    tunnel, result, remote = await _open(cfg, result, reporter)
+    backend = cfg.backend
+    host = backend.host
+    try:
+        placement = await backend.start(lambda e: reporter.event(host, e),
+                                        lambda text: reporter.note(host, text))
+        tunnel, placement = await _open(cfg, placement, reporter)
+    except BaseException:
+        await _bounded(backend.abandon(), host)
+        raise
+    result = placement.result
     runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings)
-    tunnel.restart_server = lambda: _restart(cfg.target, remote, runtime, reporter)
+    tunnel.restart_server = lambda: _restart(backend, runtime, reporter)
     record = attached_path(host)
     try:
         _write_private(record, {"host": host, "port": cfg.local_port, "pid": os.getpid(),
@@ -115,9 +125,19 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(tunnel.run())
             tg.create_task(_watch(runtime, tunnel, reporter))
+            tg.create_task(backend.watch(runtime.info, lambda text: reporter.note(host, text)))
     finally:
         record.unlink(missing_ok=True)
         await tunnel.aclose()
+        await _bounded(backend.abandon(), host)
+
+
+async def _bounded(step: Awaitable[None], host: str) -> None:
+    """A clean-up step on the way out: bounded, and never hiding why we are leaving."""
+    try:
+        await asyncio.wait_for(step, ABANDON_DEADLINE)
+    except (TetherError, asyncio.TimeoutError) as e:
+        log.warning("cleaning up on %s failed: %s", host, e)
 
 
 # -- what runs here: the local port each attached `tether up` holds, for `tether doctor` -------
@@ -161,64 +181,61 @@ def attached_port(host: str) -> int | None:
     return port
 
 
-async def _open(cfg: UpConfig, result: UpResult, reporter: Reporter
-                ) -> tuple[Tunnel, UpResult, bootstrap.RemoteOptions]:
-    """The first tunnel; falls back to a loopback port where sshd refuses socket forwarding."""
-    host = cfg.target.host
-    remote = cfg.remote
-    tunnel = _tunnel(cfg, result, reporter)
+async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter
+                ) -> tuple[Tunnel, Placement]:
+    """The first tunnel; where sshd refuses socket forwarding, the backend may move the server
+    to a loopback port."""
+    host = cfg.backend.host
+    tunnel = _tunnel(cfg, placement, reporter)
     t0 = time.monotonic()
-    reporter.event(host, {"event": "step", "key": "tunnel", "state": "start",
-                          "label": f"opening the tunnel on 127.0.0.1:{cfg.local_port}"})
+    label = f"opening the tunnel on 127.0.0.1:{cfg.local_port}"
+    reporter.event(host, {"event": "step", "key": "tunnel", "state": "start", "label": label})
     try:
         await tunnel.open()
     except TunnelError as e:
-        socket_refused = bool(e.data.get("socket_refused"))
-        if not (socket_refused and not result.reused and cfg.remote.remote_port is None):
+        moved = None
+        if e.data.get("socket_refused"):
+            moved = await cfg.backend.socket_refused(lambda ev: reporter.event(host, ev))
+        if moved is None:
             raise
-        log.info("%s refuses socket forwarding; restarting its server on a loopback port", host)
-        await bootstrap.call_agent(cfg.target, cfg.remote, "down")
-        remote = bootstrap.RemoteOptions(**{**remote.__dict__, "remote_port": 0})
-        result = await bootstrap.up(cfg.target, remote, on_event=lambda ev: reporter.event(host, ev))
-        tunnel = _tunnel(cfg, result, reporter)
+        placement = moved
+        tunnel = _tunnel(cfg, placement, reporter)
         await tunnel.open()
-    reporter.event(host, {"event": "step", "key": "tunnel", "state": "done",
-                          "label": f"opening the tunnel on 127.0.0.1:{cfg.local_port}",
+    reporter.event(host, {"event": "step", "key": "tunnel", "state": "done", "label": label,
                           "seconds": round(time.monotonic() - t0, 2)})
-    return tunnel, result, remote
+    return tunnel, placement
 
 
-async def _restart(target: _ssh.SSHTarget, remote: bootstrap.RemoteOptions, runtime: Runtime,
-                   reporter: Reporter) -> Forward:
+async def _restart(backend: Backend, runtime: Runtime, reporter: Reporter) -> Forward:
     """The server behind the tunnel is gone: start it again with the same token (same URL).
 
     A server that had died (crash, kill, reboot) took its kernels with it: the user is told
     which, since the URL that comes back is the same.
     """
-    sha = hashlib.sha256(runtime.token.encode()).hexdigest()
-    result = await bootstrap.up(target, remote, token_sha256=sha,
-                                on_event=lambda e: reporter.event(target.host, e))
-    if result.server.token != runtime.token:
-        raise RemoteEnvironmentError(f"could not start the server on {target.host} again",
-                                     hint=f"Run `tether up {target.host}`.")
-    if not result.reused:
+    host = backend.host
+    placement = await backend.restart(runtime.token, lambda e: reporter.event(host, e))
+    server = placement.result.server
+    if server.pid != runtime.server.pid or server.instance != runtime.server.instance:
         lost = runtime.kernels_seen
         what = (f"its kernels were lost ({', '.join(lost)})" if lost
                 else "kernels that were running there were lost")
-        reporter.note(target.host, f"the server on {target.host} had stopped (pid "
-                                   f"{runtime.server.pid}) and was started again on the same "
-                                   f"URL; {what}.")
-    log.info("server on %s restarted (pid %s)", target.host, result.server.pid)
-    return _forward(runtime.local_port, result.server)
+        reporter.note(host, f"the server on {host} had stopped (pid {runtime.server.pid}) and "
+                            f"was started again on the same URL; {what}.")
+        runtime.seen.clear()
+    log.info("server on %s restarted (pid %s)", host, server.pid)
+    return _forward(runtime.local_port, placement)
 
 
-def _forward(local_port: int, server: ServerInfo) -> Forward:
-    return Forward(local_port, server.sock, server.port)
+def _forward(local_port: int, placement: Placement) -> Forward:
+    server = placement.result.server
+    return Forward(local_port, server.sock, server.port, placement.remote_host)
 
 
-def _tunnel(cfg: UpConfig, result: UpResult, reporter: Reporter) -> Tunnel:
-    return Tunnel(cfg.target, _forward(cfg.local_port, result.server), result.server.token,
-                  on_status=lambda s: reporter.live(cfg.target.host, Live(s)))
+def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter) -> Tunnel:
+    host = cfg.backend.host
+    return Tunnel(placement.target, _forward(cfg.local_port, placement),
+                  placement.result.server.token,
+                  on_status=lambda s: reporter.live(host, Live(s)))
 
 
 async def _watch(runtime: Runtime, tunnel: Tunnel, reporter: Reporter) -> None:
@@ -269,13 +286,13 @@ async def up_many(configs: Sequence[UpConfig], reporter: Reporter) -> None:
             tg.create_task(up(cfg, reporter))
 
 
-async def down(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) -> dict[str, Any]:
-    """Shut down the remote server and kernels; report what was stopped and what is left."""
-    return await bootstrap.call_agent(target, opts, "down")
+async def down(backend: Backend) -> dict[str, Any]:
+    """End the runtime; report what was stopped and what is left."""
+    return await backend.stop()
 
 
-async def status(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) -> dict[str, Any]:
-    return await bootstrap.call_agent(target, opts, "status")
+async def status(backend: Backend) -> dict[str, Any]:
+    return await backend.status()
 
 
 @dataclass(frozen=True)
@@ -353,7 +370,7 @@ async def _replay_checks(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) 
     from tether.replay import replay
 
     server = (await bootstrap.up(target, opts, attach=True)).server
-    forward = _forward(free_port(), server)
+    forward = Forward(free_port(), server.sock, server.port)
     tunnel = Tunnel(target, forward, server.token)
     try:
         await tunnel.open()

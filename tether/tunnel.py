@@ -62,15 +62,16 @@ class Status:
 
 @dataclass(frozen=True)
 class Forward:
-    """``127.0.0.1:local_port`` here to a Unix socket or ``127.0.0.1:port`` on the remote."""
+    """``127.0.0.1:local_port`` here to a Unix socket or a port on the remote side."""
 
     local_port: int
     remote_sock: str = ""
     remote_port: int = 0
+    remote_host: str = "127.0.0.1"  # as the ssh's far end sees it (a node, through a login node)
 
     @property
     def spec(self) -> str:
-        remote = self.remote_sock or f"127.0.0.1:{self.remote_port}"
+        remote = self.remote_sock or f"{self.remote_host}:{self.remote_port}"
         return f"127.0.0.1:{self.local_port}:{remote}"
 
 

@@ -122,15 +122,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def host_option(f: F) -> F:
+    f = click.option("--slurm", is_flag=True,
+                     help="HOST is a Slurm login node: the runtime of our job there.")(f)
     return click.option("-H", "--host", "host_option", metavar="HOST",
                         help="The host the runtime runs on (anything your ssh understands); "
                              "default: this machine.")(f)
 
 
 def kernels_at(host: str | None, ssh: dict[str, Any]) -> Kernels:
-    target = None
-    if host is not None:
-        target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
+    slurm = ssh.pop("slurm", False)
+    if host is None:
+        if slurm:
+            raise ConfigError("--slurm needs the login node: -H LOGIN")
+        return kernels_for(None)
+    target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
+    if slurm:
+        from tether.backends.slurm import SlurmJob
+        from tether.bootstrap import RemoteOptions
+
+        return SlurmJob(target, RemoteOptions()).kernels()
     return kernels_for(target)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shlex
 import sys
 import time
@@ -15,12 +14,15 @@ from rich.markup import escape
 from rich.status import Status as Spinner
 
 from tether import _ssh, session
+from tether.backends import Backend, slurm
+from tether.backends.direct import DirectHost
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions
 from tether.cli import (
     F,
     Terminated,
     cli,
     err,
+    json_option,
     make_target,
     out,
     print_json,
@@ -52,6 +54,7 @@ class ConsoleReporter:
         self.lines: dict[str, str] = {}
         self.states: dict[str, State] = {}
         self.ready_hosts: list[str] = []
+        self.runtimes: dict[str, session.Runtime] = {}
 
     def _show(self, text: str) -> None:
         if not self.tty:
@@ -68,6 +71,8 @@ class ConsoleReporter:
             self.spinner = None
 
     def event(self, host: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "queue" and not self.tty:  # a job waiting: say so, once a state
+            err.print(f"{host}: {event.get('label')}")
         if event.get("event") != "step":
             return
         label, state = event.get("label", event.get("key")), event.get("state")
@@ -80,6 +85,7 @@ class ConsoleReporter:
     def ready(self, runtime: session.Runtime) -> None:
         self.close()
         self.ready_hosts.append(runtime.host)
+        self.runtimes[runtime.host] = runtime
         for warning in runtime.warnings:
             warning = warning.replace("HOST", runtime.host)
             err.print(f"[yellow]note:[/] {runtime.host}: {warning}")
@@ -108,6 +114,11 @@ class ConsoleReporter:
             parts.append(f"kernels {live.kernels}")
         if live.gpu_total:
             parts.append(f"GPU {(live.gpu_used or 0) >> 20} / {live.gpu_total >> 20} MiB")
+        info = self.runtimes[host].info if host in self.runtimes else {}
+        if info.get("job"):
+            left = info.get("time_left")
+            parts.append(f"job {info['job']}" + (f", {slurm.duration(left)} left"
+                                                  if left is not None else ""))
         if t.state is State.RECONNECTING and t.last_error:
             parts.append(t.last_error.splitlines()[-1][:60])
         self.lines[host] = f"{host}: " + " · ".join(parts)
@@ -152,21 +163,90 @@ def remote_options(**kw: Any) -> RemoteOptions:
         idle_timeout=kw.get("idle_timeout", 3600), serve_args=serve_args(kw))
 
 
-def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
-    reporter = ConsoleReporter(as_json)
-    ask = consent_prompt(reporter)
-    configs = [dataclasses.replace(c, consent=ask) for c in configs]
-    hosts = ", ".join(c.target.host for c in configs)
+def slurm_options(f: F) -> F:
+    """``--slurm`` and the scheduler's options (the runtime as a batch job)."""
+    options = [
+        click.option("--slurm", is_flag=True,
+                     help="HOST is a Slurm login node: run the runtime as a batch job there."),
+        click.option("--gpus", type=click.IntRange(0), default=None, metavar="N",
+                     help="With --slurm: GPUs for the job (sbatch --gpus)."),
+        click.option("--partition", metavar="P", help="With --slurm: the partition."),
+        click.option("--time", "walltime", metavar="T",
+                     help="With --slurm: the walltime, as sbatch takes it (e.g. 4:00:00)."),
+        click.option("--account", metavar="A", help="With --slurm: the account to charge."),
+        click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
+                     help="With --slurm: one more sbatch argument, verbatim (repeatable), "
+                          "e.g. --sbatch-arg=--constraint=a100."),
+        click.option("--keep", is_flag=True,
+                     help="With --slurm: leave the job running when this command ends "
+                          "(`tether attach HOST --slurm` finds it); default: cancel it."),
+        click.option("--node-access", type=click.Choice(slurm.NODE_ACCESS), default="auto",
+                     show_default=True,
+                     help="With --slurm: jump = ssh -J to the node and a Unix socket there; "
+                          "forward = a port on the node through the login node (token only)."),
+        click.option("--on-walltime", metavar="COMMAND",
+                     help="With --slurm: shell command the job runs once when its walltime is "
+                          "near, after every kernel was released (e.g. copy checkpoints)."),
+        click.option("--walltime-signal", type=int, default=300, show_default=True,
+                     metavar="SECONDS",
+                     help="With --slurm: release the kernels this long before the walltime."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+_SLURM_ONLY = ("gpus", "partition", "walltime", "account", "sbatch_args", "keep",
+               "on_walltime")
+
+
+def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: bool = False,
+                 consent: Consent | None = None) -> Backend:
+    """The one place that decides where the runtime runs."""
+    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    if not kw.get("slurm"):
+        given = [name for name in _SLURM_ONLY if kw.get(name)]
+        if given or kw.get("node_access", "auto") != "auto":
+            flag = "--" + (given[0] if given else "node_access").replace("_", "-")
+            flag = "--time" if flag == "--walltime" else flag
+            raise ConfigError(f"{flag} goes with --slurm",
+                              hint=f"`tether up {host} --slurm ...` runs the runtime as a Slurm "
+                                   "job on that login node.")
+        return DirectHost(target, opts, attach=attach, consent=consent)
+    job = slurm.SlurmOptions(
+        gpus=kw.get("gpus"), partition=kw.get("partition"), time=kw.get("walltime"),
+        account=kw.get("account"), sbatch_args=tuple(kw.get("sbatch_args") or ()),
+        keep=bool(kw.get("keep")) or attach, node_access=kw.get("node_access") or "auto",
+        on_walltime=kw.get("on_walltime"), walltime_signal=kw.get("walltime_signal") or 300)
+    return slurm.SlurmJob(target, opts, job, attach=attach, consent=consent)
+
+
+def _leaving(configs: list[session.UpConfig]) -> str:
+    """What stays behind when `up` ends here (Ctrl-C): for the detach line."""
+    backend = configs[0].backend
+    if isinstance(backend, slurm.SlurmJob) and not backend.slurm.keep:
+        job = backend.job.job_id if backend.job else "the job"
+        return (f"Cancelled job {job} on {backend.host} (its kernels ended with it); "
+                "--keep leaves the job running for `tether attach HOST --slurm`.")
+    return ""
+
+
+def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
+    hosts = ", ".join(c.backend.host for c in configs)
     try:
         run(lambda: session.up_many(configs, reporter))
     except (KeyboardInterrupt, Terminated):
         reporter.close()
-        target = configs[0].target
+        target = _target_of(configs[0].backend)
         again = command_for("up", target) if len(configs) == 1 else "tether up HOST"
+        cancelled = _leaving(configs)
         if not reporter.ready_hosts:
-            err.print(f"Interrupted before {hosts} was ready; `{again}` again resumes "
-                      "where this stopped.")
+            err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
+                                   "resumes where this stopped.")
             sys.exit(130)
+        if cancelled:
+            err.print(cancelled)
+            sys.exit(0)
         if len(configs) == 1:
             hint = (f"`{command_for('attach', target)}` reconnects (same URL); "
                     f"`{command_for('down', target)}` stops them.")
@@ -182,6 +262,11 @@ def _up(configs: list[session.UpConfig], as_json: bool, attach: bool) -> None:
         raise
     finally:
         reporter.close()
+
+
+def _target_of(backend: Backend) -> _ssh.SSHTarget:
+    target: _ssh.SSHTarget = getattr(backend, "target", None) or getattr(backend, "login")
+    return target
 
 
 def command_for(command: str, target: _ssh.SSHTarget) -> str:
@@ -256,6 +341,7 @@ def consent_prompt(reporter: ConsoleReporter) -> Consent | None:
                    "(asked when interactive).")
 @click.option("--remote-port", type=int, default=None, metavar="N",
               help="Serve on 127.0.0.1:N on the remote instead of a Unix socket (0: any).")
+@slurm_options
 @click.pass_context
 def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
        notebook_dir: Path | None, idle_timeout: int, as_json: bool, **kw: Any) -> None:
@@ -272,35 +358,41 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
     check_up_options(hosts, port, origins, {"idle_timeout": idle_timeout, **kw})
     opts = remote_options(origins=origins, notebook_dir=notebook_dir, idle_timeout=idle_timeout,
                           **kw)
-    configs = [session.UpConfig(make_target(h, kw["ssh_config"], kw["ssh_opts"], kw["batch"]),
-                                port + i, opts) for i, h in enumerate(hosts)]
-    _up(configs, as_json, attach=False)
+    reporter = ConsoleReporter(as_json)
+    ask = consent_prompt(reporter)
+    configs = [session.UpConfig(make_backend(h, kw, opts, consent=ask), port + i)
+               for i, h in enumerate(hosts)]
+    _up(configs, reporter)
 
 
 @cli.command()
 @click.argument("host")
 @click.option("--port", type=click.IntRange(1, 65535), default=9999, show_default=True,
               help="Local port.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option
 @ssh_options
+@click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: attach to our job.")
 def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:
     """Tunnel to the server already running on HOST (same URL and token as before)."""
-    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    cfg = session.UpConfig(target, port, remote_options(**kw), attach=True)
-    _up([cfg], as_json, attach=True)
+    backend = make_backend(host, kw, remote_options(**kw), attach=True)
+    _up([session.UpConfig(backend, port)], ConsoleReporter(as_json))
 
 
 @cli.command()
 @click.argument("host")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option
 @ssh_options
+@click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: cancel our jobs.")
 def down(host: str, as_json: bool, **kw: Any) -> None:
     """Shut down the kernels and the server on HOST; nothing of tether's is left running."""
-    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    result = run(lambda: session.down(target, remote_options(**kw)))
+    backend = make_backend(host, kw, remote_options(**kw))
+    result = run(lambda: session.down(backend))
     result.pop("event", None)
     if as_json:
         print_json(result)
+        return
+    if isinstance(backend, slurm.SlurmJob):
+        _show_slurm_down(host, result)
         return
     stopped, strays = result.get("stopped", []), result.get("strays", [])
     if not stopped and not strays:
@@ -323,15 +415,19 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
 
 @cli.command()
 @click.argument("host")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option
 @ssh_options
+@click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: our jobs there.")
 def status(host: str, as_json: bool, **kw: Any) -> None:
     """The runtime on HOST: server, kernels, GPU memory."""
-    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    result = run(lambda: session.status(target, remote_options(**kw)))
+    backend = make_backend(host, kw, remote_options(**kw))
+    result = run(lambda: session.status(backend))
     result.pop("event", None)
     if as_json:
         print_json(result)
+        return
+    if isinstance(backend, slurm.SlurmJob):
+        _show_slurm_status(host, result)
         return
     servers = result.get("servers", [])
     if not servers:
@@ -369,3 +465,33 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
                                                        else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)
+
+
+def _show_slurm_down(host: str, result: dict[str, Any]) -> None:
+    cancelled, left = result.get("cancelled", []), result.get("left", [])
+    if not cancelled and not left:
+        err.print(f"No tether job was queued or running on {host}.")
+    elif cancelled:
+        err.print(f"Cancelled job(s) {', '.join(cancelled)} on {host}; Slurm lists none of them "
+                  "any more.")
+    if left:
+        raise TetherError(f"job(s) {', '.join(left)} on {host} are still listed after scancel",
+                          hint=f"`ssh {host} squeue --me` shows them; ask the admins if they "
+                               "hang in COMPLETING.")
+
+
+def _show_slurm_status(host: str, result: dict[str, Any]) -> None:
+    jobs = result.get("jobs", [])
+    if not jobs:
+        out.print(f"{host}: no tether job queued or running.")
+        return
+    for job in jobs:
+        left = job.get("time_left")
+        walltime = f", {slurm.duration(left)} of walltime left" if left is not None else ""
+        where = f" on {job['node']}" if job.get("node") else ""
+        reason = f" ({job['reason']})" if job.get("state") == "PENDING" and job.get("reason") \
+            else ""
+        server = job.get("server") or {}
+        served = (f", server pid {server.get('pid')}" if server.get("pid") else "")
+        out.print(f"{host}: job {job['job']} {job['state']}{reason}{where}{walltime}"
+                  f"{', ' + job['gres'] if job.get('gres') else ''}{served}")

@@ -1,0 +1,291 @@
+"""``tether up LOGIN --slurm``: the runtime as a job on a real Slurm, through the real sshd.
+
+The login node is the SSH test bed's ``gpubox``; the compute node is this machine (``hostname
+-s``), reached as an ssh alias through it. Two fake GPUs (character devices) are the node's
+GRES, so a third one-GPU job waits ``PENDING (Resources)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.fixtures_ssh import Prepared, live_user_pids
+from tests.slurm import Cluster, available, start_cluster
+from tests.sshd import SSHBed, free_port
+from tether.replay import ColabClient
+
+pytestmark = [pytest.mark.timeout(600),
+              pytest.mark.skipif(not available(), reason="needs root and Slurm (slurmctld, "
+                                                         "slurmd, munge)")]
+
+QUEUE_DEADLINE = 60.0
+RUN_DEADLINE = 180.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_config(testbed: SSHBed, cluster: Cluster, tmp_path_factory) -> Path:
+    """The test bed's ssh config, plus the compute node as an alias (its sshd is gpubox's)."""
+    path = tmp_path_factory.mktemp("slurm-ssh") / "ssh_config"
+    path.write_text(f"Include {testbed.config}\n"
+                    f"Host {cluster.host}\n  HostName 127.0.0.1\n  Port {testbed.target.port}\n")
+    return path
+
+
+def tether(config: Path, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tether", *args, "-F", str(config)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=timeout)
+
+
+@dataclass
+class SlurmUp:
+    proc: subprocess.Popen[str]
+    stderr_lines: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def read_until(self, predicate, deadline: float) -> bool:
+        """Read stderr lines (and the JSON line on stdout) until ``predicate(self)``; bounded."""
+        end = time.monotonic() + deadline
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        streams = [self.proc.stdout, self.proc.stderr]
+        while not predicate(self):
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if not streams:  # both closed: the process is exiting
+                try:
+                    self.proc.wait(left)
+                except subprocess.TimeoutExpired:
+                    return False
+                return bool(predicate(self))
+            ready, _, _ = select.select(streams, [], [], left)
+            for stream in ready:
+                line = stream.readline()
+                if not line:
+                    streams.remove(stream)
+                elif stream is self.proc.stdout and line.startswith("{"):
+                    data = json.loads(line)
+                    if "colab_url" in data:
+                        self.info = data
+                else:
+                    self.stderr_lines.append(line)
+        return True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 90.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start(config: Path, *args: str) -> SlurmUp:
+    argv = [sys.executable, "-m", "tether", "up", "gpubox", "--slurm", *args, "--json",
+            "-F", str(config)]
+    return SlurmUp(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
+
+
+def blocker(cluster: Cluster) -> str:
+    done = cluster.run("sbatch", "--parsable", "--gres=gpu:1", "--job-name=blocker",
+                       "--output=/dev/null", "--wrap", "sleep 600")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def our_jobs(cluster: Cluster, testbed: SSHBed) -> list[tuple[str, str, str]]:
+    return cluster.squeue(testbed.user.pw_name)
+
+
+async def test_queued_then_running_then_released_and_down(prepared: Prepared, testbed: SSHBed,
+                                                          cluster: Cluster,
+                                                          slurm_config: Path) -> None:
+    cluster.wait_idle()
+    blockers = [blocker(cluster), blocker(cluster)]
+    up = start(slurm_config, "--gpus", "1", "--time", "10:00", "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: "PENDING (Resources)" in u.text, QUEUE_DEADLINE), \
+            up.text + cluster.log_tail()
+        assert [state for _, state, _ in our_jobs(cluster, testbed)] == ["PENDING"]
+        cluster.run("scancel", blockers[0])
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
+        assert "running on" in up.text
+        async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
+            session = await c.create_session("slurm.ipynb")
+            kid = session["kernel"]["id"]
+            out = await c.execute(kid, "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))")
+            assert out.status == "ok" and out.stdout.strip() in ("0", "1"), out
+        ps = tether(slurm_config, "ps", "-H", "gpubox", "--slurm", "--json")
+        assert ps.returncode == 0, ps.stderr
+        assert kid in {k["id"] for k in json.loads(ps.stdout)["kernels"]}
+        status = tether(slurm_config, "status", "gpubox", "--slurm", "--json")
+        job = json.loads(status.stdout)["jobs"][0]
+        assert job["state"] == "RUNNING" and job["node"] == cluster.host, status.stdout
+        released = tether(slurm_config, "release", "-H", "gpubox", "--slurm", kid[:8])
+        assert released.returncode == 0, released.stdout + released.stderr
+        down = tether(slurm_config, "down", "gpubox", "--slurm")
+        assert down.returncode == 0 and "Cancelled job" in down.stderr, down.stderr
+        assert our_jobs(cluster, testbed) == []
+        # the attached `up` learns that its job ended, says so, and stops with an error
+        assert up.read_until(lambda u: u.proc.poll() is not None, 60), up.text
+        rest = up.proc.stderr.read() if up.proc.stderr else ""
+        assert up.proc.returncode != 0 and "CANCELLED" in up.text + rest, up.text + rest
+    finally:
+        up.stop()
+        for job in blockers:
+            cluster.run("scancel", job)
+    assert wait_job_processes_gone(testbed, 30) == []
+
+
+def job_processes(testbed: SSHBed) -> list[int]:
+    """Processes of the remote user that run inside a Slurm job (its environment says so)."""
+    found = []
+    for pid in live_user_pids(testbed):
+        try:
+            if "SLURM_JOB_ID" in psutil.Process(pid).environ():
+                found.append(pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_job_processes_gone(testbed: SSHBed, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := job_processes(testbed)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+async def test_forward_mode_keep_attach_and_cancel_from_outside(
+        prepared: Prepared, testbed: SSHBed, cluster: Cluster, slurm_config: Path) -> None:
+    """SSH to the node not used: the server listens on the node's address, the forward goes
+    through the login node. --keep: Ctrl-C leaves the job; attach finds it; scancel from
+    outside ends the attached `up` with the job's state."""
+    cluster.wait_idle()
+    up = start(slurm_config, "--node-access", "forward", "--keep", "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
+        assert up.info["remote_sock"] == "" and up.info["remote_port"] > 0, up.info
+        async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
+            session = await c.create_session("fwd.ipynb")
+            assert (await c.execute(session["kernel"]["id"], "x = 7")).status == "ok"
+        assert up.stop() == 0
+        assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"], "--keep kept it"
+        port = free_port()
+        again = SlurmUp(subprocess.Popen(
+            [sys.executable, "-m", "tether", "attach", "gpubox", "--slurm", "--json", "--port",
+             str(port), "-F", str(slurm_config)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        try:
+            assert again.read_until(lambda u: bool(u.info), RUN_DEADLINE), again.text
+            assert again.info["token"] == up.info["token"]
+            async with ColabClient(again.info["url"].rstrip("/"), again.info["token"]) as c:
+                kernel = (await c.get_json("/api/kernels"))[0]["id"]
+                out = await c.execute(kernel, "print(x * 6)")
+                assert out.stdout.strip() == "42", out
+            job = our_jobs(cluster, testbed)[0][0]
+            cluster.run("scancel", job)
+            assert again.read_until(lambda u: u.proc.poll() is not None, 90), again.text
+            rest = again.proc.stderr.read() if again.proc.stderr else ""
+            assert again.proc.returncode == 1 and "CANCELLED" in again.text + rest
+        finally:
+            again.stop()
+    finally:
+        up.stop()
+        tether(slurm_config, "down", "gpubox", "--slurm")
+    assert our_jobs(cluster, testbed) == []
+    assert wait_job_processes_gone(testbed, 30) == []
+
+
+async def test_ctrl_c_while_pending_cancels_the_job(prepared: Prepared, testbed: SSHBed,
+                                                    cluster: Cluster, slurm_config: Path) -> None:
+    cluster.wait_idle()
+    blockers = [blocker(cluster), blocker(cluster)]
+    up = start(slurm_config, "--gpus", "1", "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: "PENDING" in u.text, QUEUE_DEADLINE), up.text
+        assert up.stop(signal.SIGINT) == 130
+        rest = up.proc.stderr.read() if up.proc.stderr else ""
+        assert "Cancelled job" in rest, up.text + rest
+        assert our_jobs(cluster, testbed) == []
+    finally:
+        up.stop()
+        for job in blockers:
+            cluster.run("scancel", job)
+
+
+async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, testbed: SSHBed,
+                                                          cluster: Cluster,
+                                                          slurm_config: Path) -> None:
+    cluster.wait_idle()
+    hook = testbed.home / "walltime-hook"
+    hook.unlink(missing_ok=True)
+    up = start(slurm_config, "--time", "1", "--walltime-signal", "30",
+               "--on-walltime", f"echo saved > {hook}", "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
+        async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
+            session = await c.create_session("long.ipynb")
+            out = await c.execute(session["kernel"]["id"], "import os; print(os.getpid())")
+            kernel_pid = int(out.stdout.strip())
+        assert up.read_until(lambda u: u.proc.poll() is not None, 150), up.text
+        rest = up.proc.stderr.read() if up.proc.stderr else ""
+        assert "TIMEOUT" in up.text + rest, up.text + rest
+        assert hook.read_text().strip() == "saved"
+        assert not psutil.pid_exists(kernel_pid)
+        done = next(testbed.tether_root.glob("slurm/*/walltime.json"))
+        assert json.loads(done.read_text().splitlines()[-1])["released"] is True
+    finally:
+        up.stop()
+        tether(slurm_config, "down", "gpubox", "--slurm")
+
+
+def test_refused_submission_and_hosts_without_slurm(prepared: Prepared, testbed: SSHBed,
+                                                    cluster: Cluster, slurm_config: Path) -> None:
+    refused = tether(slurm_config, "up", "gpubox", "--slurm", "--partition", "nosuch",
+                     "--port", str(free_port()))
+    assert refused.returncode == 1
+    assert "Slurm on gpubox refused the job" in refused.stderr and "partition" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in refused.stderr
+    no_slurm = tether(slurm_config, "up", "nopython", "--slurm", "--port", str(free_port()))
+    assert no_slurm.returncode == 1 and "has no `sbatch`" in no_slurm.stderr, no_slurm.stderr
+    assert our_jobs(cluster, testbed) == []
+
+
+def test_a_job_that_does_not_see_the_home_says_so(prepared: Prepared, testbed: SSHBed,
+                                                  cluster: Cluster, slurm_config: Path) -> None:
+    cluster.wait_idle()
+    done = tether(slurm_config, "up", "gpubox", "--slurm", "--port", str(free_port()),
+                  "--sbatch-arg=--export=ALL,XDG_CACHE_HOME=/nonexistent")
+    assert done.returncode == 1, done.stderr
+    assert "ended before its server was ready" in done.stderr
+    assert "does not see the login node's home" in done.stderr, done.stderr

@@ -1,0 +1,573 @@
+"""The runtime as a Slurm batch job, submitted through the cluster's login node.
+
+The environment is prepared once on the login node (a cluster's home is shared with its
+nodes). ``sbatch --parsable`` submits a generated job script under a recognisable job name and
+comment (``tether-runtime``, ``tether:<id>``), so ``attach`` and ``down`` find our jobs again,
+and only ours. The job runs ``tether serve`` on its node and leaves the server's 0600 state file
+under ``~/.cache/tether/slurm/<id>/`` in the shared home, never ``/tmp`` or an inherited
+``XDG_RUNTIME_DIR``.
+
+Reaching the node (docs/clusters.md):
+
+- ``jump`` (first choice): ``ssh -J LOGIN NODE`` (or the user's own config for NODE) and the
+  same ``-L`` to a 0600 Unix socket on the node: nothing listens on the cluster network.
+- ``forward``, where SSH to nodes is refused: the server binds a port it picks itself on the
+  node's cluster address, and the forward runs ``-L local:NODE:PORT`` through the login node.
+  The token in the URL is then the only guard.
+
+The job's life is the runtime's: ``down`` is ``scancel`` verified; ``release --all
+--stop-server`` and ``--stop-after-idle`` end the server, which ends the job. Slurm signals the
+job shell (``--signal=B:USR1@N``) before the walltime: it releases every kernel and runs the
+user's ``--on-walltime`` hook once, before Slurm kills the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether import __version__, _ssh, bootstrap
+from tether.backends import OnEvent, OnNote, Placement
+from tether.bootstrap import REMOTE_LAYOUT, ServerInfo, UpResult
+from tether.config import COLAB_ORIGIN
+from tether.errors import (
+    ConfigError,
+    ServerNotFoundError,
+    SlurmError,
+    SlurmJobEndedError,
+    SSHError,
+)
+from tether.kernels import Kernels, RemoteKernels
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = "tether-runtime"
+COMMENT_PREFIX = "tether:"
+NO_SLURM = 95  # the login node has no sbatch/squeue/scontrol on its PATH
+POLL = 2.0
+WATCH_INTERVAL = 10.0
+READY_DEADLINE = 180.0  # from RUNNING to the server's state file
+CANCEL_DEADLINE = 60.0
+PROBE_TIMEOUT = 20.0
+WARN_BEFORE = (15 * 60, 5 * 60)
+ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
+                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "GONE"})
+NODE_ACCESS = ("auto", "jump", "forward")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What the user asks of the scheduler; resource flags go to sbatch verbatim."""
+
+    gpus: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    sbatch_args: tuple[str, ...] = ()
+    keep: bool = False
+    node_access: str = "auto"
+    on_walltime: str | None = None
+    walltime_signal: int = 300  # seconds before the end
+
+    def __post_init__(self) -> None:
+        if self.node_access not in NODE_ACCESS:
+            raise ConfigError(f"--node-access {self.node_access}: expected one of "
+                              f"{', '.join(NODE_ACCESS)}")
+        if self.gpus is not None and self.gpus < 0:
+            raise ConfigError(f"--gpus {self.gpus}: must be >= 0")
+        if not 10 <= self.walltime_signal <= 3600:
+            raise ConfigError(f"--walltime-signal {self.walltime_signal}: must be between 10 "
+                              "and 3600 seconds")
+
+    def sbatch(self, name: str, comment: str) -> list[str]:
+        args = [f"--job-name={name}", f"--comment={comment}",
+                f"--signal=B:USR1@{self.walltime_signal}"]
+        if self.gpus:
+            args.append(f"--gpus={self.gpus}")
+        for flag, value in (("--partition", self.partition), ("--time", self.time),
+                            ("--account", self.account)):
+            if value:
+                args.append(f"{flag}={value}")
+        return [*args, *self.sbatch_args]
+
+
+# -- what Slurm says about a job ---------------------------------------------------------------
+
+_FIELD = re.compile(r"(?:^|\s)([A-Za-z:/]+)=")
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """``scontrol -o show job J``: one line of ``Key=Value`` (values may hold spaces)."""
+    keys = list(_FIELD.finditer(line))
+    fields = {}
+    for this, following in zip(keys, [*keys[1:], None]):
+        end = following.start() if following is not None else len(line)
+        fields[this.group(1)] = line[this.end():end].strip()
+    return fields
+
+
+def parse_duration(text: str) -> float | None:
+    """Slurm's ``[D-]HH:MM:SS``, ``MM:SS`` or minutes, in seconds; None for UNLIMITED."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        seconds = parts[0] * 60
+    else:
+        while len(parts) < 3:
+            parts.insert(0, 0.0)
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return seconds + (float(days) * 86400 if days else 0.0)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    state: str
+    reason: str = ""
+    node: str = ""
+    start: str = ""
+    time_limit: float | None = None
+    run_time: float = 0.0
+    comment: str = ""
+    gres: str = ""
+
+    @classmethod
+    def from_scontrol(cls, job_id: str, text: str) -> JobInfo:
+        line = next((ln for ln in text.splitlines() if ln.startswith("JobId=")), "")
+        if not line:  # "Invalid job id specified": ended long enough ago to be forgotten
+            return cls(job_id, "GONE")
+        f = parse_scontrol(line)
+        state = f.get("JobState", "UNKNOWN").split()[0]
+        node = f.get("NodeList", "")
+        return cls(job_id, state, f.get("Reason", ""), "" if node == "(null)" else node,
+                   f.get("StartTime", ""), parse_duration(f.get("TimeLimit", "")),
+                   parse_duration(f.get("RunTime", "")) or 0.0, f.get("Comment", ""),
+                   f.get("TresPerJob", "") or f.get("TresPerNode", "") or f.get("Gres", ""))
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def time_left(self) -> float | None:
+        if self.time_limit is None:
+            return None
+        return max(0.0, self.time_limit - self.run_time)
+
+    @property
+    def nonce(self) -> str:
+        return self.comment[len(COMMENT_PREFIX):] if self.comment.startswith(COMMENT_PREFIX) \
+            else ""
+
+
+def describe_wait(job: JobInfo, waited: float) -> str:
+    reason = f" ({job.reason})" if job.reason and job.reason != "None" else ""
+    start = f", expected start {job.start}" if job.start and job.start not in (
+        "Unknown", "N/A", "None") else ""
+    return f"job {job.job_id} queued: {job.state}{reason}{start}, waited {duration(waited)}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# -- the job script ------------------------------------------------------------------------------
+
+def job_dir_expr(nonce: str) -> str:
+    return f"{REMOTE_LAYOUT.root_expr()}/slurm/{nonce}"
+
+
+def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
+               mode: str) -> str:
+    """The batch script: ``tether serve`` on the node; USR1 (walltime near) releases kernels."""
+    env = REMOTE_LAYOUT.env.format(version=__version__)
+    serve = ["--idle-timeout", str(opts.idle_timeout)]
+    for origin in opts.origins:
+        if origin != COLAB_ORIGIN:
+            serve += ["--origin", origin]
+    if opts.notebook_dir:
+        serve += ["--notebook-dir", opts.notebook_dir]
+    serve += list(opts.serve_args)
+    if mode == "jump":
+        listen = '--sock "$d/tether.sock"'
+    else:  # the address the node's name resolves to on the cluster; a port the server picks
+        listen = ('--ip "$(getent hosts "${SLURMD_NODENAME:-$(hostname)}" | '
+                  'awk \'{print $1; exit}\')" --port 0 --i-know-this-exposes-the-server')
+    hook = slurm.on_walltime or ""
+    hook_line = (f"  ( {hook} ) >> \"$d/walltime.log\" 2>&1 || true\n" if hook else "")
+    return f"""#!/bin/sh
+# tether {__version__}: a Colab runtime as a Slurm job (generated; see `tether up --slurm`)
+r={REMOTE_LAYOUT.root_expr()}
+d="$r/slurm/{nonce}"
+t="$r/{env}/bin/tether"
+export JUPYTER_RUNTIME_DIR="$d" JUPYTER_PATH="$r/{REMOTE_LAYOUT.jupyter_path}"
+unset XDG_RUNTIME_DIR JUPYTER_TOKEN TETHER_TOKEN
+if [ ! -x "$t" ]; then
+  echo "tether-error: $t is not on $(hostname): the job does not see the login node's home" \\
+    "(is it shared with the nodes?)" >&2
+  exit 3
+fi
+walltime() {{
+  echo "tether: walltime ends soon: releasing every kernel" >&2
+  "$t" release --all --json > "$d/walltime.json" 2>> "$d/walltime.log" || true
+{hook_line}  echo done > "$d/walltime.done"
+}}
+trap walltime USR1
+"$t" serve {listen} {shlex.join(serve)} &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+wait "$pid"
+"""
+
+
+# -- remote commands -----------------------------------------------------------------------------
+
+_NEED = ('for c in sbatch squeue scontrol scancel; do command -v "$c" >/dev/null 2>&1 '
+         f'|| {{ echo "$c" >&2; exit {NO_SLURM}; }}; done')
+
+_SUBMIT = _NEED + """
+r=@ROOT@; d="$r/slurm/$1"; shift
+umask 077
+mkdir -p "$d"
+cat > "$d/job.sh"
+chmod 700 "$d/job.sh"
+exec sbatch --parsable --chdir="$HOME" --output="$d/job.log" "$@" "$d/job.sh"
+"""
+
+_POLL = _NEED + """
+r=@ROOT@; d="$r/slurm/$1"
+scontrol -o show job "$2" 2>&1 || true
+echo "@@tether-state"
+for f in "$d"/tether-*.json; do [ -f "$f" ] && { cat "$f"; echo; echo "@@"; }; done
+echo "@@tether-log"
+tail -c 1500 "$d/job.log" 2>/dev/null || true
+"""
+
+_FIND = _NEED + """
+squeue --me -h -n @NAME@ -o "%i|%k|%T" 2>&1
+"""
+
+
+@dataclass
+class SlurmJob:
+    """A runtime as a Slurm job; ``login`` is the login node, as the user's ssh knows it."""
+
+    login: _ssh.SSHTarget
+    opts: bootstrap.RemoteOptions
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    attach: bool = False
+    consent: bootstrap.Consent | None = None
+    job: JobInfo | None = None
+    mode: str = ""
+    ready: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.login.host
+
+    # -- talking to the login node
+
+    async def _sh(self, script: str, *args: str, input: bytes | None = None,
+                  timeout: float = 60.0) -> _ssh.Completed:
+        done = await _ssh.run(self.login, ["sh", "-c", script, "sh", *args], input=input,
+                              timeout=timeout, check=False)
+        if done.returncode == NO_SLURM:
+            missing = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["sbatch"]
+            raise SlurmError(f"{self.host} has no `{missing[0]}` on its PATH: it is not a Slurm "
+                             "login node (or Slurm is not in a non-interactive shell's PATH)",
+                             hint=f"Check `ssh {self.host} sbatch --version`; without --slurm, "
+                                  "tether runs the runtime on the host itself.", host=self.host)
+        if done.returncode == _ssh.SSH_FAILED:
+            raise _ssh.ssh_error(self.login, "Slurm", done.returncode, done.stderr)
+        return done
+
+    async def poll(self, job_id: str, nonce: str) -> tuple[JobInfo, list[dict[str, Any]], str]:
+        done = await self._sh(_POLL.replace("@ROOT@", REMOTE_LAYOUT.root_expr()), nonce, job_id)
+        text = done.text
+        head, _, rest = text.partition("@@tether-state\n")
+        states_text, _, log_tail = rest.partition("@@tether-log\n")
+        states = []
+        for chunk in states_text.split("@@\n"):
+            try:
+                states.append(json.loads(chunk))
+            except ValueError:
+                continue
+        return JobInfo.from_scontrol(job_id, head), states, log_tail
+
+    async def find_jobs(self) -> list[JobInfo]:
+        """Our jobs (name and comment) of this user still in the queue, newest first."""
+        done = await self._sh(_FIND.replace("@NAME@", JOB_NAME))
+        jobs = []
+        for line in done.text.splitlines():
+            job_id, _, rest = line.strip().partition("|")
+            comment, _, state = rest.partition("|")
+            if job_id.isdigit() and comment.startswith(COMMENT_PREFIX):
+                jobs.append(JobInfo(job_id, state, comment=comment))
+        return sorted(jobs, key=lambda j: int(j.job_id), reverse=True)
+
+    # -- Backend
+
+    async def start(self, on_event: OnEvent, on_note: OnNote) -> Placement:
+        if self.attach:
+            jobs = [j for j in await self.find_jobs() if j.state in ("RUNNING", "PENDING")]
+            if not jobs:
+                raise ServerNotFoundError(f"no tether job is queued or running on {self.host}",
+                                          hint=f"Start one with `tether up {self.host} --slurm`.",
+                                          host=self.host)
+            self.job, nonce = jobs[0], jobs[0].nonce
+        else:
+            await self._sh(_NEED)  # not a login node: say so before preparing anything
+            await bootstrap.prepare(self.login, self.opts, on_event=on_event,
+                                    consent=self.consent)
+            self.mode = await self._choose_mode(on_note)
+            nonce = secrets.token_hex(8)
+            self.job = await self._submit(nonce, on_event)
+        return await self._wait_running(self.job.job_id, nonce, on_event, on_note)
+
+    async def _submit(self, nonce: str, on_event: OnEvent) -> JobInfo:
+        t0 = time.monotonic()
+        label = f"submitting the runtime job on {self.host}"
+        on_event({"event": "step", "key": "submit", "state": "start", "label": label})
+        script = job_script(nonce, self.opts, self.slurm, self.mode)
+        args = self.slurm.sbatch(JOB_NAME, COMMENT_PREFIX + nonce)
+        done = await self._sh(_SUBMIT.replace("@ROOT@", REMOTE_LAYOUT.root_expr()), nonce, *args,
+                              input=script.encode())
+        job_id = done.text.strip().split(";")[0]
+        if done.returncode != 0 or not job_id.isdigit():
+            said = done.stderr.decode(errors="replace").strip().splitlines()
+            message = said[-1] if said else f"exit status {done.returncode}"
+            message = message.removeprefix("sbatch: error: ")
+            raise SlurmError(f"Slurm on {self.host} refused the job: {message}",
+                             hint="Check the resource flags (--gpus, --partition, --time, "
+                                  "--account, --sbatch-arg) against `sinfo` there.",
+                             host=self.host, stderr="\n".join(said[-5:]))
+        on_event({"event": "step", "key": "submit", "state": "done", "label":
+                  f"submitted job {job_id} on {self.host}",
+                  "seconds": round(time.monotonic() - t0, 2)})
+        return JobInfo(job_id, "PENDING", comment=COMMENT_PREFIX + nonce)
+
+    async def _wait_running(self, job_id: str, nonce: str, on_event: OnEvent,
+                            on_note: OnNote) -> Placement:
+        """Poll (bounded once running) until the job's server has written its state file."""
+        t0 = time.monotonic()
+        running_since: float | None = None
+        last_state = ("", "")
+        while True:
+            job, states, log_tail = await self.poll(job_id, nonce)
+            self.job = job
+            if job.ended:
+                raise self._ended(job, log_tail, before_ready=True)
+            if job.state == "RUNNING" and states:
+                server = ServerInfo.from_agent(self.host, max(states, key=_started))
+                self.mode = "jump" if server.sock else "forward"
+                on_event({"event": "step", "key": "queue", "state": "done",
+                          "label": f"job {job_id} running on {job.node}",
+                          "seconds": round(time.monotonic() - t0, 2)})
+                placement = await self._placement(server, job)
+                self.ready = True
+                return placement
+            if job.state == "RUNNING" and running_since is None:
+                running_since = time.monotonic()
+            if running_since is not None and time.monotonic() - running_since > READY_DEADLINE:
+                raise SlurmError(f"job {job_id} runs on {job.node} but its server was not ready "
+                                 f"after {READY_DEADLINE:.0f} s",
+                                 hint=f"See {job_dir_expr(nonce)}/job.log on {self.host}; "
+                                      f"`tether down {self.host} --slurm` cancels the job.",
+                                 host=self.host, log_tail=log_tail)
+            state_line = describe_wait(job, time.monotonic() - t0) if job.state == "PENDING" \
+                else f"job {job_id} {job.state.lower()} on {job.node or '?'}: starting the server"
+            on_event({"event": "step", "key": "queue", "state": "start", "label": state_line,
+                      "job": job_id, "job_state": job.state, "reason": job.reason,
+                      "expected_start": job.start})
+            if (job.state, job.reason) != last_state:
+                on_event({"event": "queue", "job": job_id, "state": job.state,
+                          "reason": job.reason, "expected_start": job.start,
+                          "label": state_line})
+                last_state = (job.state, job.reason)
+            await asyncio.sleep(POLL)  # the scheduler's pace: bounded by the job's own life
+
+    def _ended(self, job: JobInfo, log_tail: str, before_ready: bool) -> SlurmJobEndedError:
+        said = [ln for ln in log_tail.splitlines() if ln.strip()]
+        why = next((ln.split("tether-error: ", 1)[1] for ln in said if "tether-error: " in ln),
+                   "")
+        when = "before its server was ready" if before_ready else "while attached"
+        reason = f" ({job.reason})" if job.reason and job.reason != "None" else ""
+        message = f"job {job.job_id} on {self.host} ended {when}: {job.state}{reason}"
+        if why:
+            message += f": {why}"
+        elif said and before_ready:
+            message += "\n  job log (tail):\n" + "\n".join("    " + ln for ln in said[-8:])
+        return SlurmJobEndedError(message, hint=f"`tether up {self.host} --slurm` submits a "
+                                                "new one.", host=self.host, job=job.job_id,
+                                  state=job.state)
+
+    async def _placement(self, server: ServerInfo, job: JobInfo) -> Placement:
+        result = UpResult(server, reused=self.attach)
+        node = job.node.split(",")[0]
+        if self.mode == "jump":
+            return Placement(result, await self._node_target(node))
+        return Placement(result, self.login, remote_host=node)
+
+    async def _node_target(self, node: str) -> _ssh.SSHTarget:
+        """``ssh NODE`` as the user's config has it if it says how to get there, else via
+        ``-J LOGIN``."""
+        base = _ssh.SSHTarget(node, self.login.config_file, self.login.options,
+                              self.login.interactive, self.login.ssh)
+        if await _configured_proxy(base):
+            return base
+        return _ssh.SSHTarget(node, self.login.config_file,
+                              (*self.login.options, f"ProxyJump={self.login.host}"),
+                              self.login.interactive, self.login.ssh)
+
+    async def _choose_mode(self, on_note: OnNote) -> str:
+        if self.slurm.node_access != "auto":
+            return self.slurm.node_access
+        done = await self._sh(_NEED + '\nsinfo -h -N -o %N' +
+                              (f" -p {shlex.quote(self.slurm.partition)}"
+                               if self.slurm.partition else "") + " | head -n 1")
+        node = done.text.strip()
+        if node and await _reachable(await self._node_target(node)):
+            return "jump"
+        on_note(f"SSH to the nodes of {self.host} is refused ({node or 'no node listed'}): the "
+                "runtime listens on a port of its node, reached through the login node; anyone "
+                "on the cluster network can reach that port, and the URL's token is the only "
+                "guard (--node-access jump if the nodes take SSH once you hold a job there).")
+        return "forward"
+
+    async def restart(self, token: str, on_event: OnEvent) -> Placement:
+        """The server does not answer: if the job ended, supervision ends (with why)."""
+        assert self.job is not None
+        job, states, log_tail = await self.poll(self.job.job_id, self.job.nonce)
+        self.job = job
+        if job.ended or job.state != "RUNNING":
+            raise self._ended(job, log_tail, before_ready=False)
+        if not states:
+            raise SlurmJobEndedError(f"the server of job {job.job_id} on {self.host} has "
+                                     "stopped; the job is ending", host=self.host)
+        return await self._placement(ServerInfo.from_agent(self.host, max(states, key=_started)),
+                                     job)
+
+    async def socket_refused(self, on_event: OnEvent) -> Placement | None:
+        return None  # the job's socket is the job's: `--node-access forward` is the way
+
+    async def watch(self, info: dict[str, Any], on_note: OnNote) -> None:
+        """Walltime on the status line, warnings at 15 and 5 minutes, the end of the job."""
+        assert self.job is not None
+        warned: set[int] = set()
+        info["job"] = self.job.job_id
+        while True:
+            job, _, log_tail = await self.poll(self.job.job_id, self.job.nonce)
+            self.job = job
+            if job.ended:
+                raise self._ended(job, log_tail, before_ready=False)
+            left = job.time_left
+            info["time_left"] = left
+            for mark in WARN_BEFORE:
+                if left is not None and left <= mark and mark not in warned:
+                    warned.update(m for m in WARN_BEFORE if m >= mark)
+                    on_note(f"job {job.job_id} on {self.host}: {duration(left)} of walltime left; "
+                            "save your work (kernels are released "
+                            f"{self.slurm.walltime_signal // 60 or 1} min before the end).")
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def abandon(self) -> None:
+        """Ctrl-C: the job goes unless --keep (a job kept on purpose outlives the laptop)."""
+        if self.slurm.keep or self.job is None or self.job.ended:
+            return
+        await self._cancel([self.job.job_id])
+
+    async def _cancel(self, job_ids: Sequence[str]) -> list[str]:
+        """scancel, then wait (bounded) until Slurm lists none of them; the ones left."""
+        if not job_ids:
+            return []
+        await self._sh(_NEED + '\nscancel "$@"', *job_ids)
+        deadline = time.monotonic() + CANCEL_DEADLINE
+        left = list(job_ids)
+        while left and time.monotonic() < deadline:
+            jobs = {j.job_id: j for j in await self.find_jobs()}
+            left = [j for j in left if j in jobs and jobs[j].state not in ENDED]
+            if left:
+                await asyncio.sleep(0.5)
+        return left
+
+    async def stop(self) -> dict[str, Any]:
+        jobs = await self.find_jobs()
+        ids = [j.job_id for j in jobs if j.state not in ENDED]
+        left = await self._cancel(ids)
+        return {"cancelled": [j for j in ids if j not in left], "left": left,
+                "jobs": [{"job": j.job_id, "state": j.state} for j in jobs]}
+
+    async def status(self) -> dict[str, Any]:
+        jobs = []
+        for found in await self.find_jobs():
+            job, states, _ = await self.poll(found.job_id, found.nonce)
+            jobs.append({"job": job.job_id, "state": job.state, "reason": job.reason,
+                         "node": job.node, "time_left": job.time_left, "gres": job.gres,
+                         "expected_start": job.start if job.state == "PENDING" else "",
+                         "server": {k: v for k, v in (max(states, key=_started) if states
+                                                      else {}).items() if k != "token"}})
+        return {"jobs": jobs}
+
+    def kernels(self) -> Kernels:
+        return RemoteKernels(self.host, self._in_job)
+
+    async def _in_job(self, args: list[str]) -> tuple[int, str]:
+        """The remote ``tether`` inside our running job's allocation (``srun --overlap``)."""
+        running = [j for j in await self.find_jobs() if j.state == "RUNNING"]
+        if not running:
+            raise ServerNotFoundError(f"no tether job is running on {self.host}",
+                                      hint=f"Start one with `tether up {self.host} --slurm`.",
+                                      host=self.host)
+        job = running[0]
+        env = REMOTE_LAYOUT.env.format(version=__version__)
+        script = (f'r={REMOTE_LAYOUT.root_expr()}; '
+                  f'JUPYTER_RUNTIME_DIR="$r/slurm/{job.nonce}" exec "$r/{env}/bin/tether" "$@"')
+        argv = ["srun", f"--jobid={job.job_id}", "--overlap", "--ntasks=1", "--quiet", "sh",
+                "-c", script, "tether", *args]
+        done = await _ssh.run(self.login, argv, timeout=120.0, check=False)
+        if done.returncode == _ssh.SSH_FAILED or (done.returncode and not done.stdout.strip()):
+            raise _ssh.ssh_error(self.login, f"tether {args[0]} in job {job.job_id}",
+                                 done.returncode, done.stderr)
+        return done.returncode, done.text
+
+
+def _started(state: dict[str, Any]) -> float:
+    return float(state.get("started") or 0.0)
+
+
+async def _configured_proxy(target: _ssh.SSHTarget) -> bool:
+    """Whether the user's ssh config says how to reach ``target`` (ProxyJump/ProxyCommand)."""
+    argv = target.argv("-G")
+    proc = await _ssh.spawn(target, argv, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        await _ssh.terminate(proc)
+    for line in out.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("proxyjump", "proxycommand") and value.strip() not in ("", "none"):
+            return True
+    return False
+
+
+async def _reachable(target: _ssh.SSHTarget) -> bool:
+    try:
+        done = await _ssh.run(target, ["true"], timeout=PROBE_TIMEOUT, check=False)
+    except SSHError:
+        return False
+    return done.returncode == 0
