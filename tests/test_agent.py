@@ -448,3 +448,26 @@ def test_messages_for_a_remote_or_kernel_python_that_is_not_one(prepared: Any,
     assert "/bin/false is not a working Python on gpubox" in r.stderr
     assert "-m pip" not in r.stderr and "HOST" not in r.stderr
     assert not list((testbed.tether_root / "runtime").glob("tether-*.json"))
+
+
+OLD_PYTHONS = sorted(Path("/root/.pyenv/versions").glob("3.[6-8].*/bin/python3"))
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.6-3.8 on this machine")
+def test_down_on_the_oldest_python_without_pidfds(tmp_path: Path, procs: Start) -> None:
+    """The agent is stdlib-only for Python >= 3.6: there, no pidfd; pids are checked by start
+    time before each signal instead."""
+    params = bootstrap._params("down", bootstrap.RemoteOptions(), bootstrap.build_wheel())
+    runtime = tmp_path / ".cache" / "tether" / "runtime"
+    runtime.mkdir(parents=True)
+    launch = "00112233445566778899aabbccddeeff"
+    (runtime / f"launch-{launch}.json").write_text(json.dumps({"launch": launch}))
+    marked = wait_started(procs("sleep", "60", env={"TETHER_LAUNCH": launch}))
+    spared = procs("sleep", "60")
+    out = subprocess.run([str(OLD_PYTHONS[0]), "-I", "-c", bootstrap.agent_source(),
+                          json.dumps(params)], capture_output=True, text=True, timeout=60,
+                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["event"] == "result", out.stderr
+    assert result["strays"] == [marked.pid] and result["left"] == []
+    assert spared.poll() is None and list(runtime.iterdir()) == []
