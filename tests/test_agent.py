@@ -471,3 +471,27 @@ def test_down_on_the_oldest_python_without_pidfds(tmp_path: Path, procs: Start) 
     assert result["event"] == "result", out.stderr
     assert result["strays"] == [marked.pid] and result["left"] == []
     assert spared.poll() is None and list(runtime.iterdir()) == []
+
+
+def test_an_unverified_server_on_our_socket_is_named_not_ended(agent: Any, procs: Start) -> None:
+    older = procs("sleep", "30")
+    write_state(agent, older.pid, sock=agent.SOCKET)  # an older tether's: no start time
+    unverified = agent.scan_servers()["unverified"]
+    with pytest.raises(agent.Fail) as e:
+        agent.check_unverified(unverified)
+    assert f"pid {older.pid} serves tether's socket" in e.value.message
+    assert f"`ssh HOST kill {older.pid}`" in e.value.hint and older.poll() is None
+
+
+PYTHON2 = Path("/root/.pyenv/versions/2.7.18/bin/python")
+
+
+@pytest.mark.skipif(not PYTHON2.exists(), reason="no Python 2.7 on this machine")
+def test_a_kernel_python_too_old_for_ipykernel(agent: Any) -> None:
+    agent.PARAMS["kernel_python"] = str(PYTHON2)
+    try:
+        with pytest.raises(agent.Fail) as e:
+            agent.kernel_python([])
+    finally:
+        agent.PARAMS.pop("kernel_python")
+    assert e.value.message == f"{PYTHON2} is Python 2.7; kernels need Python >= 3.8"

@@ -390,6 +390,23 @@ def missing_modules(python, modules):
 KERNEL_MODULES = ("ipykernel", "psutil")
 
 
+KERNEL_MIN_PYTHON = (3, 8)  # ipykernel's own floor
+
+
+def check_kernel_version(python, given):
+    """A Python that runs, and is recent enough for ipykernel; else a Fail naming ``given``."""
+    version = working_python(python)
+    if not version:
+        raise Fail("kernel-python", "%s is not a working Python on HOST (`%s -c` did not run)"
+                   % (given, given),
+                   hint="Give --kernel-python the python of an environment that runs "
+                        "(check with `ssh HOST %s -V`)." % given)
+    if tuple(int(x) for x in version.split(".")) < KERNEL_MIN_PYTHON:
+        raise Fail("kernel-python", "%s is Python %s; kernels need Python >= %s"
+                   % (given, version, ".".join(map(str, KERNEL_MIN_PYTHON))),
+                   hint="Give --kernel-python a newer python on HOST.")
+
+
 def explicit_kernel_python():
     """The --kernel-python given, checked: an executable that runs as a Python."""
     given = PARAMS["kernel_python"]
@@ -398,11 +415,7 @@ def explicit_kernel_python():
         raise Fail("kernel-python", "%s is not an executable on HOST" % given,
                    hint="Give --kernel-python the full path of your environment's python "
                         "(`ssh HOST which python` inside it shows it).")
-    if not working_python(python):
-        raise Fail("kernel-python", "%s is not a working Python on HOST (`%s -c` did not run)"
-                   % (given, given),
-                   hint="Give --kernel-python the python of an environment that runs "
-                        "(check with `ssh HOST %s -V`)." % given)
+    check_kernel_version(python, given)
     return python
 
 
@@ -414,10 +427,7 @@ def kernel_python(warnings):
         python = explicit_kernel_python()
     elif PARAMS.get("conda_env"):
         python = conda_python(PARAMS["conda_env"])
-        if not working_python(python):
-            raise Fail("kernel-python", "%s (conda environment %s) is not a working Python on HOST"
-                       % (python, PARAMS["conda_env"]),
-                       hint="Repair that environment, or pass --kernel-python PATH.")
+        check_kernel_version(python, python)
     else:
         python = default_python()
         if python and not working_python(python):
@@ -543,9 +553,10 @@ class Target(object):
                 self.fd = os.pidfd_open(pid)
             except OSError:
                 self.fd = None
-        # Checked after the pidfd is open: if the start time still matches, the pidfd is ours.
 
     def alive(self):
+        # Checked after the pidfd is opened: while the start time matches, the pidfd (and the
+        # pid) is the process we judged.
         facts = proc_facts(self.pid)
         return not gone(facts) and abs(facts[1] - self.start) <= START_TOLERANCE
 
@@ -686,6 +697,7 @@ def state_files():
             state["pid"] = int(state.get("pid") or 0)
         except (OSError, ValueError, TypeError, AttributeError):
             continue
+        state["_file"] = path
         found.append((path, state))
     return found
 
@@ -980,12 +992,27 @@ def action_up():
         return {"need_consent": question, "stale": stale_report()}
     fd = lock_root()
     try:
-        running = servers()
+        scan = scan_servers()
+        running = scan["live"]
+        if not running:
+            check_unverified(scan["unverified"])
         state = running[0] if running else start_server(python)
     finally:
         os.close(fd)
     return {"server": public(state), "reused": bool(running), "kernel_python": python,
             "stale": stale_report(), "warnings": stale_warnings() + warnings}
+
+
+def check_unverified(unverified):
+    """A server tether cannot verify (an older tether's) is neither reused nor ended: say so
+    where it holds the socket a new server needs."""
+    for entry in unverified:
+        if PARAMS.get("remote_port") is None and entry["state"].get("sock") == SOCKET:
+            raise Fail("start", "pid %d serves tether's socket %s, but cannot be verified as a "
+                       "tether server: its state file records no start time and it carries no "
+                       "launch marker" % (entry["pid"], SOCKET),
+                       hint="If it is a server of an older tether, stop it (`ssh HOST kill %d`), "
+                            "then run `tether up HOST` again." % entry["pid"])
 
 
 # -- status and down ---------------------------------------------------------------------------
@@ -1076,7 +1103,7 @@ def action_down():
     ids.update(s["instance"] for s in scan["live"] if s.get("instance"))
     servers_, forced, survivors = stop_servers(scan["live"])
     for state in scan["live"]:  # a server that had to be killed leaves its state file
-        remove_quietly(os.path.join(RUNTIME, "tether-%d.json" % state["pid"]))
+        remove_quietly(state["_file"])
     skip = own_lineage() | set(t.pid for t in survivors)
     strays = marked_processes(ids, skip)
     stray_forced, stray_survivors = end(strays, STRAY_DEADLINE)
