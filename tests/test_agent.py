@@ -495,3 +495,12 @@ def test_a_kernel_python_too_old_for_ipykernel(agent: Any) -> None:
     finally:
         agent.PARAMS.pop("kernel_python")
     assert e.value.message == f"{PYTHON2} is Python 2.7; kernels need Python >= 3.8"
+
+
+def test_launch_records_are_kept_while_a_process_carries_them(agent: Any, procs: Start) -> None:
+    alive, dead = "a" * 32, "b" * 32
+    write_launch(agent, alive)
+    write_launch(agent, dead)
+    wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": alive}))
+    agent.prune_launches()
+    assert sorted(agent.read_launches()) == [alive]

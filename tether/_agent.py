@@ -12,9 +12,17 @@ final ``result`` or ``error``. Actions:
             Unix socket (or a loopback port) with the token in a 0600 file; wait for its state
             file with a deadline.
 ``status``  the running servers, with kernels and GPU memory read over their socket.
-``down``    stop the servers (SIGTERM: kernels are shut down), then end anything left that
-            belongs to tether's directories.
+``down``    stop the servers (SIGTERM: kernels are shut down), then end every process of this
+            user that carries a server's launch or instance marker; report what could not be.
 ``probe``   what ``tether doctor`` needs: OS, Python, disk, GPU driver, environment, servers.
+
+A process is tether's only by what tether recorded, never by its command line: a server by
+the pid and start time in its state file (``tether-<pid>.json``: a state file whose pid is
+gone or now another process is stale, and removed), or by the launch id the agent puts in its
+environment (``TETHER_LAUNCH``, kept in a 0600 launch record with the options it was started
+with); its kernels and their children by that launch id or the server's instance id
+(``TETHER_SERVER_INSTANCE``), inherited through the environment. A child started with an
+emptied environment (``env -i``) carries neither and is not found without a cgroup.
 """
 
 import errno
@@ -605,21 +613,21 @@ def end(targets, grace):
     return forced, wait_gone(forced, STRAY_DEADLINE)
 
 
-def marked_processes(ids, skip):
-    """This user's processes whose environment carries one of ``ids`` (launch or instance)."""
-    found = []
+def user_processes(skip):
+    """(pid, start time, markers) of each live process of this user, but those in ``skip``."""
     uid = os.getuid()
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in skip:
-            continue
-        pid = int(name)
-        facts = proc_facts(pid)
-        if gone(facts) or facts[2] != uid:
-            continue
-        m = marks(pid)
-        if m.get(LAUNCH_ENV) in ids or m.get(INSTANCE_ENV) in ids:
-            found.append(Target(pid, facts[1], "process of a tether server"))
-    return found
+        if name.isdigit() and int(name) not in skip:
+            facts = proc_facts(int(name))
+            if not gone(facts) and facts[2] == uid:
+                yield int(name), facts[1], marks(int(name))
+
+
+def marked_processes(ids, skip):
+    """This user's processes whose environment carries one of ``ids`` (launch or instance)."""
+    return [Target(pid, start, "process of a tether server")
+            for pid, start, m in user_processes(skip)
+            if m.get(LAUNCH_ENV) in ids or m.get(INSTANCE_ENV) in ids]
 
 
 # -- launch records and state files ------------------------------------------------------------
@@ -671,6 +679,18 @@ def record_launch(launch, python):
     record = {"launch": launch, "started": time.time(), "kernel_python_used": python,
               "options": asked_options()}
     write_private(launch_path(launch), json.dumps(record).encode())
+
+
+def prune_launches():
+    """Forget the launches no process carries any more (crashed servers and their orphans
+    gone): `down` needs only the records of what may still run."""
+    launches = read_launches()
+    if not launches:
+        return
+    carried = set(m.get(LAUNCH_ENV) for _, _, m in user_processes(own_lineage()))
+    for launch in launches:
+        if launch not in carried:
+            forget_launch(launch)
 
 
 def forget_launch(launch):
@@ -861,6 +881,7 @@ def start_server(python):
     if PARAMS.get("remote_port") is None and len(SOCKET) > 100:
         raise Fail("start", "the socket path %s is too long for a Unix socket" % SOCKET,
                    hint="Set a shorter XDG_CACHE_HOME on the remote, or pass --remote-port N.")
+    prune_launches()
     launch_id = secrets.token_hex(16)
     record_launch(launch_id, python)
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=RUNTIME, JUPYTER_PATH=JUPYTER_PATH)
