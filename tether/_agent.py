@@ -148,7 +148,7 @@ def check_python():
         have = "%d.%d" % sys.version_info[:2]
         raise Fail("python", "%s is Python %s; tether needs Python >= %s"
                    % (sys.executable, have, ".".join(map(str, need))),
-                   hint="Install a newer one on the remote (e.g. `sudo apt-get install python3 "
+                   hint="Install a newer one on HOST (e.g. `sudo apt-get install python3 "
                         "python3-venv`) or pass --remote-python PATH.")
 
 
@@ -164,7 +164,7 @@ def check_disk():
         raise Fail("disk", "only %d MiB free under %s; tether's environment needs about 1 GiB"
                    % (free >> 20, ROOT),
                    hint="Free some space (e.g. `rm -rf ~/.cache/pip`) or point XDG_CACHE_HOME "
-                        "at a larger disk in the remote's shell profile.")
+                        "at a larger disk in the shell profile on HOST.")
 
 
 def gpu_info(query):
@@ -265,7 +265,7 @@ def run_logged(argv, what, kind, hint):
                 proc.wait()
             raise Fail("interrupted", "%s was interrupted: the connection went away" % what)
     if proc.returncode != 0:
-        raise Fail(kind, "%s failed (exit %d) on the remote" % (what, proc.returncode),
+        raise Fail(kind, "%s failed (exit %d) on HOST" % (what, proc.returncode),
                    hint=hint, log_tail=tail(INSTALL_LOG))
 
 
@@ -281,7 +281,7 @@ def create_env(wheel):
         shutil.rmtree(ENV)
     with Step("venv", "creating the environment"):
         run_logged([sys.executable, "-m", "venv", ENV], "python3 -m venv", "venv",
-                   "Install the venv module on the remote, e.g. `sudo apt-get install "
+                   "Install the venv module on HOST, e.g. `sudo apt-get install "
                    "python3-venv` (or pass --remote-python PATH).")
     install_wheel(wheel, deps=True)
 
@@ -880,7 +880,7 @@ def start_server(python):
         write_private(TOKEN_FILE, secrets.token_hex(24).encode())
     if PARAMS.get("remote_port") is None and len(SOCKET) > 100:
         raise Fail("start", "the socket path %s is too long for a Unix socket" % SOCKET,
-                   hint="Set a shorter XDG_CACHE_HOME on the remote, or pass --remote-port N.")
+                   hint="Set a shorter XDG_CACHE_HOME on HOST, or pass --remote-port N.")
     prune_launches()
     launch_id = secrets.token_hex(16)
     record_launch(launch_id, python)
