@@ -82,7 +82,8 @@ def write_launch(agent: Any, launch: str, **options: Any) -> None:
 def test_start_time_from_proc_is_psutils_create_time(agent: Any, procs: Start) -> None:
     child = procs("sleep", "30")
     for pid in (os.getpid(), child.pid):
-        state, start, uid = agent.proc_facts(pid)
+        state, start, uid, ticks = agent.proc_facts(pid)
+        assert ticks > 0
         assert abs(start - psutil.Process(pid).create_time()) < 0.02
         assert uid == os.getuid() and state in "RSD"
     assert agent.proc_facts(child.pid)[1] > agent.proc_facts(os.getpid())[1]
@@ -115,6 +116,24 @@ def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
     marked = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": "feedf00d"}))
     assert agent.judge({"pid": marked.pid}, {"feedf00d": {}})[0] == agent.LIVE
     assert agent.judge({"pid": marked.pid}, {"0ther": {}})[0] == agent.UNVERIFIED
+
+
+def test_a_server_the_agent_launched_is_pinned_by_ticks_and_boot_id(agent: Any,
+                                                                    procs: Start) -> None:
+    """Immune to a stepped wall clock: the start in ticks since boot does not move."""
+    launch = "c" * 32
+    write_launch(agent, launch)
+    server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
+    agent.pin_launch(launch, server.pid)
+    launches = agent.read_launches()
+    assert launches[launch]["server"]["boot_id"] == agent.boot_id() != ""
+    skewed = {"pid": server.pid, "create_time": server.create_time() + 3600}
+    assert agent.judge(skewed, launches)[0] == agent.LIVE
+    launches[launch]["server"]["start_ticks"] -= 1  # the pid is another process now
+    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
+    launches[launch]["server"]["start_ticks"] += 1
+    launches[launch]["server"]["boot_id"] = "an-earlier-boot"
+    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
 
 
 def test_scan_removes_and_reports_stale_files_only(agent: Any, procs: Start) -> None:

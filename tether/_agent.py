@@ -490,10 +490,12 @@ def boot_time():
 
 
 def proc_facts(pid):
-    """(state letter, start time in seconds since the epoch, uid) of a process; None if gone.
+    """(state letter, start time in seconds since the epoch, uid, start in clock ticks since
+    boot) of a process; None if it is gone.
 
     The start time is psutil's ``create_time``: field 22 of /proc/PID/stat (clock ticks since
-    boot) over SC_CLK_TCK, plus btime from /proc/stat.
+    boot) over SC_CLK_TCK, plus btime from /proc/stat. btime moves when the wall clock is
+    stepped; the ticks do not, so the agent pins the servers it launched by ticks and boot id.
     """
     if pid <= 0:
         return None
@@ -501,10 +503,19 @@ def proc_facts(pid):
         uid = os.stat("/proc/%d" % pid).st_uid
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
-        start = int(fields[19]) / float(os.sysconf("SC_CLK_TCK")) + boot_time()
+        ticks = int(fields[19])
+        start = ticks / float(os.sysconf("SC_CLK_TCK")) + boot_time()
     except (OSError, ValueError, IndexError):
         return None
-    return fields[0], start, uid
+    return fields[0], start, uid, ticks
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def proc_name(pid):
@@ -693,6 +704,26 @@ def prune_launches():
             forget_launch(launch)
 
 
+def pin_launch(launch, pid):
+    """Add the server's pid and start (ticks since boot, boot id) to its launch record."""
+    facts = proc_facts(pid)
+    records = read_launches()
+    if gone(facts) or launch not in records:
+        return
+    records[launch]["server"] = {"pid": pid, "start_ticks": facts[3], "boot_id": boot_id()}
+    write_private(launch_path(launch), json.dumps(records[launch]).encode())
+
+
+def pinned_by_launch(pid, facts, launches):
+    """True/False when a launch record names ``pid`` (is it that server?); None when none does."""
+    pins = [r["server"] for r in launches.values()
+            if isinstance(r.get("server"), dict) and r["server"].get("pid") == pid]
+    if not pins:
+        return None
+    here = boot_id()
+    return any(p.get("start_ticks") == facts[3] and p.get("boot_id") == here for p in pins)
+
+
 def forget_launch(launch):
     try:
         os.unlink(launch_path(launch))
@@ -750,12 +781,18 @@ def judge(state, launches):
         return STALE, "its process %d is gone" % pid
     if facts[2] != os.getuid():
         return STALE, "pid %d now belongs to another user" % pid
+    pinned = pinned_by_launch(pid, facts, launches)
+    if pinned:
+        return LIVE, ""
     want = recorded_start(state)
     if want is not None:
         if abs(facts[1] - want) <= START_TOLERANCE:
             return LIVE, ""
         return STALE, "pid %d is now another process (%s, started %s; the server started %s)" \
             % (pid, proc_name(pid), stamp(facts[1]), stamp(want))
+    if pinned is False:
+        return STALE, "pid %d is now another process (%s, started %s)" \
+            % (pid, proc_name(pid), stamp(facts[1]))
     if marks(pid).get(LAUNCH_ENV) in launches:
         return LIVE, ""
     return UNVERIFIED, ("pid %d runs, but its state file records no start time and the "
@@ -889,6 +926,7 @@ def start_server(python):
     started = time.time()
     with Step("start", "starting the server"):
         state = wait_ready(launch(serve_argv(TOKEN_FILE), env), started, launch_id)
+    pin_launch(launch_id, state["pid"])
     return state
 
 
