@@ -523,3 +523,36 @@ def test_launch_records_are_kept_while_a_process_carries_them(agent: Any, procs:
     wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": alive}))
     agent.prune_launches()
     assert sorted(agent.read_launches()) == [alive]
+
+
+@ssh_tests
+async def test_consent_is_asked_through_a_callback_then_acted_on(prepared: Any,
+                                                                  testbed: Any) -> None:
+    from tether import _ssh
+    from tether.errors import ConfigError
+
+    down_json(testbed)
+    ds = f"{testbed.home}/consent-env"
+    subprocess.run([*testbed.ssh_argv(), "python3", "-m", "venv", "--clear", ds], check=True,
+                   timeout=120)
+    target = _ssh.SSHTarget("gpubox", str(testbed.config))
+    opts = bootstrap.RemoteOptions(kernel_python=f"{ds}/bin/python", remote_port=0)
+    asked: list[bootstrap.ConsentNeeded] = []
+
+    def answer(yes: bool) -> bootstrap.Consent:
+        async def consent(question: bootstrap.ConsentNeeded) -> bool:
+            asked.append(question)
+            return yes
+        return consent
+
+    with pytest.raises(ConfigError) as e:
+        await bootstrap.up(target, opts, consent=answer(False))
+    assert "--install-kernel-deps" in e.value.hint and "kind" not in e.value.data
+    assert asked == [bootstrap.ConsentNeeded("gpubox", f"{ds}/bin/python",
+                                             ("ipykernel", "psutil"))]
+    try:
+        result = await bootstrap.up(target, opts, consent=answer(True))
+        assert len(asked) == 2 and result["kernel_python"] == f"{ds}/bin/python"
+        assert result["reused"] is False and result["server"]["pid"]
+    finally:
+        down_json(testbed)
