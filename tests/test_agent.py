@@ -82,7 +82,8 @@ def write_launch(agent: Any, launch: str, **options: Any) -> None:
 def test_start_time_from_proc_is_psutils_create_time(agent: Any, procs: Start) -> None:
     child = procs("sleep", "30")
     for pid in (os.getpid(), child.pid):
-        state, start, uid = agent.proc_facts(pid)
+        state, start, uid, ticks = agent.proc_facts(pid)
+        assert ticks > 0
         assert abs(start - psutil.Process(pid).create_time()) < 0.02
         assert uid == os.getuid() and state in "RSD"
     assert agent.proc_facts(child.pid)[1] > agent.proc_facts(os.getpid())[1]
@@ -115,6 +116,24 @@ def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
     marked = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": "feedf00d"}))
     assert agent.judge({"pid": marked.pid}, {"feedf00d": {}})[0] == agent.LIVE
     assert agent.judge({"pid": marked.pid}, {"0ther": {}})[0] == agent.UNVERIFIED
+
+
+def test_a_server_the_agent_launched_is_pinned_by_ticks_and_boot_id(agent: Any,
+                                                                    procs: Start) -> None:
+    """Immune to a stepped wall clock: the start in ticks since boot does not move."""
+    launch = "c" * 32
+    write_launch(agent, launch)
+    server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
+    agent.pin_launch(launch, server.pid)
+    launches = agent.read_launches()
+    assert launches[launch]["server"]["boot_id"] == agent.boot_id() != ""
+    skewed = {"pid": server.pid, "create_time": server.create_time() + 3600}
+    assert agent.judge(skewed, launches)[0] == agent.LIVE
+    launches[launch]["server"]["start_ticks"] -= 1  # the pid is another process now
+    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
+    launches[launch]["server"]["start_ticks"] += 1
+    launches[launch]["server"]["boot_id"] = "an-earlier-boot"
+    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
 
 
 def test_scan_removes_and_reports_stale_files_only(agent: Any, procs: Start) -> None:
@@ -448,3 +467,92 @@ def test_messages_for_a_remote_or_kernel_python_that_is_not_one(prepared: Any,
     assert "/bin/false is not a working Python on gpubox" in r.stderr
     assert "-m pip" not in r.stderr and "HOST" not in r.stderr
     assert not list((testbed.tether_root / "runtime").glob("tether-*.json"))
+
+
+OLD_PYTHONS = sorted(Path("/root/.pyenv/versions").glob("3.[6-8].*/bin/python3"))
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.6-3.8 on this machine")
+def test_down_on_the_oldest_python_without_pidfds(tmp_path: Path, procs: Start) -> None:
+    """The agent is stdlib-only for Python >= 3.6: there, no pidfd; pids are checked by start
+    time before each signal instead."""
+    params = bootstrap._params("down", bootstrap.RemoteOptions(), bootstrap.build_wheel())
+    runtime = tmp_path / ".cache" / "tether" / "runtime"
+    runtime.mkdir(parents=True)
+    launch = "00112233445566778899aabbccddeeff"
+    (runtime / f"launch-{launch}.json").write_text(json.dumps({"launch": launch}))
+    marked = wait_started(procs("sleep", "60", env={"TETHER_LAUNCH": launch}))
+    spared = procs("sleep", "60")
+    out = subprocess.run([str(OLD_PYTHONS[0]), "-I", "-c", bootstrap.agent_source(),
+                          json.dumps(params)], capture_output=True, text=True, timeout=60,
+                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["event"] == "result", out.stderr
+    assert result["strays"] == [marked.pid] and result["left"] == []
+    assert spared.poll() is None and list(runtime.iterdir()) == []
+
+
+def test_an_unverified_server_on_our_socket_is_named_not_ended(agent: Any, procs: Start) -> None:
+    older = procs("sleep", "30")
+    write_state(agent, older.pid, sock=agent.SOCKET)  # an older tether's: no start time
+    unverified = agent.scan_servers()["unverified"]
+    with pytest.raises(agent.Fail) as e:
+        agent.check_unverified(unverified)
+    assert f"pid {older.pid} serves tether's socket" in e.value.message
+    assert f"`ssh HOST kill {older.pid}`" in e.value.hint and older.poll() is None
+
+
+PYTHON2 = Path("/root/.pyenv/versions/2.7.18/bin/python")
+
+
+@pytest.mark.skipif(not PYTHON2.exists(), reason="no Python 2.7 on this machine")
+def test_a_kernel_python_too_old_for_ipykernel(agent: Any) -> None:
+    agent.PARAMS["kernel_python"] = str(PYTHON2)
+    try:
+        with pytest.raises(agent.Fail) as e:
+            agent.kernel_python([])
+    finally:
+        agent.PARAMS.pop("kernel_python")
+    assert e.value.message == f"{PYTHON2} is Python 2.7; kernels need Python >= 3.8"
+
+
+def test_launch_records_are_kept_while_a_process_carries_them(agent: Any, procs: Start) -> None:
+    alive, dead = "a" * 32, "b" * 32
+    write_launch(agent, alive)
+    write_launch(agent, dead)
+    wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": alive}))
+    agent.prune_launches()
+    assert sorted(agent.read_launches()) == [alive]
+
+
+@ssh_tests
+async def test_consent_is_asked_through_a_callback_then_acted_on(prepared: Any,
+                                                                  testbed: Any) -> None:
+    from tether import _ssh
+    from tether.errors import ConfigError
+
+    down_json(testbed)
+    ds = f"{testbed.home}/consent-env"
+    subprocess.run([*testbed.ssh_argv(), "python3", "-m", "venv", "--clear", ds], check=True,
+                   timeout=120)
+    target = _ssh.SSHTarget("gpubox", str(testbed.config))
+    opts = bootstrap.RemoteOptions(kernel_python=f"{ds}/bin/python", remote_port=0)
+    asked: list[bootstrap.ConsentNeeded] = []
+
+    def answer(yes: bool) -> bootstrap.Consent:
+        async def consent(question: bootstrap.ConsentNeeded) -> bool:
+            asked.append(question)
+            return yes
+        return consent
+
+    with pytest.raises(ConfigError) as e:
+        await bootstrap.up(target, opts, consent=answer(False))
+    assert "--install-kernel-deps" in e.value.hint and "kind" not in e.value.data
+    assert asked == [bootstrap.ConsentNeeded("gpubox", f"{ds}/bin/python",
+                                             ("ipykernel", "psutil"))]
+    try:
+        result = await bootstrap.up(target, opts, consent=answer(True))
+        assert len(asked) == 2 and result["kernel_python"] == f"{ds}/bin/python"
+        assert result["reused"] is False and result["server"]["pid"]
+    finally:
+        down_json(testbed)

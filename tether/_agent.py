@@ -12,9 +12,17 @@ final ``result`` or ``error``. Actions:
             Unix socket (or a loopback port) with the token in a 0600 file; wait for its state
             file with a deadline.
 ``status``  the running servers, with kernels and GPU memory read over their socket.
-``down``    stop the servers (SIGTERM: kernels are shut down), then end anything left that
-            belongs to tether's directories.
+``down``    stop the servers (SIGTERM: kernels are shut down), then end every process of this
+            user that carries a server's launch or instance marker; report what could not be.
 ``probe``   what ``tether doctor`` needs: OS, Python, disk, GPU driver, environment, servers.
+
+A process is tether's only by what tether recorded, never by its command line: a server by
+the pid and start time in its state file (``tether-<pid>.json``: a state file whose pid is
+gone or now another process is stale, and removed), or by the launch id the agent puts in its
+environment (``TETHER_LAUNCH``, kept in a 0600 launch record with the options it was started
+with); its kernels and their children by that launch id or the server's instance id
+(``TETHER_SERVER_INSTANCE``), inherited through the environment. A child started with an
+emptied environment (``env -i``) carries neither and is not found without a cgroup.
 """
 
 import errno
@@ -140,7 +148,7 @@ def check_python():
         have = "%d.%d" % sys.version_info[:2]
         raise Fail("python", "%s is Python %s; tether needs Python >= %s"
                    % (sys.executable, have, ".".join(map(str, need))),
-                   hint="Install a newer one on the remote (e.g. `sudo apt-get install python3 "
+                   hint="Install a newer one on HOST (e.g. `sudo apt-get install python3 "
                         "python3-venv`) or pass --remote-python PATH.")
 
 
@@ -156,7 +164,7 @@ def check_disk():
         raise Fail("disk", "only %d MiB free under %s; tether's environment needs about 1 GiB"
                    % (free >> 20, ROOT),
                    hint="Free some space (e.g. `rm -rf ~/.cache/pip`) or point XDG_CACHE_HOME "
-                        "at a larger disk in the remote's shell profile.")
+                        "at a larger disk in the shell profile on HOST.")
 
 
 def gpu_info(query):
@@ -257,7 +265,7 @@ def run_logged(argv, what, kind, hint):
                 proc.wait()
             raise Fail("interrupted", "%s was interrupted: the connection went away" % what)
     if proc.returncode != 0:
-        raise Fail(kind, "%s failed (exit %d) on the remote" % (what, proc.returncode),
+        raise Fail(kind, "%s failed (exit %d) on HOST" % (what, proc.returncode),
                    hint=hint, log_tail=tail(INSTALL_LOG))
 
 
@@ -273,7 +281,7 @@ def create_env(wheel):
         shutil.rmtree(ENV)
     with Step("venv", "creating the environment"):
         run_logged([sys.executable, "-m", "venv", ENV], "python3 -m venv", "venv",
-                   "Install the venv module on the remote, e.g. `sudo apt-get install "
+                   "Install the venv module on HOST, e.g. `sudo apt-get install "
                    "python3-venv` (or pass --remote-python PATH).")
     install_wheel(wheel, deps=True)
 
@@ -390,6 +398,23 @@ def missing_modules(python, modules):
 KERNEL_MODULES = ("ipykernel", "psutil")
 
 
+KERNEL_MIN_PYTHON = (3, 8)  # ipykernel's own floor
+
+
+def check_kernel_version(python, given):
+    """A Python that runs, and is recent enough for ipykernel; else a Fail naming ``given``."""
+    version = working_python(python)
+    if not version:
+        raise Fail("kernel-python", "%s is not a working Python on HOST (`%s -c` did not run)"
+                   % (given, given),
+                   hint="Give --kernel-python the python of an environment that runs "
+                        "(check with `ssh HOST %s -V`)." % given)
+    if tuple(int(x) for x in version.split(".")) < KERNEL_MIN_PYTHON:
+        raise Fail("kernel-python", "%s is Python %s; kernels need Python >= %s"
+                   % (given, version, ".".join(map(str, KERNEL_MIN_PYTHON))),
+                   hint="Give --kernel-python a newer python on HOST.")
+
+
 def explicit_kernel_python():
     """The --kernel-python given, checked: an executable that runs as a Python."""
     given = PARAMS["kernel_python"]
@@ -398,11 +423,7 @@ def explicit_kernel_python():
         raise Fail("kernel-python", "%s is not an executable on HOST" % given,
                    hint="Give --kernel-python the full path of your environment's python "
                         "(`ssh HOST which python` inside it shows it).")
-    if not working_python(python):
-        raise Fail("kernel-python", "%s is not a working Python on HOST (`%s -c` did not run)"
-                   % (given, given),
-                   hint="Give --kernel-python the python of an environment that runs "
-                        "(check with `ssh HOST %s -V`)." % given)
+    check_kernel_version(python, given)
     return python
 
 
@@ -414,10 +435,7 @@ def kernel_python(warnings):
         python = explicit_kernel_python()
     elif PARAMS.get("conda_env"):
         python = conda_python(PARAMS["conda_env"])
-        if not working_python(python):
-            raise Fail("kernel-python", "%s (conda environment %s) is not a working Python on HOST"
-                       % (python, PARAMS["conda_env"]),
-                       hint="Repair that environment, or pass --kernel-python PATH.")
+        check_kernel_version(python, python)
     else:
         python = default_python()
         if python and not working_python(python):
@@ -472,10 +490,12 @@ def boot_time():
 
 
 def proc_facts(pid):
-    """(state letter, start time in seconds since the epoch, uid) of a process; None if gone.
+    """(state letter, start time in seconds since the epoch, uid, start in clock ticks since
+    boot) of a process; None if it is gone.
 
     The start time is psutil's ``create_time``: field 22 of /proc/PID/stat (clock ticks since
-    boot) over SC_CLK_TCK, plus btime from /proc/stat.
+    boot) over SC_CLK_TCK, plus btime from /proc/stat. btime moves when the wall clock is
+    stepped; the ticks do not, so the agent pins the servers it launched by ticks and boot id.
     """
     if pid <= 0:
         return None
@@ -483,10 +503,19 @@ def proc_facts(pid):
         uid = os.stat("/proc/%d" % pid).st_uid
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
-        start = int(fields[19]) / float(os.sysconf("SC_CLK_TCK")) + boot_time()
+        ticks = int(fields[19])
+        start = ticks / float(os.sysconf("SC_CLK_TCK")) + boot_time()
     except (OSError, ValueError, IndexError):
         return None
-    return fields[0], start, uid
+    return fields[0], start, uid, ticks
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def proc_name(pid):
@@ -543,9 +572,10 @@ class Target(object):
                 self.fd = os.pidfd_open(pid)
             except OSError:
                 self.fd = None
-        # Checked after the pidfd is open: if the start time still matches, the pidfd is ours.
 
     def alive(self):
+        # Checked after the pidfd is opened: while the start time matches, the pidfd (and the
+        # pid) is the process we judged.
         facts = proc_facts(self.pid)
         return not gone(facts) and abs(facts[1] - self.start) <= START_TOLERANCE
 
@@ -594,21 +624,21 @@ def end(targets, grace):
     return forced, wait_gone(forced, STRAY_DEADLINE)
 
 
-def marked_processes(ids, skip):
-    """This user's processes whose environment carries one of ``ids`` (launch or instance)."""
-    found = []
+def user_processes(skip):
+    """(pid, start time, markers) of each live process of this user, but those in ``skip``."""
     uid = os.getuid()
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in skip:
-            continue
-        pid = int(name)
-        facts = proc_facts(pid)
-        if gone(facts) or facts[2] != uid:
-            continue
-        m = marks(pid)
-        if m.get(LAUNCH_ENV) in ids or m.get(INSTANCE_ENV) in ids:
-            found.append(Target(pid, facts[1], "process of a tether server"))
-    return found
+        if name.isdigit() and int(name) not in skip:
+            facts = proc_facts(int(name))
+            if not gone(facts) and facts[2] == uid:
+                yield int(name), facts[1], marks(int(name))
+
+
+def marked_processes(ids, skip):
+    """This user's processes whose environment carries one of ``ids`` (launch or instance)."""
+    return [Target(pid, start, "process of a tether server")
+            for pid, start, m in user_processes(skip)
+            if m.get(LAUNCH_ENV) in ids or m.get(INSTANCE_ENV) in ids]
 
 
 # -- launch records and state files ------------------------------------------------------------
@@ -662,6 +692,38 @@ def record_launch(launch, python):
     write_private(launch_path(launch), json.dumps(record).encode())
 
 
+def prune_launches():
+    """Forget the launches no process carries any more (crashed servers and their orphans
+    gone): `down` needs only the records of what may still run."""
+    launches = read_launches()
+    if not launches:
+        return
+    carried = set(m.get(LAUNCH_ENV) for _, _, m in user_processes(own_lineage()))
+    for launch in launches:
+        if launch not in carried:
+            forget_launch(launch)
+
+
+def pin_launch(launch, pid):
+    """Add the server's pid and start (ticks since boot, boot id) to its launch record."""
+    facts = proc_facts(pid)
+    records = read_launches()
+    if gone(facts) or launch not in records:
+        return
+    records[launch]["server"] = {"pid": pid, "start_ticks": facts[3], "boot_id": boot_id()}
+    write_private(launch_path(launch), json.dumps(records[launch]).encode())
+
+
+def pinned_by_launch(pid, facts, launches):
+    """True/False when a launch record names ``pid`` (is it that server?); None when none does."""
+    pins = [r["server"] for r in launches.values()
+            if isinstance(r.get("server"), dict) and r["server"].get("pid") == pid]
+    if not pins:
+        return None
+    here = boot_id()
+    return any(p.get("start_ticks") == facts[3] and p.get("boot_id") == here for p in pins)
+
+
 def forget_launch(launch):
     try:
         os.unlink(launch_path(launch))
@@ -686,6 +748,7 @@ def state_files():
             state["pid"] = int(state.get("pid") or 0)
         except (OSError, ValueError, TypeError, AttributeError):
             continue
+        state["_file"] = path
         found.append((path, state))
     return found
 
@@ -718,12 +781,18 @@ def judge(state, launches):
         return STALE, "its process %d is gone" % pid
     if facts[2] != os.getuid():
         return STALE, "pid %d now belongs to another user" % pid
+    pinned = pinned_by_launch(pid, facts, launches)
+    if pinned:
+        return LIVE, ""
     want = recorded_start(state)
     if want is not None:
         if abs(facts[1] - want) <= START_TOLERANCE:
             return LIVE, ""
         return STALE, "pid %d is now another process (%s, started %s; the server started %s)" \
             % (pid, proc_name(pid), stamp(facts[1]), stamp(want))
+    if pinned is False:
+        return STALE, "pid %d is now another process (%s, started %s)" \
+            % (pid, proc_name(pid), stamp(facts[1]))
     if marks(pid).get(LAUNCH_ENV) in launches:
         return LIVE, ""
     return UNVERIFIED, ("pid %d runs, but its state file records no start time and the "
@@ -848,7 +917,8 @@ def start_server(python):
         write_private(TOKEN_FILE, secrets.token_hex(24).encode())
     if PARAMS.get("remote_port") is None and len(SOCKET) > 100:
         raise Fail("start", "the socket path %s is too long for a Unix socket" % SOCKET,
-                   hint="Set a shorter XDG_CACHE_HOME on the remote, or pass --remote-port N.")
+                   hint="Set a shorter XDG_CACHE_HOME on HOST, or pass --remote-port N.")
+    prune_launches()
     launch_id = secrets.token_hex(16)
     record_launch(launch_id, python)
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=RUNTIME, JUPYTER_PATH=JUPYTER_PATH)
@@ -856,6 +926,7 @@ def start_server(python):
     started = time.time()
     with Step("start", "starting the server"):
         state = wait_ready(launch(serve_argv(TOKEN_FILE), env), started, launch_id)
+    pin_launch(launch_id, state["pid"])
     return state
 
 
@@ -980,12 +1051,27 @@ def action_up():
         return {"need_consent": question, "stale": stale_report()}
     fd = lock_root()
     try:
-        running = servers()
+        scan = scan_servers()
+        running = scan["live"]
+        if not running:
+            check_unverified(scan["unverified"])
         state = running[0] if running else start_server(python)
     finally:
         os.close(fd)
     return {"server": public(state), "reused": bool(running), "kernel_python": python,
             "stale": stale_report(), "warnings": stale_warnings() + warnings}
+
+
+def check_unverified(unverified):
+    """A server tether cannot verify (an older tether's) is neither reused nor ended: say so
+    where it holds the socket a new server needs."""
+    for entry in unverified:
+        if PARAMS.get("remote_port") is None and entry["state"].get("sock") == SOCKET:
+            raise Fail("start", "pid %d serves tether's socket %s, but cannot be verified as a "
+                       "tether server: its state file records no start time and it carries no "
+                       "launch marker" % (entry["pid"], SOCKET),
+                       hint="If it is a server of an older tether, stop it (`ssh HOST kill %d`), "
+                            "then run `tether up HOST` again." % entry["pid"])
 
 
 # -- status and down ---------------------------------------------------------------------------
@@ -1076,7 +1162,7 @@ def action_down():
     ids.update(s["instance"] for s in scan["live"] if s.get("instance"))
     servers_, forced, survivors = stop_servers(scan["live"])
     for state in scan["live"]:  # a server that had to be killed leaves its state file
-        remove_quietly(os.path.join(RUNTIME, "tether-%d.json" % state["pid"]))
+        remove_quietly(state["_file"])
     skip = own_lineage() | set(t.pid for t in survivors)
     strays = marked_processes(ids, skip)
     stray_forced, stray_survivors = end(strays, STRAY_DEADLINE)
