@@ -30,9 +30,9 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tether import __version__, _ssh, bootstrap
 from tether.backends import OnEvent, OnNote, Placement
@@ -48,11 +48,11 @@ from tether.errors import (
 from tether.kernels import Kernels, RemoteKernels
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOB_NAME = "tether-runtime"
 COMMENT_PREFIX = "tether:"
 NO_SLURM = 95  # the login node has no sbatch/squeue/scontrol on its PATH
-POLL = 2.0
 WATCH_INTERVAL = 10.0
 READY_DEADLINE = 180.0  # from RUNNING to the server's state file
 CANCEL_DEADLINE = 60.0
@@ -256,6 +256,31 @@ echo "@@tether-log"
 tail -c 1500 "$d/job.log" 2>/dev/null || true
 """
 
+# Waits on the login node until the job's server is ready or the job ended: one line per change
+# (and a heartbeat), so the laptop needs no SSH handshake per look at the queue.
+_WAIT = _NEED + """
+r=@ROOT@; d="$r/slurm/$1"; j=$2; last=""; n=0
+while :; do
+  s=$(scontrol -o show job "$j" 2>&1 | head -n 1)
+  key=$(printf '%s' "$s" | sed -e 's/RunTime=[^ ]*//')
+  st=""
+  case "$s" in *JobState=RUNNING*)
+    for f in "$d"/tether-*.json; do [ -f "$f" ] && st="$st$(tr -d '\\n' < "$f")@@"; done;;
+  esac
+  if [ -n "$st" ] || [ "$key" != "$last" ] || [ "$n" -ge 20 ]; then
+    printf '@@job %s\\n@@state %s\\n' "$s" "$st"; last=$key; n=0
+  fi
+  [ -n "$st" ] && exit 0
+  case "$s" in
+    JobId=*JobState=PENDING*|JobId=*JobState=RUNNING*|JobId=*JobState=CONFIGURING*) ;;
+    *) printf '@@log '; tail -c 1500 "$d/job.log" 2>/dev/null | tr '\\n' '\\r'; echo; exit 0;;
+  esac
+  n=$((n + 1)); sleep 0.25
+done
+"""
+REPORT_DEADLINE = 30.0  # the waiting script reports at least every 5 s
+STREAM_RETRIES = 3
+
 _FIND = _NEED + """
 squeue --me -h -n @NAME@ -o "%i|%k|%T" 2>&1
 """
@@ -329,10 +354,10 @@ class SlurmJob:
                                           host=self.host)
             self.job, nonce = jobs[0], jobs[0].nonce
         else:
-            await self._sh(_NEED)  # not a login node: say so before preparing anything
-            await bootstrap.prepare(self.login, self.opts, on_event=on_event,
-                                    consent=self.consent)
-            self.mode = await self._choose_mode(on_note)
+            node = await self._first_node()  # not a login node: say so before anything else
+            prepared = bootstrap.prepare(self.login, self.opts, on_event=on_event,
+                                         consent=self.consent)
+            _, self.mode = await both(prepared, self._choose_mode(node, on_note))
             nonce = secrets.token_hex(8)
             self.job = await self._submit(nonce, on_event)
         return await self._wait_running(self.job.job_id, nonce, on_event, on_note)
@@ -359,45 +384,86 @@ class SlurmJob:
                   "seconds": round(time.monotonic() - t0, 2)})
         return JobInfo(job_id, "PENDING", comment=COMMENT_PREFIX + nonce)
 
+    async def _reports(self, job_id: str, nonce: str
+                       ) -> AsyncIterator[tuple[JobInfo, list[dict[str, Any]], str]]:
+        """What the waiting script on the login node reports: (job, server states, log tail)."""
+        script = _WAIT.replace("@ROOT@", REMOTE_LAYOUT.root_expr())
+        proc = await _ssh.spawn(self.login, self.login.argv(
+            command=["sh", "-c", script, "sh", nonce, job_id]), stdin=asyncio.subprocess.DEVNULL)
+        assert proc.stdout is not None
+        job_line = ""
+        try:
+            while raw := await asyncio.wait_for(proc.stdout.readline(), REPORT_DEADLINE):
+                line = raw.decode(errors="replace").rstrip("\n")
+                if line.startswith("@@job "):
+                    job_line = line[len("@@job "):]
+                elif line.startswith("@@state "):
+                    states = []
+                    for chunk in line[len("@@state "):].split("@@"):
+                        try:
+                            states.append(json.loads(chunk))
+                        except ValueError:
+                            continue
+                    job = JobInfo.from_scontrol(job_id, job_line)
+                    if not job.ended:  # an ended job's report comes with its log, next line
+                        yield job, states, ""
+                elif line.startswith("@@log "):
+                    yield (JobInfo.from_scontrol(job_id, job_line), [],
+                           line[len("@@log "):].replace("\r", "\n"))
+        except asyncio.TimeoutError:
+            log.info("no word on job %s from %s for %.0f s", job_id, self.host, REPORT_DEADLINE)
+        finally:
+            await _ssh.terminate(proc)
+        if proc.returncode == NO_SLURM:
+            await self._sh(_NEED)  # raises the one clear error
+        if proc.returncode == _ssh.SSH_FAILED:
+            stderr = await proc.stderr.read() if proc.stderr else b""
+            raise _ssh.ssh_error(self.login, "waiting for the job", proc.returncode, stderr)
+
     async def _wait_running(self, job_id: str, nonce: str, on_event: OnEvent,
                             on_note: OnNote) -> Placement:
-        """Poll (bounded once running) until the job's server has written its state file."""
+        """Until the job's server has written its state file (bounded once the job runs)."""
         t0 = time.monotonic()
         running_since: float | None = None
         last_state = ("", "")
-        while True:
-            job, states, log_tail = await self.poll(job_id, nonce)
-            self.job = job
-            if job.ended:
-                raise self._ended(job, log_tail, before_ready=True)
-            if job.state == "RUNNING" and states:
-                server = ServerInfo.from_agent(self.host, max(states, key=_started))
-                self.mode = "jump" if server.sock else "forward"
-                on_event({"event": "step", "key": "queue", "state": "done",
-                          "label": f"job {job_id} running on {job.node}",
-                          "seconds": round(time.monotonic() - t0, 2)})
-                placement = await self._placement(server, job)
-                self.ready = True
-                return placement
-            if job.state == "RUNNING" and running_since is None:
-                running_since = time.monotonic()
-            if running_since is not None and time.monotonic() - running_since > READY_DEADLINE:
-                raise SlurmError(f"job {job_id} runs on {job.node} but its server was not ready "
-                                 f"after {READY_DEADLINE:.0f} s",
-                                 hint=f"See {job_dir_expr(nonce)}/job.log on {self.host}; "
-                                      f"`tether down {self.host} --slurm` cancels the job.",
-                                 host=self.host, log_tail=log_tail)
-            state_line = describe_wait(job, time.monotonic() - t0) if job.state == "PENDING" \
-                else f"job {job_id} {job.state.lower()} on {job.node or '?'}: starting the server"
-            on_event({"event": "step", "key": "queue", "state": "start", "label": state_line,
-                      "job": job_id, "job_state": job.state, "reason": job.reason,
-                      "expected_start": job.start})
-            if (job.state, job.reason) != last_state:
-                on_event({"event": "queue", "job": job_id, "state": job.state,
-                          "reason": job.reason, "expected_start": job.start,
-                          "label": state_line})
-                last_state = (job.state, job.reason)
-            await asyncio.sleep(POLL)  # the scheduler's pace: bounded by the job's own life
+        for _ in range(STREAM_RETRIES):
+            async for job, states, log_tail in self._reports(job_id, nonce):
+                self.job = job
+                if job.ended:
+                    raise self._ended(job, log_tail, before_ready=True)
+                if job.state == "RUNNING" and states:
+                    server = ServerInfo.from_agent(self.host, max(states, key=_started))
+                    self.mode = "jump" if server.sock else "forward"
+                    on_event({"event": "step", "key": "queue", "state": "done",
+                              "label": f"job {job_id} running on {job.node}",
+                              "seconds": round(time.monotonic() - t0, 2)})
+                    placement = await self._placement(server, job)
+                    self.ready = True
+                    return placement
+                if job.state == "RUNNING" and running_since is None:
+                    running_since = time.monotonic()
+                if running_since is not None and \
+                        time.monotonic() - running_since > READY_DEADLINE:
+                    raise SlurmError(
+                        f"job {job_id} runs on {job.node} but its server was not ready after "
+                        f"{READY_DEADLINE:.0f} s",
+                        hint=f"See {job_dir_expr(nonce)}/job.log on {self.host}; "
+                             f"`tether down {self.host} --slurm` cancels the job.",
+                        host=self.host)
+                waiting = describe_wait(job, time.monotonic() - t0) if job.state == "PENDING" \
+                    else f"job {job_id} {job.state.lower()} on {job.node or '?'}: starting " \
+                         "the server"
+                on_event({"event": "step", "key": "queue", "state": "start", "label": waiting})
+                if (job.state, job.reason) != last_state:
+                    on_event({"event": "queue", "job": job_id, "state": job.state,
+                              "reason": job.reason, "expected_start": job.start,
+                              "label": waiting})
+                    last_state = (job.state, job.reason)
+        raise SlurmError(f"lost track of job {job_id} on {self.host} (the login node stopped "
+                         "answering)", hint=f"`tether attach {self.host} --slurm` finds it "
+                                            f"again; `tether down {self.host} --slurm` cancels "
+                                            "it.",
+                         host=self.host)
 
     def _ended(self, job: JobInfo, log_tail: str, before_ready: bool) -> SlurmJobEndedError:
         said = [ln for ln in log_tail.splitlines() if ln.strip()]
@@ -432,13 +498,15 @@ class SlurmJob:
                               (*self.login.options, f"ProxyJump={self.login.host}"),
                               self.login.interactive, self.login.ssh)
 
-    async def _choose_mode(self, on_note: OnNote) -> str:
+    async def _first_node(self) -> str:
+        """A node of the partition (to try SSH to); checks that this is a login node."""
+        part = f" -p {shlex.quote(self.slurm.partition)}" if self.slurm.partition else ""
+        done = await self._sh(_NEED + f"\nsinfo -h -N -o %N{part} | head -n 1")
+        return done.text.strip()
+
+    async def _choose_mode(self, node: str, on_note: OnNote) -> str:
         if self.slurm.node_access != "auto":
             return self.slurm.node_access
-        done = await self._sh(_NEED + '\nsinfo -h -N -o %N' +
-                              (f" -p {shlex.quote(self.slurm.partition)}"
-                               if self.slurm.partition else "") + " | head -n 1")
-        node = done.text.strip()
         if node and await _reachable(await self._node_target(node)):
             return "jump"
         on_note(f"SSH to the nodes of {self.host} is refused ({node or 'no node listed'}): the "
@@ -571,3 +639,16 @@ async def _reachable(target: _ssh.SSHTarget) -> bool:
     except SSHError:
         return False
     return done.returncode == 0
+
+
+async def both(first: Awaitable[Any], second: Awaitable[T]) -> tuple[Any, T]:
+    """Run two steps at once; the first failure cancels the other and is raised as itself."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        done = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return done[0], done[1]
