@@ -121,6 +121,13 @@ def test_usage_errors_are_config_errors():
     (["attach", "gpubox", "--port", "70000"], "70000 is not in the range"),
     (["doctor", "gpubox", "--port", "x"], "'x' is not a valid integer"),
     (["ps", "a", "-H", "b"], "two hosts given"),
+    (["up", "--slurm"], "--slurm needs the cluster's login node"),
+    (["up", "gpubox", "--gpus", "1"], "--gpus goes with --slurm"),
+    (["up", "gpubox", "--node-access", "forward"], "--node-access goes with --slurm"),
+    (["up", "gpubox", "--slurm", "--node-access", "sideways"], "'sideways' is not one of"),
+    (["up", "gpubox", "--slurm", "--walltime-signal", "5"], "--walltime-signal 5"),
+    (["up", "gpubox", "--slurm", "--gpus", "-1"], "-1 is not in the range"),
+    (["ps", "--slurm"], "--slurm needs the login node"),
 ])
 def test_bad_options_fail_before_any_ssh_with_one_line(args, needle):
     """Nothing is started: these fail in the argument checks (an unknown host would take ssh)."""

@@ -197,9 +197,13 @@ def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
     for origin in opts.origins:
         if origin != COLAB_ORIGIN:
             serve += ["--origin", origin]
-    if opts.notebook_dir:
-        serve += ["--notebook-dir", opts.notebook_dir]
     serve += list(opts.serve_args)
+    where = ""
+    if opts.notebook_dir:  # a leading ~ is the home on the cluster, not the laptop's
+        path = opts.notebook_dir
+        home, rest = (True, path[2:]) if path.startswith("~/") else (path == "~", "")
+        where = (' --notebook-dir "$HOME"' + (f"/{shlex.quote(rest)}" if rest else "")
+                 if home else f" --notebook-dir {shlex.quote(path)}")
     if mode == "jump":
         listen = '--sock "$d/tether.sock"'
     else:  # the address the node's name resolves to on the cluster; a port the server picks
@@ -225,7 +229,7 @@ walltime() {{
 {hook_line}  echo done > "$d/walltime.done"
 }}
 trap walltime USR1
-"$t" serve {listen} {shlex.join(serve)} &
+"$t" serve {listen} {shlex.join(serve)}{where} &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done

@@ -351,6 +351,9 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
     Several hosts get consecutive local ports from --port. With no HOST, serve on this machine.
     """
     if not hosts:
+        if kw.get("slurm"):
+            raise ConfigError("--slurm needs the cluster's login node",
+                              hint="`tether up LOGIN --slurm` (LOGIN as your ssh knows it).")
         local = {k: v for k, v in kw.items() if k in {p.name for p in serve.params}}
         ctx.invoke(serve, port=port, origins=origins, notebook_dir=notebook_dir,
                    idle_timeout=idle_timeout, as_json=as_json, **local)

@@ -1,0 +1,69 @@
+"""The Slurm backend's pure parts: what Slurm prints, the job script, the sbatch arguments."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tether.backends import slurm
+from tether.bootstrap import RemoteOptions
+from tether.errors import ConfigError
+
+# recorded from Slurm 22.05 (`scontrol -o show job 3`), trimmed
+PENDING = ("JobId=3 JobName=tether-runtime UserId=tether-remote(1001) GroupId=tether-remote(1001) "
+           "Priority=4294901757 JobState=PENDING Reason=Resources Dependency=(null) "
+           "RunTime=00:00:00 TimeLimit=04:00:00 SubmitTime=2026-12-01T21:11:12 "
+           "StartTime=2026-12-01T21:21:13 EndTime=2026-12-02T01:21:13 NodeList=(null) "
+           "Comment=tether:0f3c9a1b2d4e5f60 TresPerJob=gres:gpu:1")
+RUNNING = ("JobId=4 JobName=tether-runtime JobState=RUNNING Reason=None RunTime=1-02:03:04 "
+           "TimeLimit=2-00:00:00 StartTime=2026-12-01T21:11:13 NodeList=gpu07 "
+           "Comment=tether:abc WorkDir=/home/me/my notebooks")
+
+
+def test_scontrol_lines_parse_with_spaces_in_values():
+    fields = slurm.parse_scontrol(RUNNING)
+    assert fields["JobState"] == "RUNNING" and fields["NodeList"] == "gpu07"
+    assert fields["WorkDir"] == "/home/me/my notebooks"
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("04:00:00", 14400), ("1-02:03:04", 93784), ("10:00", 600), ("5", 300),
+    ("UNLIMITED", None), ("", None)])
+def test_durations(text, seconds):
+    assert slurm.parse_duration(text) == seconds
+
+
+def test_job_info_of_a_pending_and_a_running_job():
+    pending = slurm.JobInfo.from_scontrol("3", PENDING)
+    assert (pending.state, pending.reason, pending.node, pending.nonce) == (
+        "PENDING", "Resources", "", "0f3c9a1b2d4e5f60")
+    assert not pending.ended and pending.time_left == 14400
+    assert "queued: PENDING (Resources), expected start 2026-12-01T21:21:13, waited 1m05s" in \
+        slurm.describe_wait(pending, 65)
+    running = slurm.JobInfo.from_scontrol("4", RUNNING)
+    assert running.time_left == 2 * 86400 - 93784
+    gone = slurm.JobInfo.from_scontrol("5", "slurm_load_jobs error: Invalid job id specified")
+    assert gone.state == "GONE" and gone.ended
+
+
+def test_sbatch_arguments_pass_the_users_flags_verbatim():
+    opts = slurm.SlurmOptions(gpus=2, partition="a100", time="4:00:00", account="lab",
+                              sbatch_args=("--constraint=a100", "--mem=64G"))
+    assert opts.sbatch("tether-runtime", "tether:x") == [
+        "--job-name=tether-runtime", "--comment=tether:x", "--signal=B:USR1@300", "--gpus=2",
+        "--partition=a100", "--time=4:00:00", "--account=lab", "--constraint=a100", "--mem=64G"]
+    with pytest.raises(ConfigError):
+        slurm.SlurmOptions(node_access="sideways")
+
+
+@pytest.mark.parametrize("mode", ["jump", "forward"])
+def test_the_job_script_is_valid_sh_and_keeps_the_token_out(mode):
+    opts = RemoteOptions(notebook_dir="~/my notebooks", serve_args=("--stop-after-idle", "600"))
+    script = slurm.job_script("abc", opts, slurm.SlurmOptions(on_walltime="cp a b"), mode)
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    assert "trap walltime USR1" in script and "( cp a b )" in script
+    assert ("--sock" in script) == (mode == "jump")
+    assert ("--i-know-this-exposes-the-server" in script) == (mode == "forward")
+    assert """--notebook-dir "$HOME"/'my notebooks'""" in script
+    assert "--token" not in script  # the server makes its own; it reaches us in its 0600 file
