@@ -113,6 +113,10 @@ def _transform_factory(
 class ColabHandler(APIHandler):
     """Base of ``/api/colab/*``: authenticated JSON behind Colab's XSSI guard."""
 
+    # Colab polls these every few seconds while a tab is open: looking must never keep an idle
+    # server (``--stop-after-idle``) alive, as with the life-cycle API.
+    _track_activity = False
+
     def write_colab(self, body: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(XSSI_PREFIX + json.dumps(body))

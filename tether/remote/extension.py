@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any
 
+import psutil
 from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
@@ -67,6 +68,7 @@ def origin_pattern(origins: list[str]) -> str:
 
 
 def server_state(serverapp: Any, origins: list[str]) -> ServerState:
+    ctx = lifecycle.server_context()
     base = serverapp.connection_url
     if not serverapp.sock:
         host = "[::1]" if ":" in serverapp.ip else "127.0.0.1"
@@ -82,6 +84,9 @@ def server_state(serverapp: Any, origins: list[str]) -> ServerState:
         version=__version__,
         origins=tuple(origins),
         started=time.time(),
+        instance=ctx.instance,
+        create_time=psutil.Process().create_time(),
+        cgroup=ctx.cgroup,
     )
 
 

@@ -40,6 +40,7 @@ class ServerContext:
     guard: Guard
     state_file: str = ""
     records: dict[str, KernelRecord] = field(default_factory=dict)  # kernel id -> live record
+    cgroup: str = ""  # cgroup v2 directory of this server's kernel cgroups ("" where none)
 
 
 _context: ServerContext | None = None
