@@ -60,9 +60,11 @@ import tornado.web
 import tornado.websocket
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
-from jupyter_server.utils import origin_matches_pat, url_path_join
+from jupyter_server.utils import url_path_join
 from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.iostream import StreamClosedError
+
+from tether.remote import colab
 
 log = logging.getLogger(__name__)
 
@@ -415,19 +417,18 @@ class _BridgeSocket(WebSocketMixin, tornado.websocket.WebSocketHandler, JupyterH
             self.request.headers["Authorization"] = f"token {token}"
 
     def check_origin(self, origin_to_satisfy_tornado: str = "") -> bool:
-        """Only allow-listed origins (tether's, set by the extension), token or not.
+        """The server's one origin rule (``colab.refused_origin``), and an Origin is required.
 
-        jupyter_server lets any origin through once a token matches; the bridge is a whole API
-        behind one socket, so a foreign page holding a leaked URL still gets nothing.
+        A foreign origin never gets here (the app's first rules answer it 403); jupyter_server
+        would otherwise let any origin through once a token matches. The bridge is a browser
+        protocol, a whole API behind one socket: a socket without an Origin is refused too.
         """
-        origin = origin_to_satisfy_tornado or self.get_origin() or ""
-        allow_origin = self.settings.get("allow_origin", "")
-        pattern = self.settings.get("allow_origin_pat")
-        allowed = bool(allow_origin) and origin == allow_origin
-        allowed = allowed or bool(pattern and origin_matches_pat(pattern, origin))
-        if not allowed:
+        origin = self.request.headers.get("Origin")
+        allowed = self.settings.get(colab.ORIGINS_KEY, frozenset())
+        if origin is None or colab.refused_origin(self.request, allowed) is not None:
             log.warning("bridge: refused websocket from origin %r (%s)", origin, self.request.path)
-        return allowed
+            return False
+        return True
 
     def admit(self) -> bool:
         """Close the socket with 4401 unless it is authenticated; call first in ``open``."""

@@ -19,7 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import api, bridge, colab, lifecycle
+from tether.remote import api, bridge, colab, lifecycle, redact
 from tether.remote.state import ServerState, remove_state, state_path, write_state
 
 
@@ -91,6 +91,8 @@ def server_state(serverapp: Any, origins: list[str]) -> ServerState:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
+    # a hand-started server too: no log line of this process shows its token from now on
+    redact.install(serverapp.identity_provider.token)
     settings = Tether(parent=serverapp)
     origins = [check_origin(o) for o in settings.origins]
     web_app = serverapp.web_app

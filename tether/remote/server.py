@@ -18,6 +18,7 @@ from traitlets.config import Config
 
 from tether.config import DEFAULT_CULL_INTERVAL, DEFAULT_SHUTDOWN_WAIT, ServeConfig
 from tether.errors import ConfigError, PortInUseError, ServerStartError
+from tether.remote import redact
 from tether.remote.extension import READY_CALLBACK, origin_pattern
 from tether.remote.state import ServerState, running_servers
 
@@ -171,6 +172,7 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
         check_socket_path(cfg.sock)
     else:
         check_port_free(cfg.ip, cfg.port)
+    redact.install(cfg.token)  # before anything can log it
     app = ServerApp.instance(config=jupyter_config(cfg))
     # The token goes in through the environment, read once at initialize and removed at once:
     # a traitlets Config would be logged verbatim at debug level, and kernels inherit os.environ.
