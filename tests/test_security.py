@@ -156,3 +156,98 @@ def test_own_origin_and_no_origin_and_colab_are_served(logged_server):
     status, _ = call(port, "POST", "/tether/api/release", "{}",
                      {**auth, "Host": "localhost:9999", "Origin": "http://localhost:9999"})
     assert status == 200
+
+
+OTHER_USER = "tether-other"
+PROBE = ("import socket, sys\n"
+         "s = socket.socket(socket.AF_UNIX)\n"
+         "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(type(e).__name__)\n"
+         "else:\n    print('connected')\n")
+
+
+def other_user() -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(OTHER_USER).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", OTHER_USER], check=True, timeout=30)
+        return pwd.getpwnam(OTHER_USER).pw_uid
+
+
+def probe(path: str, user: int | None) -> str:
+    out = subprocess.run(["/usr/bin/python3", "-c", PROBE, path], user=user, capture_output=True,
+                         text=True, timeout=30, cwd="/")
+    return out.stdout.strip() or out.stderr.strip()
+
+
+async def running_kernel(info: dict) -> tuple[str, dict, int]:
+    from tests.kernel_client import Api
+
+    api = Api(info["url"].rstrip("/"), info["token"])
+    session = await api.new_session("ipc.ipynb")
+    kid = session["kernel"]["id"]
+    channel = await api.connect(kid)
+    code = ("import os; k = get_ipython().kernel\n"
+            "print(os.getpid(), getattr(k.iopub_thread, '_pipe_port', 0))")
+    pid, pipe_port = map(int, (await channel.execute(code)).split())
+    channel.close()
+    return kid, api, pid, pipe_port
+
+
+def listening_tcp(pids: list[int]) -> list[tuple[int, object]]:
+    found = []
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN or conn.type == 2:  # TCP listen, or any UDP
+                found.append((pid, conn.laddr))
+    return found
+
+
+async def test_kernels_listen_on_no_tcp_port_and_other_users_cannot_connect(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    uid = other_user()
+    proc, info, _ = start_logged(tmp_path)
+    try:
+        kid, api, kernel_pid, pipe_port = await running_kernel(info)
+        # Every TCP socket listening in the server's tree is the server's own port, but for
+        # ipykernel's IOPub pipe: a PULL socket it binds to loopback TCP whatever the transport
+        # (iostream.py), for output of forked children. It sends nothing, and drops messages
+        # without its 128-bit random key: nothing of the kernel can be read from it.
+        tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+        assert kernel_pid in tree
+        assert sorted((pid, addr.port) for pid, addr in listening_tcp(tree)) == sorted(
+            [(proc.pid, info["port"]), *([(kernel_pid, pipe_port)] if pipe_port else [])])
+        conn_file = json.loads((tmp_path / "rt" / f"kernel-{kid}.json").read_text())
+        assert conn_file["transport"] == "ipc"
+        iopub = f"{conn_file['ip']}-{conn_file['iopub_port']}"
+        assert os.path.exists(iopub)
+        runtime = os.path.dirname(iopub)
+        assert os.stat(runtime).st_mode & 0o077 == 0, "the sockets' directory is private"
+        assert probe(iopub, None) == "connected"  # the control: its owner can
+        assert probe(iopub, uid) == "PermissionError"
+        await api.call("DELETE", f"/api/kernels/{kid}")
+    finally:
+        stop(proc)
+
+
+async def test_ipc_sockets_move_to_a_short_private_dir_when_the_path_is_too_long(tmp_path):
+    deep = tmp_path / ("r" * 60) / "runtime"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(deep)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "serve", "--json", "--port", "0", "--notebook-dir",
+         str(tmp_path)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], READY_DEADLINE)
+        info = json.loads(proc.stdout.readline())
+        kid, api, _, _ = await running_kernel(info)
+        conn_file = json.loads((deep / f"kernel-{kid}.json").read_text())
+        prefix = conn_file["ip"]
+        assert len(prefix) + 3 <= 107 and not prefix.startswith(str(deep))
+        assert os.stat(os.path.dirname(prefix)).st_mode & 0o777 == 0o700
+        await api.call("DELETE", f"/api/kernels/{kid}")
+    finally:
+        stop(proc)
+    assert not os.path.exists(os.path.dirname(prefix)), "removed with the server"

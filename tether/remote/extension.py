@@ -57,6 +57,11 @@ class Tether(LoggingConfigurable):
         "seconds, before it stops (e.g. power off or deallocate the VM)."
     ).tag(config=True)
 
+    ipc_kernels = Bool(
+        True, help="Kernels listen on Unix sockets in a private directory (ZMQ ipc transport), "
+        "never on a TCP port that every local user can connect to."
+    ).tag(config=True)
+
     verify_timeout = Float(
         30.0, help="Seconds a release waits for the kernel's GPU memory to be given back."
     ).tag(config=True)
@@ -125,6 +130,7 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         factory.default_provisioner_name = lifecycle.PROVISIONER_NAME
     ctx = lifecycle.server_context()
     ctx.state_file = str(state_path(os.getpid(), serverapp.runtime_dir))
+    ctx.ipc_kernels = settings.ipc_kernels
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
     web_app.settings[api.SETTINGS_KEY] = api.Lifecycle(

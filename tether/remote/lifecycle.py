@@ -10,9 +10,13 @@ the default provisioner of servers tether configures, so no kernelspec needs edi
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import errno
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,8 @@ class ServerContext:
     state_file: str = ""
     records: dict[str, KernelRecord] = field(default_factory=dict)  # kernel id -> live record
     cgroup: str = ""  # cgroup v2 directory of this server's kernel cgroups ("" where none)
+    ipc_kernels: bool = True  # kernels' ZMQ sockets as files in a 0700 directory, not TCP
+    short_ipc_dir: str = ""  # a private dir for them when the runtime dir's path is too long
 
 
 _context: ServerContext | None = None
@@ -87,6 +93,53 @@ def kernel_env(env: dict[str, str], kernel_id: str, marker: str,
     return env
 
 
+# sun_path holds 108 bytes with the terminating NUL; jupyter_client appends "-<n>" to the prefix
+MAX_UNIX_PATH = 107
+IPC_SUFFIX_LEN = 3
+
+
+def _private_dir(path: str) -> bool:
+    """A directory only this user can enter (what keeps other users off the kernel sockets)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def ipc_prefix(connection_file: str, kernel_id: str, ctx: ServerContext) -> str:
+    """Where a kernel's ipc sockets go: beside its connection file, if that directory is private
+    and its path short enough for Unix sockets, else in a private directory of this server."""
+    prefix = os.path.splitext(connection_file)[0] + "-ipc"
+    if _private_dir(os.path.dirname(prefix)) and len(prefix) + IPC_SUFFIX_LEN <= MAX_UNIX_PATH:
+        return prefix
+    if not ctx.short_ipc_dir:
+        base = os.environ.get("XDG_RUNTIME_DIR", "")
+        if not (base and _private_dir(base) and len(base) < 40):
+            base = tempfile.gettempdir()
+        ctx.short_ipc_dir = tempfile.mkdtemp(prefix="tether-ipc-", dir=base)  # 0700, ours
+        atexit.register(_remove_dir, ctx.short_ipc_dir)
+    prefix = os.path.join(ctx.short_ipc_dir, kernel_id)
+    if len(prefix) + IPC_SUFFIX_LEN > MAX_UNIX_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"no directory short enough for the kernel's Unix "
+                      f"sockets ({prefix}); set TMPDIR to a short private directory")
+    return prefix
+
+
+def _remove_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # empty once every kernel's ipc files are cleaned up
+
+
+def use_ipc(km: Any, kernel_id: str, ctx: ServerContext) -> None:
+    """Switch a kernel manager to the ipc transport (kernels then listen on no TCP port)."""
+    if km.transport == "tcp" and not ctx.ipc_kernels:
+        return
+    km.transport = "ipc"
+    km.cache_ports = False  # the port cache binds TCP ports
+    km.ip = ipc_prefix(km.connection_file, kernel_id, ctx)
+
+
 class SweepingProvisioner(LocalProvisioner):
     """A ``LocalProvisioner`` that leaves nothing of a kernel behind."""
 
@@ -99,6 +152,7 @@ class SweepingProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         ctx = server_context()
+        use_ipc(self.parent, self.kernel_id, ctx)
         self._marker = secrets.token_hex(16)
         base = kwargs.get("env") or dict(os.environ)
         kwargs["env"] = kernel_env(base, self.kernel_id, self._marker, ctx)

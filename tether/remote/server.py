@@ -136,6 +136,9 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     km.cull_connected = False
     km.cull_busy = False
     c.KernelManager.shutdown_wait_time = DEFAULT_SHUTDOWN_WAIT
+    # ZMQ over loopback TCP lets every local user read a kernel's iopub (code and output):
+    # Unix sockets in the 0700 runtime dir instead (the provisioner picks a short enough path)
+    c.KernelManager.transport = "ipc"
     # The extension makes the sweeping provisioner the default (docs/kernel-gpu-lifecycle.md).
     c.SweepingProvisioner.grace = cfg.kill_grace
     c.Tether.stop_after_idle = cfg.stop_after_idle
