@@ -19,7 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import api, bridge, colab, lifecycle, redact
+from tether.remote import api, bridge, cgroups, colab, lifecycle, redact
 from tether.remote.state import ServerState, remove_state, state_path, write_state
 
 
@@ -60,6 +60,11 @@ class Tether(LoggingConfigurable):
     ipc_kernels = Bool(
         True, help="Kernels listen on Unix sockets in a private directory (ZMQ ipc transport), "
         "never on a TCP port that every local user can connect to."
+    ).tag(config=True)
+
+    kernel_cgroups = Bool(
+        True, help="Start each kernel in a cgroup v2 of its own where this user may create "
+        "one, so that a release ends every process the kernel started."
     ).tag(config=True)
 
     verify_timeout = Float(
@@ -131,6 +136,11 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
     ctx = lifecycle.server_context()
     ctx.state_file = str(state_path(os.getpid(), serverapp.runtime_dir))
     ctx.ipc_kernels = settings.ipc_kernels
+    if settings.kernel_cgroups and not ctx.cgroup:
+        ctx.cgroup = cgroups.server_dir(ctx.instance)
+        if ctx.cgroup:
+            atexit.register(cgroups.remove, ctx.cgroup)
+    serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
     web_app.settings[api.SETTINGS_KEY] = api.Lifecycle(

@@ -25,7 +25,7 @@ import psutil
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
-from tether.remote import sweep
+from tether.remote import cgroups, sweep
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,18 @@ class SweepingProvisioner(LocalProvisioner):
         return result
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        ctx = server_context()
+        cgroup = await asyncio.to_thread(cgroups.kernel_dir, ctx.cgroup, self.kernel_id) \
+            if ctx.cgroup else ""
+        if cgroup:
+            cmd = cgroups.wrap(cmd, cgroup)
         info = await super().launch_kernel(cmd, **kwargs)
         try:
             started = psutil.Process(self.pid).create_time()
         except psutil.Error:
             started = 0.0
         self.record = KernelRecord(self.kernel_id, int(self.pid or 0), self.pgid, self._marker,
-                                   started)
+                                   started, cgroup=cgroup)
         server_context().records[self.kernel_id] = self.record
         log.debug("kernel %s launched: pid %s, pgid %s", self.kernel_id, self.pid, self.pgid)
         return info
@@ -182,8 +187,14 @@ class SweepingProvisioner(LocalProvisioner):
         await super().shutdown_requested(restart=restart)
 
     async def send_signal(self, signum: int) -> None:
+        """The kernel and the safe members of its group, never a bare ``killpg`` (as root that
+        reached another user's process in the group, one the sweep had refused to touch)."""
         await asyncio.to_thread(self.remember_descendants)
-        await super().send_signal(signum)
+        record = self.record
+        if record is None:
+            await super().send_signal(signum)
+            return
+        await asyncio.to_thread(sweep.signal_kernel, record, server_context().guard, signum)
 
     async def cleanup(self, restart: bool = False) -> None:
         record, self.record = self.record, None

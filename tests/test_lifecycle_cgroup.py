@@ -1,0 +1,128 @@
+"""A release that says "verified" is for sure: kernel cgroups, and an interrupt that keeps to the
+safe-kill rule. Real servers, real kernels, the machine's real cgroup v2 (skipped without one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import start_server, stop_server
+from kernel_client import Api, alive_pids, kill_pids, make_kernelspecs, wait_dead
+
+from tether.remote import cgroups
+
+# Drops the marker (env -i) and leaves the process group (setsid): only a cgroup still finds it
+ESCAPE = ("import subprocess, time\n"
+          "subprocess.run(['env', '-i', 'setsid', 'sh', '-c', 'sleep 1003 & echo $! > {out}'])\n")
+OTHER_USER = "tether-other"
+
+
+def escaped_pid(out: Path) -> int:
+    return int(out.read_text().split()[0])
+
+
+def cgroups_usable() -> bool:
+    own = cgroups.own_cgroup()
+    return bool(own) and os.access(own, os.W_OK)
+
+
+def no_cgroup_config(tmp: Path) -> dict[str, str]:
+    conf = tmp / "jupyter-config"
+    conf.mkdir(exist_ok=True)
+    (conf / "jupyter_server_config.json").write_text(
+        json.dumps({"Tether": {"kernel_cgroups": False}}))
+    return {"JUPYTER_CONFIG_DIR": str(conf)}
+
+
+async def kernel_running(api: Api, code: str, kernel: str = "python3") -> tuple[str, str]:
+    session = await api.new_session("cg.ipynb", kernel)
+    kid = session["kernel"]["id"]
+    channel = await api.connect(kid)
+    out = await channel.execute(code)
+    channel.close()
+    return kid, out
+
+
+@pytest.mark.skipif(not cgroups_usable(), reason="no writable cgroup v2 here")
+async def test_escaped_process_does_not_survive_release_and_it_is_verified(tmp_path):
+    srv = start_server(tmp_path, "--kill-grace", "1")
+    api = Api(srv.url, srv.token)
+    out = tmp_path / "escaped.pid"
+    pids: list[int] = []
+    try:
+        state = json.loads((srv.runtime_dir / f"tether-{srv.proc.pid}.json").read_text())
+        assert state["cgroup"] and os.path.isdir(state["cgroup"])
+        kid, _ = await kernel_running(api, ESCAPE.format(out=out))
+        pids.append(escaped_pid(out))
+        cg = os.path.join(state["cgroup"], f"kernel-{kid}")
+        assert pids[0] in cgroups.members(cg), "the escapee is still in the kernel's cgroup"
+        assert "TETHER_KERNEL_MARKER" not in psutil.Process(pids[0]).environ()
+        outcome = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
+        assert outcome["released"] is True and outcome["verified"] is True, outcome
+        assert outcome["unverified_reason"] == ""
+        assert await wait_dead(pids, 5) == []
+        assert not os.path.exists(cg), "the kernel's cgroup is removed"
+    finally:
+        kill_pids(alive_pids(pids))
+        stop_server(srv)
+    assert not os.path.exists(state["cgroup"]), "the server's cgroup dir goes with it"
+
+
+async def test_without_a_cgroup_the_release_says_it_could_not_verify(tmp_path):
+    srv = start_server(tmp_path, "--kill-grace", "1", env=no_cgroup_config(tmp_path))
+    api = Api(srv.url, srv.token)
+    out = tmp_path / "escaped.pid"
+    pids: list[int] = []
+    try:
+        state = json.loads((srv.runtime_dir / f"tether-{srv.proc.pid}.json").read_text())
+        assert state["cgroup"] == ""
+        kid, _ = await kernel_running(api, ESCAPE.format(out=out))
+        pids.append(escaped_pid(out))
+        outcome = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
+        # what could be found was ended; the escapee could not be, and the report says so
+        assert outcome["released"] is True and outcome["verified"] is False
+        assert outcome["unverified_reason"].startswith("no cgroup")
+        assert alive_pids(pids) == pids
+        everything = await api.call("POST", "/tether/api/release", {})
+        assert everything["verified"] is False
+    finally:
+        kill_pids(alive_pids(pids))
+        stop_server(srv)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+async def test_release_interrupt_spares_another_users_process_in_the_group(tmp_path):
+    """As root: a kernel's child running as another user, left in the kernel's process group.
+    The sweep refuses to touch it (not provably ours without a cgroup); the interrupt that
+    precedes the release must not kill it either (a plain killpg did)."""
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", OTHER_USER], check=True, timeout=30)
+    # the kernel without psutil: ipykernel's own child clean-up (psutil) would end it first
+    srv = start_server(tmp_path, "--kill-grace", "1",
+                       env={**no_cgroup_config(tmp_path), **make_kernelspecs(tmp_path)})
+    api = Api(srv.url, srv.token)
+    pids: list[int] = []
+    try:
+        code = ("import os, subprocess\n"
+                f"p = subprocess.Popen(['sleep', '1011'], user={OTHER_USER!r}, env={{}})\n"
+                "q = subprocess.Popen(['sleep', '1012'])\n"
+                "print(p.pid, q.pid, os.getpgid(p.pid) == os.getpgid(0))\n")
+        kid, printed = await kernel_running(api, code, "nopsutil")
+        other, mine, same_group = printed.split()
+        pids += [int(other), int(mine)]
+        assert same_group == "True"
+        outcome = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
+        assert await wait_dead([int(mine)], 5) == []
+        assert alive_pids([int(other)]) == [int(other)], "another user's process was signalled"
+        assert [r["pid"] for r in outcome["leftovers"]] == [int(other)]
+        assert "another user" in outcome["leftovers"][0]["reason"]
+    finally:
+        kill_pids(alive_pids(pids))
+        stop_server(srv)
