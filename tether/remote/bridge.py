@@ -507,6 +507,41 @@ def _allow_unauthenticated(method: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
+class _IdleTimer:
+    """Expires ``deadline`` once no progress was reported for ``idle`` seconds.
+
+    One timer for the whole request, re-armed from its own callback. Re-arming it from the
+    handler's writes (``Timeout.reschedule``) made a timer handle per write, each holding a copy
+    of the context it was made in: the handler's, where jupyter_server's ``CallContext`` keeps
+    the handler, its request and its body. A cancelled handle stays in the loop's heap until
+    its time: every 15 MiB PUT through the bridge stayed in memory for two minutes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout,
+                 idle: float) -> None:
+        self._loop = loop
+        self._deadline = deadline
+        self._idle = idle
+        self._last = loop.time()
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._last + idle, self._check)
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._idle
+        if self._loop.time() >= due:
+            self._handle = None
+            self._deadline.reschedule(self._loop.time())  # expires now: the request is cancelled
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class HttpOverWebSocketHandler(_BridgeSocket):
     """``/http_over_websocket``: HTTP requests as JSON frames, served in-process."""
 
@@ -586,10 +621,14 @@ class HttpOverWebSocketHandler(_BridgeSocket):
             )
             return
         try:
-            async with asyncio.timeout(REQUEST_IDLE_TIMEOUT) as deadline:
-                stream.on_progress = lambda: deadline.reschedule(loop.time() + REQUEST_IDLE_TIMEOUT)
-                await dispatch(self.application, http_request, request.body)
-                await stream.pump()
+            async with asyncio.timeout(None) as deadline:
+                idle = _IdleTimer(loop, deadline, REQUEST_IDLE_TIMEOUT)
+                stream.on_progress = idle.progress
+                try:
+                    await dispatch(self.application, http_request, request.body)
+                    await stream.pump()
+                finally:
+                    idle.cancel()
         except asyncio.CancelledError:
             stream.abort()
             raise

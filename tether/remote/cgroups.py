@@ -21,7 +21,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +209,3 @@ def remove(path: str) -> bool:
                 log.warning("cannot remove cgroup %s: %s", cg, e.strerror)
                 ok = False
     return ok
-
-
-def stale_server_dirs(parent: str, alive: Callable[[str], bool]) -> list[str]:
-    """``tether-<instance>`` cgroups beside ``parent`` (this server's) whose server is gone."""
-    found = []
-    own = os.path.dirname(parent)
-    with contextlib.suppress(OSError):
-        for name in os.listdir(own):
-            path = os.path.join(own, name)
-            if name.startswith(PREFIX) and path != parent and not alive(name[len(PREFIX):]):
-                found.append(path)
-    return found
