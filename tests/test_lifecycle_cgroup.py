@@ -126,3 +126,50 @@ async def test_release_interrupt_spares_another_users_process_in_the_group(tmp_p
     finally:
         kill_pids(alive_pids(pids))
         stop_server(srv)
+
+
+MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_cgroup_v2_mount_and_own_path_are_parsed():
+    assert cgroups._mountinfo_v2(MOUNTINFO) == "/sys/fs/cgroup/unified"
+    assert cgroups._mountinfo_v2(MOUNTINFO.replace("cgroup2 cgroup2", "ext4 /dev/x")) == ""
+    unified = "31 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert cgroups._mountinfo_v2(unified) == "/sys/fs/cgroup"
+    own = "4:memory:/process_api/x\n0::/user.slice/user-1000.slice/user@1000.service/app.slice\n"
+    assert cgroups._own_path(own) == "/user.slice/user-1000.slice/user@1000.service/app.slice"
+    assert cgroups._own_path("4:memory:/x\n1:name=systemd:/\n") is None  # cgroup v1 only
+
+
+@pytest.mark.skipif(not cgroups_usable(), reason="no writable cgroup v2 here")
+@pytest.mark.parametrize("how", ["cgroup.kill", "frozen"])
+def test_wrapper_starts_the_command_inside_the_cgroup_and_empty_kills_what_escaped(tmp_path, how):
+    """``frozen``: the path for kernels older than Linux 5.14 (no cgroup.kill)."""
+    import select
+
+    parent = cgroups.server_dir(f"test-{os.getpid()}")
+    assert parent
+    path = cgroups.kernel_dir(parent, "k1")
+    try:
+        # the setsid child is forked before "ready" is printed
+        cmd = cgroups.wrap(["sh", "-c", "setsid sleep 1013 & echo ready; wait"], path)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert select.select([proc.stdout], [], [], 30)[0] and proc.stdout.readline() == "ready\n"
+        members = cgroups.members(path)
+        assert proc.pid in members and len(members) == 2  # the shell (was the wrapper) + sleep
+        assert cgroups.populated(path)
+        if how == "frozen":
+            cgroups._kill_frozen(path)
+            assert cgroups.wait_empty(path, 5.0)
+        else:
+            assert sorted(cgroups.empty(path, 5.0)) == sorted(members)
+        assert not cgroups.populated(path) and alive_pids(members) == []
+        proc.wait(5)
+    finally:
+        cgroups.empty(path, 5.0)
+        assert cgroups.remove(parent)
+    assert not os.path.exists(parent)
