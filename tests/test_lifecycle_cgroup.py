@@ -90,6 +90,7 @@ async def test_without_a_cgroup_the_release_says_it_could_not_verify(tmp_path):
         assert alive_pids(pids) == pids
         everything = await api.call("POST", "/tether/api/release", {})
         assert everything["verified"] is False
+        assert everything["unverified_reason"].startswith("no cgroup")
     finally:
         kill_pids(alive_pids(pids))
         stop_server(srv)
@@ -113,16 +114,20 @@ async def test_release_interrupt_spares_another_users_process_in_the_group(tmp_p
         code = ("import os, subprocess\n"
                 f"p = subprocess.Popen(['sleep', '1011'], user={OTHER_USER!r}, env={{}})\n"
                 "q = subprocess.Popen(['sleep', '1012'])\n"
-                "print(p.pid, q.pid, os.getpgid(p.pid) == os.getpgid(0))\n")
+                "r = subprocess.Popen(['env', '-i', 'sleep', '1014'])\n"
+                "print(p.pid, q.pid, r.pid, os.getpgid(p.pid) == os.getpgid(r.pid) == os.getpgid(0))\n")
         kid, printed = await kernel_running(api, code, "nopsutil")
-        other, mine, same_group = printed.split()
-        pids += [int(other), int(mine)]
+        other, mine, unmarked, same_group = printed.split()
+        pids += [int(other), int(mine), int(unmarked)]
         assert same_group == "True"
         outcome = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
         assert await wait_dead([int(mine)], 5) == []
         assert alive_pids([int(other)]) == [int(other)], "another user's process was signalled"
-        assert [r["pid"] for r in outcome["leftovers"]] == [int(other)]
-        assert "another user" in outcome["leftovers"][0]["reason"]
+        assert alive_pids([int(unmarked)]) == [int(unmarked)], "an unmarked one was signalled"
+        reasons = {r["pid"]: r["reason"] for r in outcome["leftovers"]}
+        assert reasons.keys() == {int(other), int(unmarked)}
+        assert "another user" in reasons[int(other)] and "marker" in reasons[int(unmarked)]
+        assert outcome["verified"] is False
     finally:
         kill_pids(alive_pids(pids))
         stop_server(srv)

@@ -411,6 +411,7 @@ class Releaser:
         return {
             "released": all(o.released for o in everything) and not stray.foreign,
             "verified": all(o.verified for o in everything) and not stray.foreign,
+            "unverified_reason": next((o.unverified for o in everything if o.unverified), ""),
             "seconds": round(time.monotonic() - started, 3),
             "kernels": [o.to_json() for o in outcomes],
             "stray": stray.to_json(),
