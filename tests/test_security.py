@@ -211,14 +211,11 @@ async def test_kernels_listen_on_no_tcp_port_and_other_users_cannot_connect(tmp_
     proc, info, _ = start_logged(tmp_path)
     try:
         kid, api, kernel_pid, pipe_port = await running_kernel(info)
-        # Every TCP socket listening in the server's tree is the server's own port, but for
-        # ipykernel's IOPub pipe: a PULL socket it binds to loopback TCP whatever the transport
-        # (iostream.py), for output of forked children. It sends nothing, and drops messages
-        # without its 128-bit random key: nothing of the kernel can be read from it.
+        # every TCP socket listening in the server's tree is the server's own port (ipykernel's
+        # IOPub pipe for forked children included: tether's launcher moves it to ipc too)
         tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
-        assert kernel_pid in tree
-        assert sorted((pid, addr.port) for pid, addr in listening_tcp(tree)) == sorted(
-            [(proc.pid, info["port"]), *([(kernel_pid, pipe_port)] if pipe_port else [])])
+        assert kernel_pid in tree and pipe_port == 0
+        assert [(pid, addr.port) for pid, addr in listening_tcp(tree)] == [(proc.pid, info["port"])]
         conn_file = json.loads((tmp_path / "rt" / f"kernel-{kid}.json").read_text())
         assert conn_file["transport"] == "ipc"
         iopub = f"{conn_file['ip']}-{conn_file['iopub_port']}"
@@ -227,6 +224,16 @@ async def test_kernels_listen_on_no_tcp_port_and_other_users_cannot_connect(tmp_
         assert os.stat(runtime).st_mode & 0o077 == 0, "the sockets' directory is private"
         assert probe(iopub, None) == "connected"  # the control: its owner can
         assert probe(iopub, uid) == "PermissionError"
+        pipe = f"{conn_file['ip']}-p"
+        assert probe(pipe, None) == "connected" and probe(pipe, uid) == "PermissionError"
+        # output of a forked child still arrives, through the pipe on its Unix socket
+        channel = await api.connect(kid)
+        out = await channel.execute(
+            "import multiprocessing as mp\n"
+            "p = mp.get_context('fork').Process(target=print, args=('from the child',))\n"
+            "p.start(); p.join()")
+        channel.close()
+        assert "from the child" in out
         await api.call("DELETE", f"/api/kernels/{kid}")
     finally:
         stop(proc)

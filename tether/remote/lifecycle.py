@@ -140,6 +140,17 @@ def use_ipc(km: Any, kernel_id: str, ctx: ServerContext) -> None:
     km.ip = ipc_prefix(km.connection_file, kernel_id, ctx)
 
 
+PIPE_LAUNCHER = Path(__file__).with_name("_pipe_launch.py")
+
+
+def ipc_launcher(cmd: list[str], km: Any) -> list[str]:
+    """``python -m ipykernel_launcher ARGS`` as ``python _pipe_launch.py ADDR ARGS``: the
+    kernel's IOPub pipe on a Unix socket too. Any other kernel command is left as it is."""
+    if km.transport != "ipc" or cmd[1:3] != ["-m", "ipykernel_launcher"]:
+        return cmd
+    return [cmd[0], str(PIPE_LAUNCHER), f"ipc://{km.ip}-p", *cmd[3:]]
+
+
 class SweepingProvisioner(LocalProvisioner):
     """A ``LocalProvisioner`` that leaves nothing of a kernel behind."""
 
@@ -161,6 +172,7 @@ class SweepingProvisioner(LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         ctx = server_context()
+        cmd = ipc_launcher(cmd, self.parent)
         cgroup = await asyncio.to_thread(cgroups.kernel_dir, ctx.cgroup, self.kernel_id) \
             if ctx.cgroup else ""
         if cgroup:
@@ -208,6 +220,11 @@ class SweepingProvisioner(LocalProvisioner):
                                 record.kernel_id, len(result.survivors), len(result.refused))
         finally:
             server_context().records.pop(self.kernel_id, None)
+            km = self.parent
+            if km is not None and km.transport == "ipc":
+                # jupyter_client removes the five channel sockets; the pipe is ours to remove
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{km.ip}-p")
             await super().cleanup(restart=restart)
 
 
