@@ -15,10 +15,8 @@ import os
 import sys
 from typing import Any
 
-ADDR = sys.argv.pop(1)
 
-
-def _patch() -> None:
+def _patch(addr: str) -> None:
     import zmq
     from ipykernel import iostream
     from zmq.eventloop.zmqstream import ZMQStream
@@ -32,7 +30,7 @@ def _patch() -> None:
         self._pipe_uuid = os.urandom(16)
         pipe_in = self.socket.context.socket(zmq.PULL)
         pipe_in.linger = 0
-        pipe_in.bind(ADDR)
+        pipe_in.bind(addr)
         self._pipe_port = 0
         self._pipe_in = ZMQStream(pipe_in, self.io_loop)
         self._pipe_in.on_recv(self._handle_pipe_msg)
@@ -41,21 +39,26 @@ def _patch() -> None:
         ctx = zmq.Context()
         pipe_out = ctx.socket(zmq.PUSH)
         pipe_out.linger = 3000
-        pipe_out.connect(ADDR)
+        pipe_out.connect(addr)
         return ctx, pipe_out
 
     thread._setup_pipe_in = setup_pipe_in  # type: ignore[method-assign]
     thread._setup_pipe_out = setup_pipe_out  # type: ignore[method-assign]
 
 
-try:
-    _patch()
-except Exception:  # an ipykernel this was not written for: keep its own pipe
-    pass
+def main() -> None:
+    # First: sys.path[0] is this file's directory, whose modules must not shadow anything the
+    # kernel imports; ipykernel_launcher drops the cwd there alike, and the kernel adds it back
+    del sys.path[0]
+    addr = sys.argv.pop(1)
+    try:
+        _patch(addr)
+    except Exception as e:  # the boundary: an ipykernel this was not written for
+        print(f"tether: the kernel's IOPub pipe stays on loopback TCP: {e!r}", file=sys.stderr)
+    from ipykernel import kernelapp
 
-# sys.path[0] is this file's directory (tether.remote's modules must not shadow the user's);
-# ipykernel_launcher drops the cwd there in the same way, and the kernel adds it back itself
-del sys.path[0]
-from ipykernel import kernelapp  # noqa: E402
+    kernelapp.launch_new_instance()
 
-kernelapp.launch_new_instance()
+
+if __name__ == "__main__":
+    main()

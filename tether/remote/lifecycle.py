@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ import psutil
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
+from tether.errors import ConfigError
 from tether.remote import cgroups, sweep
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
 
@@ -121,8 +121,8 @@ def ipc_prefix(connection_file: str, kernel_id: str, ctx: ServerContext) -> str:
         atexit.register(_remove_dir, ctx.short_ipc_dir)
     prefix = os.path.join(ctx.short_ipc_dir, kernel_id)
     if len(prefix) + IPC_SUFFIX_LEN > MAX_UNIX_PATH:
-        raise OSError(errno.ENAMETOOLONG, f"no directory short enough for the kernel's Unix "
-                      f"sockets ({prefix}); set TMPDIR to a short private directory")
+        raise ConfigError(f"no directory short enough for the kernel's Unix sockets ({prefix})",
+                          hint="Set TMPDIR to a short directory, e.g. /tmp.")
     return prefix
 
 
