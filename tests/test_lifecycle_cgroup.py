@@ -50,6 +50,9 @@ async def kernel_running(api: Api, code: str, kernel: str = "python3") -> tuple[
 
 @pytest.mark.skipif(not cgroups_usable(), reason="no writable cgroup v2 here")
 async def test_escaped_process_does_not_survive_release_and_it_is_verified(tmp_path):
+    # what a SIGKILLed server leaves: its (empty) cgroups, named by its dead instance id
+    stale = os.path.join(cgroups.own_cgroup(), "tether-1.100.deadbeef")
+    os.makedirs(os.path.join(stale, "kernel-x"), exist_ok=True)
     srv = start_server(tmp_path, "--kill-grace", "1")
     api = Api(srv.url, srv.token)
     out = tmp_path / "escaped.pid"
@@ -57,6 +60,7 @@ async def test_escaped_process_does_not_survive_release_and_it_is_verified(tmp_p
     try:
         state = json.loads((srv.runtime_dir / f"tether-{srv.proc.pid}.json").read_text())
         assert state["cgroup"] and os.path.isdir(state["cgroup"])
+        assert not os.path.exists(stale), "a dead server's empty cgroups are removed at start"
         kid, _ = await kernel_running(api, ESCAPE.format(out=out))
         pids.append(escaped_pid(out))
         cg = os.path.join(state["cgroup"], f"kernel-{kid}")

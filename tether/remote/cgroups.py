@@ -21,7 +21,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +209,19 @@ def remove(path: str) -> bool:
                 log.warning("cannot remove cgroup %s: %s", cg, e.strerror)
                 ok = False
     return ok
+
+
+def remove_stale(parent: str, alive: Callable[[str], bool]) -> list[str]:
+    """Remove the empty cgroups that dead servers left beside ``parent`` (this server's).
+
+    A server killed with SIGKILL leaves its ``tether-<instance>`` directory; one still holding
+    processes is left alone (``tether down`` empties it from the state file's ``cgroup``)."""
+    removed = []
+    own = os.path.dirname(parent)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(own):
+            path = os.path.join(own, name)
+            if (name.startswith(PREFIX) and path != parent and os.path.isdir(path)
+                    and not alive(name[len(PREFIX):]) and not populated(path) and remove(path)):
+                removed.append(path)
+    return removed

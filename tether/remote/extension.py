@@ -140,6 +140,7 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         ctx.cgroup = cgroups.server_dir(ctx.instance)
         if ctx.cgroup:
             atexit.register(cgroups.remove, ctx.cgroup)
+            cgroups.remove_stale(ctx.cgroup, lifecycle.instance_alive)
     serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
