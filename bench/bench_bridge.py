@@ -11,7 +11,9 @@ One run, one machine, everything on loopback (compare ratios, not absolute times
 - throughput of a 50 MiB download (``/files/``), directly and through tether's bridge;
 - tether server's peak RSS (psutil, sampled every 2 ms) while serving small requests and a
   50 MiB download through the bridge, and, on fresh servers, a 50 MiB file through the contents
-  API (which jupyter_server itself builds in memory as one base64 JSON document).
+  API (which jupyter_server itself builds in memory as one base64 JSON document);
+- tether server's RSS before and after 30 PUTs of 15 MiB through the bridge (a fresh server;
+  the goal: back within 50 MiB of where it started).
 
 Prints a table and writes bench/results/bridge-<time>.json. Needs no network once the baseline
 venv exists (``--no-baseline`` skips it). Usage: ``python bench/bench_bridge.py [-n 1000]``.
@@ -334,6 +336,54 @@ def run_memory_contents(tmp: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+PUT_RAW = 11 * 1024 * 1024  # base64 in a contents model: a 15 MiB PUT body
+
+
+def bridge_put(server: Server) -> Callable[[str, str], int]:
+    """PUT through ``/http_over_websocket`` (the body as a string, as Colab uploads)."""
+    auth_url = f"http://127.0.0.1:{server.port}/?token={server.token}"
+    url = (f"ws://127.0.0.1:{server.port}/http_over_websocket?min_version=0.0.7"
+           f"&jupyter_http_over_ws_auth_url={quote(auth_url, safe='')}")
+    ws = websocket.create_connection(url, origin=ORIGIN, timeout=120, skip_utf8_validation=True)
+    counter = iter(range(1, 1 << 62))
+
+    def put(path: str, body: str) -> int:
+        message_id = next(counter)
+        ws.send(json.dumps({"message_id": message_id, "method": "PUT", "path": path,
+                            "body": body}))
+        status = 0
+        while True:
+            frame = json.loads(ws.recv())
+            status = frame.get("status", status)
+            if frame["done"]:
+                return int(status)
+
+    return put
+
+
+def run_memory_puts(tmp: Path, count: int = 30) -> dict[str, int]:
+    """RSS of a fresh server before and after ``count`` PUTs of 15 MiB through the bridge."""
+    sub = tmp / "puts"
+    sub.mkdir()
+    server = start_tether(sub)
+    try:
+        put = bridge_put(server)
+        model = json.dumps({"type": "file", "format": "base64",
+                            "content": base64.b64encode(os.urandom(PUT_RAW)).decode()})
+        proc = psutil.Process(server.proc.pid)
+        put("/api/contents/warm.bin", model)
+        before, peak = proc.memory_info().rss, 0
+        for i in range(count):
+            if put(f"/api/contents/up{i % 3}.bin", model) not in (200, 201):
+                raise RuntimeError("PUT through the bridge failed")
+            peak = max(peak, proc.memory_info().rss)
+        after = proc.memory_info().rss
+    finally:
+        stop(server.proc)
+    return {"puts": count, "body_bytes": len(model), "before": before, "peak": peak,
+            "after": after, "growth": after - before}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -391,6 +441,7 @@ def main() -> None:
                 stop(server.proc)
         if not args.no_contents:
             results["rss_contents_api"] = run_memory_contents(tmp)
+        results["rss_bridge_puts"] = run_memory_puts(tmp)
 
     report(results)
     out_dir = HERE / "results"
@@ -448,6 +499,12 @@ def report(results: dict[str, object]) -> None:
                 f"  peak {r['peak'] / 2**20:7.1f}"
                 f"  growth {r['growth'] / 2**20:7.1f}"
             )
+    puts: dict[str, int] | None = results.get("rss_bridge_puts")  # type: ignore[assignment]
+    if puts:
+        print(f"{puts['puts']} PUTs of {puts['body_bytes'] / 2**20:.0f} MiB, fresh server"
+              f"      before {puts['before'] / 2**20:7.1f}  peak {puts['peak'] / 2**20:7.1f}"
+              f"  after {puts['after'] / 2**20:7.1f}  growth {puts['growth'] / 2**20:7.1f}"
+              "  (goal: < 50)")
     print("\nratios")
     for name, value in ratios.items():
         print(f"  {name:<44} {value:6.2f}")

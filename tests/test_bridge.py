@@ -603,3 +603,29 @@ def test_close_helpers() -> None:
     ] == [1011, 1000, 1011, 1011, 1011, 4404, 1011]
     assert bridge.token_from_auth_url("http://localhost:8888/?token=abc&x=1") == "abc"
     assert bridge.token_from_auth_url("http://localhost:8888/tree") == ""
+
+
+async def test_large_puts_do_not_stay_in_memory(tmp_path: Path) -> None:
+    """15 MiB uploads through the bridge: the server's RSS comes back (it once kept each PUT
+    for two minutes, through timer handles holding the handler's context)."""
+    import psutil
+    from conftest import start_server
+
+    srv = start_server(tmp_path)
+    try:
+        ws = await connect(srv)
+        raw = os.urandom(11 * 1024 * 1024)
+        model = json.dumps({"type": "file", "format": "base64",
+                            "content": base64.b64encode(raw).decode()})  # a 15 MiB body
+        proc = psutil.Process(srv.proc.pid)
+        assert (await call(ws, "PUT", "/api/contents/up0.bin", body=model))[0]["status"] == 201
+        start = proc.memory_info().rss
+        for i in range(12):
+            frame, _ = await call(ws, "PUT", f"/api/contents/up{i % 2}.bin", body=model)
+            assert frame["status"] in (200, 201)
+        growth = proc.memory_info().rss - start
+        assert growth < 50 * 2**20, f"server grew {growth / 2**20:.0f} MiB"
+        assert (srv.root / "up1.bin").read_bytes() == raw
+        ws.close()
+    finally:
+        stop_server(srv)

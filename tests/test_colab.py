@@ -118,3 +118,18 @@ async def test_hand_started_jupyter_server_is_colab_ready(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+async def test_colab_endpoints_are_not_activity(server):
+    """Colab's resource monitor polls: looking must not keep an idle server alive."""
+    import asyncio
+
+    async with ColabClient(server.url, server.token) as c:
+        await c.request("GET", "/api/contents")  # activity: the control, it moves the clock
+        before = (await c.get_json("/api/status"))["last_activity"]
+        await asyncio.sleep(0.05)  # timestamps must be able to differ
+        for path in ("/api/colab/resources", "/api/colab/build-info", "/api/colab/drive"):
+            assert (await c.request("GET", path)).code == 200
+        assert (await c.get_json("/api/status"))["last_activity"] == before
+        await c.request("GET", "/api/contents")
+        assert (await c.get_json("/api/status"))["last_activity"] != before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -67,7 +68,7 @@ def test_missing_notebook_dir(tmp_path):
 
 
 async def test_token_file_socket_and_state_file(tmp_path):
-    token = "ab" * 24
+    token = secrets.token_hex(24)
     tf = tmp_path / "token"
     tf.write_text(token + "\n")
     tf.chmod(0o600)
@@ -127,3 +128,86 @@ async def test_sigint_stops_cleanly_and_kernels_die_and_token_never_logged(tmp_p
     assert "Shutting down 1 kernel" in text  # a graceful stop, not a KeyboardInterrupt
     assert "GET /api/status" in text  # the request was logged...
     assert info["token"] not in text  # ...without the token
+
+
+def test_sock_over_a_regular_file_is_refused_and_the_file_kept(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    proc = run_cli("serve", "--sock", str(notes), "--notebook-dir", str(tmp_path),
+                   env={"JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "not a socket" in line and "--sock" in line
+    assert notes.read_text() == "my notes\n"
+
+
+def test_sock_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a socket owned by another user")
+    path = tmp_path / "theirs.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # bound, never listening: it would look stale
+    os.chown(path, 65534, 65534)
+    proc = run_cli("serve", "--sock", str(path), "--notebook-dir", str(tmp_path),
+                   env={"JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
+    assert "another user" in one_line_error(proc) and proc.returncode == 2
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+
+
+def test_stale_socket_of_ours_is_replaced(tmp_path):
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # closed without listening: what a crashed server leaves
+    old = path.lstat().st_ino
+    srv = start_server(tmp_path, "--sock", str(path))
+    try:
+        assert srv.info["sock"] == str(path) and path.lstat().st_ino != old
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path):
+    tf = tmp_path / "token"
+    tf.write_text(secrets.token_hex(24))
+    tf.chmod(0o644)
+    proc = run_cli("serve", "--token-file", str(tf))
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and f"chmod 600 {tf}" in line
+
+
+@pytest.mark.parametrize("bad", ["a" * 48, "0123456789abcdef" * 3, "abab" * 12])
+def test_low_entropy_token_refused(tmp_path, bad):
+    tf = tmp_path / "token"
+    tf.write_text(bad)
+    tf.chmod(0o600)
+    proc = run_cli("serve", "--token-file", str(tf))
+    assert "too weak" in one_line_error(proc) and proc.returncode == 2
+    assert "too weak" in one_line_error(run_cli("serve", env={"TETHER_TOKEN": bad}))
+
+
+def test_state_file_names_instance_and_start_time_and_a_reused_pid_is_stale(tmp_path):
+    from tether.remote.state import ServerState, running_servers, write_state
+
+    srv = start_server(tmp_path)
+    try:
+        state = json.loads((srv.runtime_dir / f"tether-{srv.proc.pid}.json").read_text())
+        proc = psutil.Process(srv.proc.pid)
+        assert state["create_time"] == pytest.approx(proc.create_time(), abs=0.05)
+        assert state["instance"].startswith(f"{srv.proc.pid}.")
+        kernel_env_instance = state["instance"]
+        assert "cgroup" in state
+        assert [s.pid for s in running_servers(str(srv.runtime_dir))] == [srv.proc.pid]
+    finally:
+        assert stop_server(srv) == 0
+    # the pid of a live process that is not the server (this test), with the server's old file
+    me = psutil.Process()
+    stale = ServerState.from_json({**state, "pid": me.pid,
+                                   "create_time": me.create_time() - 10})
+    path = write_state(stale, str(srv.runtime_dir))
+    assert running_servers(str(srv.runtime_dir)) == [] and not path.exists()
+    # an old file without the new keys is still read (its pid alone decides)
+    old = {k: v for k, v in state.items() if k not in ("instance", "create_time", "cgroup")}
+    path = write_state(ServerState.from_json({**old, "pid": me.pid}), str(srv.runtime_dir))
+    assert [s.pid for s in running_servers(str(srv.runtime_dir))] == [me.pid]
+    assert kernel_env_instance
+    path.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ COLAB_ORIGIN = "https://colab.research.google.com"
 DEFAULT_PORT = 9999
 TOKEN_ENV = "TETHER_TOKEN"
 MIN_TOKEN_BITS = 128
+MIN_DISTINCT_CHARS = 8
 
 # Defaults that suit GPU users (docs/kernel-gpu-lifecycle.md): an idle notebook frees its GPU
 # after an hour, an open tab or a running training loop is never culled.
@@ -46,24 +48,56 @@ def check_origin(origin: str) -> str:
 def read_token(token_file: Path | None) -> str:
     """The token from ``token_file``, else ``$TETHER_TOKEN``, else a fresh one. Never from argv."""
     if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+        token = _read_token_file(token_file)
         source = str(token_file)
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
         source = f"${TOKEN_ENV}"
         if not token:
             return new_token()
+    check_token(token, source)
+    return token
+
+
+def _read_token_file(token_file: Path) -> str:
+    try:
+        mode = token_file.stat().st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"token file {token_file} is readable by other users (mode {stat.S_IMODE(mode):o})",
+                hint=f"Run `chmod 600 {token_file}` and try again.",
+            )
+        return token_file.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {token_file}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"token file {token_file} is not text") from e
+
+
+def check_token(token: str, source: str) -> None:
+    """Refuse a token that is short, malformed or of obviously low entropy."""
     # hex: 4 bits a character; anything else: assume at least 5 bits (base32/64 alphabets)
     bits = len(token) * (4 if all(c in "0123456789abcdef" for c in token.lower()) else 5)
-    if bits < MIN_TOKEN_BITS or not token.isprintable() or " " in token:
+    weak = bits < MIN_TOKEN_BITS or _low_entropy(token)
+    if weak or not token.isprintable() or " " in token:
         raise ConfigError(
             f"the token from {source} is too weak or malformed",
-            hint="Use at least 32 hex characters, e.g. `python3 -c 'import secrets; print(secrets.token_hex(24))'`.",
+            hint="Use at least 32 random hex characters, e.g. "
+                 "`python3 -c 'import secrets; print(secrets.token_hex(24))'`.",
         )
-    return token
+
+
+def _low_entropy(token: str) -> bool:
+    """A token no random generator makes: few distinct characters, or a repeated pattern.
+
+    32 random hex characters show about 14 of the 16 digits; fewer than 8 (``aaaa...``,
+    ``abab...``) happens by chance with odds below 1e-9. A token made of one short piece
+    repeated (``0123456789abcdef`` three times) is as guessable as the piece.
+    """
+    if len(set(token)) < MIN_DISTINCT_CHARS:
+        return True
+    return any(token == (token[:n] * (len(token) // n + 1))[: len(token)]
+               for n in range(1, len(token) // 2 + 1))
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,11 @@ import tornado.web
 import tornado.websocket
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
-from jupyter_server.utils import origin_matches_pat, url_path_join
+from jupyter_server.utils import url_path_join
 from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.iostream import StreamClosedError
+
+from tether.remote import colab
 
 log = logging.getLogger(__name__)
 
@@ -415,19 +417,18 @@ class _BridgeSocket(WebSocketMixin, tornado.websocket.WebSocketHandler, JupyterH
             self.request.headers["Authorization"] = f"token {token}"
 
     def check_origin(self, origin_to_satisfy_tornado: str = "") -> bool:
-        """Only allow-listed origins (tether's, set by the extension), token or not.
+        """The server's one origin rule (``colab.refused_origin``), and an Origin is required.
 
-        jupyter_server lets any origin through once a token matches; the bridge is a whole API
-        behind one socket, so a foreign page holding a leaked URL still gets nothing.
+        A foreign origin never gets here (the app's first rules answer it 403); jupyter_server
+        would otherwise let any origin through once a token matches. The bridge is a browser
+        protocol, a whole API behind one socket: a socket without an Origin is refused too.
         """
-        origin = origin_to_satisfy_tornado or self.get_origin() or ""
-        allow_origin = self.settings.get("allow_origin", "")
-        pattern = self.settings.get("allow_origin_pat")
-        allowed = bool(allow_origin) and origin == allow_origin
-        allowed = allowed or bool(pattern and origin_matches_pat(pattern, origin))
-        if not allowed:
+        origin = self.request.headers.get("Origin")
+        allowed = self.settings.get(colab.ORIGINS_KEY, frozenset())
+        if origin is None or colab.refused_origin(self.request, allowed) is not None:
             log.warning("bridge: refused websocket from origin %r (%s)", origin, self.request.path)
-        return allowed
+            return False
+        return True
 
     def admit(self) -> bool:
         """Close the socket with 4401 unless it is authenticated; call first in ``open``."""
@@ -504,6 +505,41 @@ def _allow_unauthenticated(method: Callable[..., Any]) -> Callable[..., Any]:
     # bridge upgrades and closes with 4401 and a reason instead, which a browser can show.
     setattr(method, "__allow_unauthenticated", True)
     return method
+
+
+class _IdleTimer:
+    """Expires ``deadline`` once no progress was reported for ``idle`` seconds.
+
+    One timer for the whole request, re-armed from its own callback. Re-arming it from the
+    handler's writes (``Timeout.reschedule``) made a timer handle per write, each holding a copy
+    of the context it was made in: the handler's, where jupyter_server's ``CallContext`` keeps
+    the handler, its request and its body. A cancelled handle stays in the loop's heap until
+    its time: every 15 MiB PUT through the bridge stayed in memory for two minutes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: asyncio.Timeout,
+                 idle: float) -> None:
+        self._loop = loop
+        self._deadline = deadline
+        self._idle = idle
+        self._last = loop.time()
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._last + idle, self._check)
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._idle
+        if self._loop.time() >= due:
+            self._handle = None
+            self._deadline.reschedule(self._loop.time())  # expires now: the request is cancelled
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class HttpOverWebSocketHandler(_BridgeSocket):
@@ -585,10 +621,14 @@ class HttpOverWebSocketHandler(_BridgeSocket):
             )
             return
         try:
-            async with asyncio.timeout(REQUEST_IDLE_TIMEOUT) as deadline:
-                stream.on_progress = lambda: deadline.reschedule(loop.time() + REQUEST_IDLE_TIMEOUT)
-                await dispatch(self.application, http_request, request.body)
-                await stream.pump()
+            async with asyncio.timeout(None) as deadline:
+                idle = _IdleTimer(loop, deadline, REQUEST_IDLE_TIMEOUT)
+                stream.on_progress = idle.progress
+                try:
+                    await dispatch(self.application, http_request, request.body)
+                    await stream.pump()
+                finally:
+                    idle.cancel()
         except asyncio.CancelledError:
             stream.abort()
             raise

@@ -4,6 +4,11 @@
   wrong token shows up in the browser as a 403 and not as an opaque CORS failure;
 - preflights (``OPTIONS``) answered 2xx without a token on every path, ``/`` and ``/tree``
   included, with ``Access-Control-Allow-Private-Network`` when asked (colabtools#5302, #5506);
+- no action for a foreign page: a request whose ``Origin`` is neither allowed nor the server's
+  own gets 403 before any handler runs, token or not (jupyter_server serves token-authenticated
+  requests from any origin, so a page holding a leaked URL could POST ``text/plain`` to
+  ``/api/shutdown``). Clients that send no ``Origin`` (jupyter_client, nbclient, VS Code, tether's
+  CLI) are not browsers acting for another site and pass as before;
 - Colab's own ``/api/colab/*`` endpoints, so its resource monitor shows RAM, disk and GPUs.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -26,10 +32,13 @@ from jupyter_server.utils import url_path_join
 from tether import __version__
 from tether.remote import gpu
 
+log = logging.getLogger(__name__)
+
 XSSI_PREFIX = ")]}'\n"
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 DEFAULT_ALLOW_HEADERS = "accept, authorization, content-type, x-xsrftoken, x-requested-with"
 PREFLIGHT_MAX_AGE = "600"
+ORIGINS_KEY = "tether_origins"  # web_app.settings: the exact origins allowed
 
 
 def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
@@ -63,9 +72,53 @@ class CorsTransform(tornado.web.OutputTransform):
         return status_code, headers, chunk
 
 
+def own_origin(request: tornado.httputil.HTTPServerRequest) -> str:
+    """The origin of pages this server served itself (the status page), as the browser used it.
+
+    Through a tunnel that is the laptop's ``http://127.0.0.1:PORT``, not the server's bind
+    address: the Host the browser sent names it. A DNS-rebinding page passes this test, and is
+    then refused by jupyter_server's Host check (``allow_remote_access``) and by the token.
+    """
+    return f"{request.protocol}://{request.host}".lower()
+
+
+def refused_origin(request: tornado.httputil.HTTPServerRequest,
+                   allowed: frozenset[str]) -> str | None:
+    """The request's ``Origin`` if it is neither allowed nor the server's own, else None."""
+    origin = request.headers.get("Origin")
+    if origin is None or origin in allowed or origin.lower() == own_origin(request):
+        return None
+    return origin
+
+
 class _OptionsMatcher(tornado.routing.Matcher):
     def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
         return {} if request.method == "OPTIONS" else None
+
+
+class _ForeignOriginMatcher(tornado.routing.Matcher):
+    def __init__(self, allowed: frozenset[str]) -> None:
+        self._allowed = allowed
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        return {} if refused_origin(request, self._allowed) is not None else None
+
+
+class ForeignOriginHandler(tornado.web.RequestHandler):
+    """403 for every method: a page of another site gets no action, whatever it carries."""
+
+    def prepare(self) -> None:
+        log.warning("refused %s %s from origin %r", self.request.method, self.request.path,
+                    self.request.headers.get("Origin"))
+        self.set_status(403)
+        self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        self.finish("Forbidden: this origin is not allowed to use the server.\n")
+
+    def check_xsrf_cookie(self) -> None:
+        pass  # refused in prepare already
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
 
 
 class PreflightHandler(tornado.web.RequestHandler):
@@ -94,9 +147,13 @@ class PreflightHandler(tornado.web.RequestHandler):
 def install_cors(web_app: tornado.web.Application, origins: Iterable[str]) -> None:
     """Answer preflights on every path and add the CORS grant to every response."""
     allowed = frozenset(origins)
-    rule = tornado.routing.Rule(_OptionsMatcher(), PreflightHandler, {"allowed": allowed})
-    # First rule of the app's router: before any handler (which would 405 or demand a token)
-    web_app.default_router.rules.insert(0, web_app.default_router.process_rule(rule))
+    web_app.settings[ORIGINS_KEY] = allowed
+    router = web_app.default_router
+    rules = [tornado.routing.Rule(_OptionsMatcher(), PreflightHandler, {"allowed": allowed}),
+             tornado.routing.Rule(_ForeignOriginMatcher(allowed), ForeignOriginHandler)]
+    # First rules of the app's router: before any handler (which would 405, demand a token, or
+    # act on a foreign page's request)
+    router.rules[0:0] = [router.process_rule(rule) for rule in rules]
     # tornado calls each transform with the request; a factory binds the allow-list to it
     web_app.transforms.append(_transform_factory(allowed))  # type: ignore[arg-type]
 
@@ -112,6 +169,10 @@ def _transform_factory(
 
 class ColabHandler(APIHandler):
     """Base of ``/api/colab/*``: authenticated JSON behind Colab's XSSI guard."""
+
+    # Colab polls these every few seconds while a tab is open: looking must never keep an idle
+    # server (``--stop-after-idle``) alive, as with the life-cycle API.
+    _track_activity = False
 
     def write_colab(self, body: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")

@@ -13,12 +13,13 @@ import re
 import time
 from typing import Any
 
+import psutil
 from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import api, bridge, colab, lifecycle
+from tether.remote import api, bridge, cgroups, colab, lifecycle, redact
 from tether.remote.state import ServerState, remove_state, state_path, write_state
 
 
@@ -56,6 +57,16 @@ class Tether(LoggingConfigurable):
         "seconds, before it stops (e.g. power off or deallocate the VM)."
     ).tag(config=True)
 
+    ipc_kernels = Bool(
+        True, help="Kernels listen on Unix sockets in a private directory (ZMQ ipc transport), "
+        "never on a TCP port that every local user can connect to."
+    ).tag(config=True)
+
+    kernel_cgroups = Bool(
+        True, help="Start each kernel in a cgroup v2 of its own where this user may create "
+        "one, so that a release ends every process the kernel started."
+    ).tag(config=True)
+
     verify_timeout = Float(
         30.0, help="Seconds a release waits for the kernel's GPU memory to be given back."
     ).tag(config=True)
@@ -67,6 +78,7 @@ def origin_pattern(origins: list[str]) -> str:
 
 
 def server_state(serverapp: Any, origins: list[str]) -> ServerState:
+    ctx = lifecycle.server_context()
     base = serverapp.connection_url
     if not serverapp.sock:
         host = "[::1]" if ":" in serverapp.ip else "127.0.0.1"
@@ -82,10 +94,15 @@ def server_state(serverapp: Any, origins: list[str]) -> ServerState:
         version=__version__,
         origins=tuple(origins),
         started=time.time(),
+        instance=ctx.instance,
+        create_time=psutil.Process().create_time(),
+        cgroup=ctx.cgroup,
     )
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
+    # a hand-started server too: no log line of this process shows its token from now on
+    redact.install(serverapp.identity_provider.token)
     settings = Tether(parent=serverapp)
     origins = [check_origin(o) for o in settings.origins]
     web_app = serverapp.web_app
@@ -118,6 +135,13 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         factory.default_provisioner_name = lifecycle.PROVISIONER_NAME
     ctx = lifecycle.server_context()
     ctx.state_file = str(state_path(os.getpid(), serverapp.runtime_dir))
+    ctx.ipc_kernels = settings.ipc_kernels
+    if settings.kernel_cgroups and not ctx.cgroup:
+        ctx.cgroup = cgroups.server_dir(ctx.instance)
+        if ctx.cgroup:
+            atexit.register(cgroups.remove, ctx.cgroup)
+            cgroups.remove_stale(ctx.cgroup, lifecycle.instance_alive)
+    serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
     web_app.settings[api.SETTINGS_KEY] = api.Lifecycle(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import urllib.parse
 from typing import Any
@@ -107,12 +108,34 @@ def release(force: bool = False) -> str:
     kernel_id = os.environ.get(KERNEL_ID_ENV)
     if not kernel_id:
         raise ApiError("no $TETHER_KERNEL_ID: this kernel was not started by a tether server")
-    reply = api_request(_server_state(), "POST", f"kernels/{kernel_id}/release",
-                        {"background": True, "force": bool(force)})
+    # The server interrupts a kernel before it shuts it down: here that would land in this very
+    # cell, while it reads the server's answer. This kernel is going away: let it be.
+    previous = _ignore_sigint()
+    try:
+        reply = api_request(_server_state(), "POST", f"kernels/{kernel_id}/release",
+                            {"background": True, "force": bool(force)})
+    except BaseException:
+        _restore_sigint(previous)
+        raise
     message = f"releasing kernel {kernel_id}: it shuts down now, with every process it started"
     if isinstance(reply, dict) and reply.get("message"):
         message = str(reply["message"])
     return message
+
+
+def _ignore_sigint() -> Any:
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be handled here anyway
+        return None
+
+
+def _restore_sigint(previous: Any) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
 
 
 def _release_magic(line: str = "") -> str:

@@ -10,9 +10,12 @@ the default provisioner of servers tether configures, so no kernelspec needs edi
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ import psutil
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
-from tether.remote import sweep
+from tether.errors import ConfigError
+from tether.remote import cgroups, sweep
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ class ServerContext:
     guard: Guard
     state_file: str = ""
     records: dict[str, KernelRecord] = field(default_factory=dict)  # kernel id -> live record
+    cgroup: str = ""  # cgroup v2 directory of this server's kernel cgroups ("" where none)
+    ipc_kernels: bool = True  # kernels' ZMQ sockets as files in a 0700 directory, not TCP
+    short_ipc_dir: str = ""  # a private dir for them when the runtime dir's path is too long
 
 
 _context: ServerContext | None = None
@@ -86,6 +93,64 @@ def kernel_env(env: dict[str, str], kernel_id: str, marker: str,
     return env
 
 
+# sun_path holds 108 bytes with the terminating NUL; jupyter_client appends "-<n>" to the prefix
+MAX_UNIX_PATH = 107
+IPC_SUFFIX_LEN = 3
+
+
+def _private_dir(path: str) -> bool:
+    """A directory only this user can enter (what keeps other users off the kernel sockets)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def ipc_prefix(connection_file: str, kernel_id: str, ctx: ServerContext) -> str:
+    """Where a kernel's ipc sockets go: beside its connection file, if that directory is private
+    and its path short enough for Unix sockets, else in a private directory of this server."""
+    prefix = os.path.splitext(connection_file)[0] + "-ipc"
+    if _private_dir(os.path.dirname(prefix)) and len(prefix) + IPC_SUFFIX_LEN <= MAX_UNIX_PATH:
+        return prefix
+    if not ctx.short_ipc_dir:
+        base = os.environ.get("XDG_RUNTIME_DIR", "")
+        if not (base and _private_dir(base) and len(base) < 40):
+            base = tempfile.gettempdir()
+        ctx.short_ipc_dir = tempfile.mkdtemp(prefix="tether-ipc-", dir=base)  # 0700, ours
+        atexit.register(_remove_dir, ctx.short_ipc_dir)
+    prefix = os.path.join(ctx.short_ipc_dir, kernel_id)
+    if len(prefix) + IPC_SUFFIX_LEN > MAX_UNIX_PATH:
+        raise ConfigError(f"no directory short enough for the kernel's Unix sockets ({prefix})",
+                          hint="Set TMPDIR to a short directory, e.g. /tmp.")
+    return prefix
+
+
+def _remove_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # empty once every kernel's ipc files are cleaned up
+
+
+def use_ipc(km: Any, kernel_id: str, ctx: ServerContext) -> None:
+    """Switch a kernel manager to the ipc transport (kernels then listen on no TCP port)."""
+    if km.transport == "tcp" and not ctx.ipc_kernels:
+        return
+    km.transport = "ipc"
+    km.cache_ports = False  # the port cache binds TCP ports
+    km.ip = ipc_prefix(km.connection_file, kernel_id, ctx)
+
+
+PIPE_LAUNCHER = Path(__file__).with_name("_pipe_launch.py")
+
+
+def ipc_launcher(cmd: list[str], km: Any) -> list[str]:
+    """``python -m ipykernel_launcher ARGS`` as ``python _pipe_launch.py ADDR ARGS``: the
+    kernel's IOPub pipe on a Unix socket too. Any other kernel command is left as it is."""
+    if km.transport != "ipc" or cmd[1:3] != ["-m", "ipykernel_launcher"]:
+        return cmd
+    return [cmd[0], str(PIPE_LAUNCHER), f"ipc://{km.ip}-p", *cmd[3:]]
+
+
 class SweepingProvisioner(LocalProvisioner):
     """A ``LocalProvisioner`` that leaves nothing of a kernel behind."""
 
@@ -98,6 +163,7 @@ class SweepingProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         ctx = server_context()
+        use_ipc(self.parent, self.kernel_id, ctx)
         self._marker = secrets.token_hex(16)
         base = kwargs.get("env") or dict(os.environ)
         kwargs["env"] = kernel_env(base, self.kernel_id, self._marker, ctx)
@@ -105,13 +171,19 @@ class SweepingProvisioner(LocalProvisioner):
         return result
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        ctx = server_context()
+        cmd = ipc_launcher(cmd, self.parent)
+        cgroup = await asyncio.to_thread(cgroups.kernel_dir, ctx.cgroup, self.kernel_id) \
+            if ctx.cgroup else ""
+        if cgroup:
+            cmd = cgroups.wrap(cmd, cgroup)
         info = await super().launch_kernel(cmd, **kwargs)
         try:
             started = psutil.Process(self.pid).create_time()
         except psutil.Error:
             started = 0.0
         self.record = KernelRecord(self.kernel_id, int(self.pid or 0), self.pgid, self._marker,
-                                   started)
+                                   started, cgroup=cgroup)
         server_context().records[self.kernel_id] = self.record
         log.debug("kernel %s launched: pid %s, pgid %s", self.kernel_id, self.pid, self.pgid)
         return info
@@ -127,8 +199,14 @@ class SweepingProvisioner(LocalProvisioner):
         await super().shutdown_requested(restart=restart)
 
     async def send_signal(self, signum: int) -> None:
+        """The kernel and the safe members of its group, never a bare ``killpg`` (as root that
+        reached another user's process in the group, one the sweep had refused to touch)."""
         await asyncio.to_thread(self.remember_descendants)
-        await super().send_signal(signum)
+        record = self.record
+        if record is None:
+            await super().send_signal(signum)
+            return
+        await asyncio.to_thread(sweep.signal_kernel, record, server_context().guard, signum)
 
     async def cleanup(self, restart: bool = False) -> None:
         record, self.record = self.record, None
@@ -142,6 +220,11 @@ class SweepingProvisioner(LocalProvisioner):
                                 record.kernel_id, len(result.survivors), len(result.refused))
         finally:
             server_context().records.pop(self.kernel_id, None)
+            km = self.parent
+            if km is not None and km.transport == "ipc":
+                # jupyter_client removes the five channel sockets; the pipe is ours to remove
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{km.ip}-p")
             await super().cleanup(restart=restart)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import psutil
 from jupyter_core.utils import ensure_async
 
 from tether.config import DEFAULT_SHUTDOWN_WAIT
-from tether.remote import gpu, sweep
+from tether.remote import cgroups, gpu, sweep
 from tether.remote.lifecycle import DEFAULT_GRACE, ServerContext, server_context
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, Guard, KernelRecord
 
@@ -142,13 +143,21 @@ class Outcome:
     foreign: list[dict[str, Any]] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)
     error: str = ""
+    # why the release cannot vouch that nothing of the kernel is left ("" when it can: its
+    # cgroup was emptied); ``released`` then covers only the processes that could be found
+    unverified: str = cgroups.NO_CGROUP
 
     @property
     def released(self) -> bool:
         return not self.leftovers and not self.error
 
+    @property
+    def verified(self) -> bool:
+        return self.released and not self.unverified
+
     def to_json(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "released": self.released,
+        return {"kernel": self.kernel, "released": self.released, "verified": self.verified,
+                "unverified_reason": "" if self.verified else self.unverified or "leftovers",
                 "seconds": round(self.seconds, 3), "terminated": self.terminated,
                 "killed": self.killed, "leftovers": self.leftovers, "foreign": self.foreign,
                 "forced": self.forced, "error": self.error}
@@ -220,6 +229,15 @@ def force_kill(procs: list[psutil.Process], guard: Guard, grace: float) -> sweep
     return sweep.terminate(safe, grace)
 
 
+def _cgroup_verdict(path: str) -> str:
+    """"" if the kernel's cgroup is empty (or emptied and removed), else why not verified."""
+    if not path:
+        return cgroups.NO_CGROUP
+    if os.path.isdir(path) and cgroups.populated(path):
+        return f"the kernel's cgroup {path} still has processes: {cgroups.members(path)}"
+    return ""
+
+
 Deleter = Callable[[str], Coroutine[Any, Any, None]]
 
 
@@ -278,10 +296,12 @@ class Releaser:
         record = await asyncio.to_thread(self.record, kernel_id)
         outcome = Outcome(kernel_id)
         if record is None:
+            outcome.unverified = "not started by tether's provisioner: its processes are unknown"
             await self._delete(kernel_id, outcome)
         else:
             refused = await self._release_record(record, outcome)
             await self._verify(record, outcome, refused)
+            outcome.unverified = await asyncio.to_thread(_cgroup_verdict, record.cgroup)
         if force:
             await self._force(outcome, exclude=set())
         outcome.seconds = time.monotonic() - started
@@ -294,8 +314,9 @@ class Releaser:
         procs = await asyncio.to_thread(sweep.kernel_processes, record, self.ctx.guard)
         # a kernel of another provisioner has no marker (""): as root, none of it is provably ours
         marker = (sweep.MARKER_ENV, record.marker)
-        safe, refused = sweep.split_safe(procs, self.ctx.guard, marker, record.started)
-        why = {p.pid: sweep.unsafe_reason(p, self.ctx.guard, marker, record.started)
+        members = frozenset(await asyncio.to_thread(cgroups.members, record.cgroup))
+        safe, refused = sweep.split_safe(procs, self.ctx.guard, marker, record.started, members)
+        why = {p.pid: sweep.unsafe_reason(p, self.ctx.guard, marker, record.started, members)
                for p in refused}
         await self._interrupt(record.kernel_id)
         swept, _ = await asyncio.gather(
@@ -382,9 +403,15 @@ class Releaser:
         if force:
             await self._force(stray, exclude=set())
         stray.foreign = await asyncio.to_thread(self._foreign_rows)
+        # every process a kernel started stays in its cgroup: strays are all found if each
+        # kernel had one (and it was emptied)
+        stray.unverified = next((o.unverified for o in outcomes if o.unverified), "") \
+            if self.ctx.cgroup else cgroups.NO_CGROUP
         everything = [*outcomes, stray]
         return {
             "released": all(o.released for o in everything) and not stray.foreign,
+            "verified": all(o.verified for o in everything) and not stray.foreign,
+            "unverified_reason": next((o.unverified for o in everything if o.unverified), ""),
             "seconds": round(time.monotonic() - started, 3),
             "kernels": [o.to_json() for o in outcomes],
             "stray": stray.to_json(),

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from traitlets.config import Config
 
 from tether.config import DEFAULT_CULL_INTERVAL, DEFAULT_SHUTDOWN_WAIT, ServeConfig
 from tether.errors import ConfigError, PortInUseError, ServerStartError
+from tether.remote import redact
 from tether.remote.extension import READY_CALLBACK, origin_pattern
 from tether.remote.state import ServerState, running_servers
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 # ~1.25 s at import (jupyter_server#1559); jsonschema treats it as optional.
 TOKEN_ENV = "JUPYTER_TOKEN"
 SLOW_OPTIONAL_MODULES = ("rfc3987_syntax",)
+SOCKET_PROBE_TIMEOUT = 2.0  # a live server accepts at once; a stale socket refuses at once
 
 
 class _Unimportable(importlib.abc.MetaPathFinder):
@@ -65,16 +68,37 @@ def check_port_free(ip: str, port: int) -> None:
 
 
 def check_socket_path(sock: Path) -> None:
-    """A stale socket file is removed; a live one (another server) is an error."""
-    if not sock.exists():
+    """Make ``sock`` free to listen on: only a stale socket of ours is ever removed.
+
+    Anything else at the path (a regular file, a directory, another user's socket, a socket a
+    server still answers on) is the user's and is left alone: an error says what to do.
+    """
+    try:
+        st = sock.lstat()
+    except FileNotFoundError:
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return
+    except OSError as e:
+        raise ConfigError(f"cannot use --sock {sock}: {e.strerror}") from e
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(
+            f"--sock {sock} exists and is not a socket; tether never replaces it",
+            hint="Pick a path that does not exist yet, e.g. --sock /tmp/tether-$USER.sock.",
+        )
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"--sock {sock} is a socket of another user (uid {st.st_uid})",
+            hint="Pick a path of your own with --sock PATH.",
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(SOCKET_PROBE_TIMEOUT)
         try:
             s.connect(str(sock))
-        except OSError:
-            sock.unlink()
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.unlink(missing_ok=True)  # nothing listens: a stale socket of a server of ours
             return
+        except OSError as e:
+            raise ConfigError(f"cannot use --sock {sock}: {e.strerror or e}") from e
     raise PortInUseError(
         f"socket {sock} is already served by another process",
         hint="Stop that server or pick another path with --sock PATH.",
@@ -112,6 +136,9 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     km.cull_connected = False
     km.cull_busy = False
     c.KernelManager.shutdown_wait_time = DEFAULT_SHUTDOWN_WAIT
+    # ZMQ over loopback TCP lets every local user read a kernel's iopub (code and output):
+    # Unix sockets in the 0700 runtime dir instead (the provisioner picks a short enough path)
+    c.KernelManager.transport = "ipc"
     # The extension makes the sweeping provisioner the default (docs/kernel-gpu-lifecycle.md).
     c.SweepingProvisioner.grace = cfg.kill_grace
     c.Tether.stop_after_idle = cfg.stop_after_idle
@@ -148,6 +175,7 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServerState], None]) -> None:
         check_socket_path(cfg.sock)
     else:
         check_port_free(cfg.ip, cfg.port)
+    redact.install(cfg.token)  # before anything can log it
     app = ServerApp.instance(config=jupyter_config(cfg))
     # The token goes in through the environment, read once at initialize and removed at once:
     # a traitlets Config would be logged verbatim at debug level, and kernels inherit os.environ.

@@ -1,7 +1,10 @@
 """The state file a running server leaves so other tether commands can find it.
 
-``<jupyter runtime dir>/tether-<pid>.json``, mode 0600, holding the URL, token, port or socket
-and pid. Readers skip (and delete) files whose process is gone.
+``<jupyter runtime dir>/tether-<pid>.json``, mode 0600, holding the URL, token, port or socket,
+the pid with its start time, the server's instance id (which its kernels carry in their
+environment as ``TETHER_SERVER_INSTANCE``) and the parent directory of its kernels' cgroups.
+Readers skip (and delete) files whose process is gone: a pid is only the server's while the
+process with that pid was started when the file says (pids are reused).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class ServerState:
     version: str
     origins: tuple[str, ...] = ()
     started: float = 0.0
+    instance: str = ""  # lifecycle.server_context().instance: kernels carry it
+    create_time: float = 0.0  # psutil's create time of the server process (0: unknown)
+    cgroup: str = ""  # the cgroup v2 directory holding one cgroup per kernel ("" if none)
 
     @property
     def colab_url(self) -> str:
@@ -82,7 +88,7 @@ def running_servers(runtime_dir: str | None = None) -> list[ServerState]:
         except (OSError, ValueError, TypeError) as e:
             log.debug("skipping unreadable state file %s: %s", path, e)
             continue
-        if not _alive(state.pid):
+        if not _alive(state.pid, state.create_time):
             log.debug("removing stale state file %s", path)
             path.unlink(missing_ok=True)
             continue
@@ -102,8 +108,16 @@ def find_server(runtime_dir: str | None = None, *, port: int | None = None) -> S
     return servers[0]
 
 
-def _alive(pid: int) -> bool:
+# psutil's create time is read from /proc at clock-tick resolution: a reused pid differs by more
+CREATE_TIME_SLACK = 0.05
+
+
+def _alive(pid: int, create_time: float = 0.0) -> bool:
+    """Whether the server that wrote the file still runs (pid and, when recorded, start time)."""
     try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        proc = psutil.Process(pid)
+        if create_time and abs(proc.create_time() - create_time) > CREATE_TIME_SLACK:
+            return False  # the pid was reused by another process
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False

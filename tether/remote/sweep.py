@@ -4,12 +4,15 @@ Everything here is blocking (``/proc`` reads, bounded waits): call it through
 ``asyncio.to_thread`` on a server. The rule (docs/kernel-gpu-lifecycle.md): kill only processes
 that run as the server's uid (as root: that also carry our marker), that are not the server, its
 ancestors or pid 1, not on the deny-list, that were created after the kernel they are attributed
-to, and that provably belong to us (marker, recorded process group, recorded descendant). Signals
-go through psutil, which refuses a pid that was reused since the snapshot.
+to, and that provably belong to us (marker, recorded process group, recorded descendant). A
+member of the kernel's own cgroup (tether.remote.cgroups) is ours by the strongest proof there is:
+only its owner can put a process there, and nothing leaves it. Signals go through psutil, which
+refuses a pid that was reused since the snapshot.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import psutil
+
+from tether.remote import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class KernelRecord:
     marker: str
     started: float  # create time of the kernel process
     descendants: frozenset[tuple[int, float]] = frozenset()  # (pid, create time) seen alive
+    cgroup: str = ""  # the kernel's own cgroup v2 directory ("" where the machine has none)
 
 
 @dataclass
@@ -132,8 +138,7 @@ def snapshot_descendants(record: KernelRecord) -> KernelRecord:
             seen.add((proc.pid, proc.create_time()))
         except psutil.Error:
             continue
-    return KernelRecord(record.kernel_id, record.pid, record.pgid, record.marker, record.started,
-                        frozenset(seen))
+    return dataclasses.replace(record, descendants=frozenset(seen))
 
 
 def _recorded(record: KernelRecord) -> Iterator[psutil.Process]:
@@ -174,20 +179,34 @@ def kernel_processes(record: KernelRecord, guard: Guard) -> list[psutil.Process]
         candidates += group_members(record.pgid, guard.uid)
     if record.marker:
         candidates += iter_marked(MARKER_ENV, record.marker, guard.uid)
+    candidates += _processes(cgroups.members(record.cgroup))
     for proc in candidates:
         if proc.pid not in found and alive(proc):
             found[proc.pid] = proc
     return list(found.values())
 
 
+def _processes(pids: Iterable[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return found
+
+
 def unsafe_reason(proc: psutil.Process, guard: Guard, marker: tuple[str, str] | None,
-                  not_before: float = 0.0) -> str:
+                  not_before: float = 0.0, members: frozenset[int] = frozenset()) -> str:
     """Why ``proc`` must not be signalled ("" when it may be).
 
     ``marker`` is the (variable, value) pair that proves a process ours; as root it is required.
+    ``members`` are the pids in the kernel's own cgroup: ours whatever they carry.
     """
     if proc.pid in guard.protected:
         return "the server, one of its ancestors, or pid 1"
+    if proc.pid in members:
+        return "" if alive(proc) else "gone"
     try:
         name = proc.name()
         uid = proc.uids().real
@@ -288,11 +307,12 @@ def state_of(proc: psutil.Process) -> str:
 
 
 def split_safe(procs: list[psutil.Process], guard: Guard, marker: tuple[str, str] | None,
-               not_before: float = 0.0) -> tuple[list[psutil.Process], list[psutil.Process]]:
+               not_before: float = 0.0, members: frozenset[int] = frozenset(),
+               ) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """(may be signalled, must not be), logging why each refused one is refused."""
     safe, refused = [], []
     for proc in procs:
-        why = unsafe_reason(proc, guard, marker, not_before)
+        why = unsafe_reason(proc, guard, marker, not_before, members)
         if why == "gone":
             continue
         if why:
@@ -309,7 +329,42 @@ def sweep_kernel(record: KernelRecord, guard: Guard, grace: float,
     procs = kernel_processes(record, guard)
     if not include_kernel:
         procs = [p for p in procs if p.pid != record.pid]
-    safe, refused = split_safe(procs, guard, (MARKER_ENV, record.marker), record.started)
+    members = frozenset(cgroups.members(record.cgroup))
+    safe, refused = split_safe(procs, guard, (MARKER_ENV, record.marker), record.started,
+                               members)
     result = terminate(safe, grace)
     result.refused = refused
+    if include_kernel and record.cgroup:
+        # whatever escaped the marker and the process group is still in the cgroup
+        caught = [pid for pid in cgroups.empty(record.cgroup, KILL_WAIT)
+                  if pid not in result.terminated and pid not in result.killed]
+        if caught:
+            log.info("kernel %s: %d process(es) found only by its cgroup, killed: %s",
+                     record.kernel_id, len(caught), caught)
+        result.killed += caught
+        result.survivors = [p for p in result.survivors if alive(p)]
+        cgroups.remove(record.cgroup)
     return result
+
+
+def signal_kernel(record: KernelRecord, guard: Guard, signum: int) -> list[int]:
+    """Send ``signum`` to the kernel and to what the safe-kill rule allows in its process group
+    (not a plain ``killpg``: as root that would reach other users' processes in the group)."""
+    members = frozenset(cgroups.members(record.cgroup))
+    procs = [] if not record.pgid else group_members(record.pgid, guard.uid)
+    procs = [p for p in procs if p.pid != record.pid]
+    safe, _ = split_safe(procs, guard, (MARKER_ENV, record.marker), record.started, members)
+    sent = []
+    try:
+        kernel = psutil.Process(record.pid)
+        if abs(kernel.create_time() - record.started) < 0.01:
+            safe.insert(0, kernel)
+    except psutil.Error:
+        pass
+    for proc in safe:
+        try:
+            proc.send_signal(signum)
+            sent.append(proc.pid)
+        except psutil.Error:
+            continue
+    return sent
