@@ -98,6 +98,8 @@ def show_release(result: dict[str, Any]) -> None:
         if o["kernel"] is None and not ended and not o["leftovers"]:
             continue
         line = f"{what}: {ended} process(es) ended"
+        if o.get("released") and o.get("verified") is False and o["kernel"]:
+            line += " (not verified)"
         if o["killed"]:
             line += f" ({len(o['killed'])} needed SIGKILL)"
         err.print(f"{'[green]released[/]' if o['released'] else '[red]NOT freed[/]'} {line} "
@@ -113,6 +115,16 @@ def show_release(result: dict[str, Any]) -> None:
             err.print(f"  --force ended {o['forced']}")
     if not outcomes:
         err.print("no kernels")
+    if result.get("released") and not _verified(result):
+        reason = result.get("unverified_reason") or next(
+            (o.get("unverified_reason") for o in outcomes if o.get("unverified_reason")), "")
+        err.print(f"[yellow]not verified:[/] {reason}" if reason else "[yellow]not verified[/]")
+
+
+def _verified(result: dict[str, Any]) -> bool:
+    if "verified" in result:
+        return bool(result["verified"])
+    return all(o.get("verified", True) for o in result.get("kernels", []))
 
 
 # --- commands ---------------------------------------------------------------------------------
