@@ -552,7 +552,7 @@ async def test_consent_is_asked_through_a_callback_then_acted_on(prepared: Any,
                                              ("ipykernel", "psutil"))]
     try:
         result = await bootstrap.up(target, opts, consent=answer(True))
-        assert len(asked) == 2 and result["kernel_python"] == f"{ds}/bin/python"
-        assert result["reused"] is False and result["server"]["pid"]
+        assert len(asked) == 2 and result.kernel_python == f"{ds}/bin/python"
+        assert result.reused is False and result.server.pid
     finally:
         down_json(testbed)
