@@ -15,7 +15,8 @@ they enter, and each exception carries the data a user needs to act::
     │   └── AuthenticationError
     ├── RemoteEnvironmentError       remote without Python, disk space or package index access
     ├── TunnelError                  the forward could not be (re)established
-    │   └── ForeignListenerError     something that is not our server answers on the local port
+    │   ├── ForeignListenerError     something that is not our server answers on the local port
+    │   └── TokenRejectedError       a tether server answers but refuses our token (replaced)
     └── ReleaseError                 processes still alive / holding the GPU after a release
 """
 
@@ -80,6 +81,10 @@ class TunnelError(TetherError):
 
 
 class ForeignListenerError(TunnelError):
+    pass
+
+
+class TokenRejectedError(TunnelError):
     pass
 
 

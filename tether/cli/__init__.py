@@ -55,27 +55,45 @@ class Terminated(Exception):
 
 
 def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """The one ``asyncio.run``: SIGTERM cancels like Ctrl-C, so children are always ended."""
-    terminated = False
+    """The one ``asyncio.run``. SIGINT and SIGTERM cancel it, so children are always ended.
+
+    The first signal cancels: every ``finally`` runs its bounded teardown (no ssh is left),
+    then :class:`KeyboardInterrupt` (SIGINT) or :class:`Terminated` (SIGTERM) is raised here.
+    A second signal during that teardown kills tether's ssh children at once, which makes the
+    rest of the teardown immediate. The handlers stay until the loop is gone, so a signal never
+    lands in asyncio's own shutdown (no "Event loop is closed" on the way out).
+    """
+    received: list[int] = []
 
     async def main() -> T:
         task = asyncio.current_task()
+        assert task is not None
         loop = asyncio.get_running_loop()
 
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            assert task is not None
-            task.cancel()
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                task.cancel()
+            else:
+                _ssh.kill_all()
 
         if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal, signum)
         try:
             return await make()
         except asyncio.CancelledError:
-            if terminated:
-                raise Terminated() from None
-            raise
+            if not received:
+                raise
+        finally:
+            # last resort: nothing this run started may outlive it (their transports close here,
+            # inside the loop)
+            for pid in _ssh.kill_all():
+                logging.getLogger(__name__).debug("killed ssh %d left at exit", pid)
+            await _ssh.reap_all(timeout=2.0)
+        if received[0] == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt()
 
     return asyncio.run(main())
 
