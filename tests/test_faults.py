@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import time
@@ -277,8 +278,11 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
             assert _wait_for(lambda: bool(ours()), 30)
         elif phase == "tunnel":  # the forward's ssh runs, not yet listening
             assert _wait_for(lambda: any("-N" in _cmdline(p) for p in ours()), 30)
-        else:
-            assert _wait_for(lambda: _listens(port), 60)
+        else:  # the URL is out: the status line runs
+            assert proc.stdout is not None
+            assert select.select([proc.stdout], [], [], 60)[0]
+            assert proc.stdout.readline().startswith(f"http://127.0.0.1:{port}/?token=")
+            time.sleep(2.5)  # let one status poll and one probe run (the signal may meet them)
         sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
         if how == "SIGINT-group":
             os.killpg(proc.pid, sig)
@@ -291,6 +295,7 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
             proc.wait(5)
     lines = [line for line in err.splitlines() if line.strip()]
     ready = "Colab runtime ready" in err
+    assert ready == (phase == "ready"), err
     if ready:
         assert proc.returncode == 0, err
         assert lines[-1].startswith("Detached from relayed"), err
@@ -300,16 +305,6 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
     assert not any("Exception ignored" in line or "Unknown child" in line or "Traceback" in line
                    for line in lines), err
     assert _wait_for(lambda: not ours(), 3), ours()
-
-
-def _listens(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_spawned_wait_ends_although_a_grandchild_holds_the_pipes() -> None:

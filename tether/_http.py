@@ -60,9 +60,11 @@ async def request(port: int, method: str, path: str, token: str, *, body: Any = 
                       follow_redirects=False, decompress_response=True)
     client = SimpleAsyncHTTPClient(force_instance=True, max_body_size=MAX_BODY)
     try:
-        # the client's own deadline covers connect and answer; this one is the backstop
-        response = await asyncio.wait_for(client.fetch(req, raise_error=False), timeout + 1)
-    except (HTTPTimeoutError, asyncio.TimeoutError) as e:
+        # The client's own deadline covers connect and answer; this one is the backstop.
+        # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.)
+        async with asyncio.timeout(timeout + 1):
+            response = await client.fetch(req, raise_error=False)
+    except (HTTPTimeoutError, TimeoutError) as e:
         raise _no_answer(port, method, path, "timeout", f"no answer in {timeout:g} s") from e
     except HTTPStreamClosedError as e:
         raise _no_answer(port, method, path, "closed", "the connection was closed") from e

@@ -221,10 +221,11 @@ async def _terminate(proc: asyncio.subprocess.Process, timeout: float) -> None:
             await wait_exit(proc, timeout)
     if proc.returncode is not None:
         # let readers take what is still in the pipes (the protocol ends them in PIPE_GRACE)
+        waiter = asyncio.ensure_future(proc.wait())
         try:
-            await asyncio.wait_for(proc.wait(), PIPE_GRACE + 0.5)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait({waiter}, timeout=PIPE_GRACE + 0.5)
+        finally:
+            waiter.cancel()
 
 
 def _signal(proc: asyncio.subprocess.Process, kill: bool) -> None:
@@ -270,8 +271,9 @@ async def run(target: SSHTarget, command: Sequence[str], *, input: bytes | None 
     argv = target.argv(command=command)
     proc = await spawn(target, argv)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except asyncio.TimeoutError as e:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
+    except TimeoutError as e:
         raise SSHError(f"`{shlex.join(command)[:80]}` on {target.host} took more than "
                        f"{timeout:.0f} s", host=target.host) from e
     finally:

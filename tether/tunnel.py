@@ -236,8 +236,9 @@ class Tunnel:
 
     async def _establish(self, deadline: float, first: bool) -> None:
         try:
-            await asyncio.wait_for(self._listening(), deadline)
-        except asyncio.TimeoutError as e:
+            async with asyncio.timeout(deadline):
+                await self._listening()
+        except TimeoutError as e:
             raise TunnelError(f"the tunnel to {self.target.host} was not up after "
                               f"{deadline:.0f} s", host=self.target.host) from e
         try:
@@ -265,9 +266,10 @@ class Tunnel:
             if self.proc.returncode is not None:
                 self._raise_exit(await self._stop())
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.forward.local_port), 1.0)
-            except (OSError, asyncio.TimeoutError):
+                async with asyncio.timeout(1.0):
+                    _, writer = await asyncio.open_connection("127.0.0.1",
+                                                              self.forward.local_port)
+            except (OSError, TimeoutError):
                 await _ssh.wait_exit(self.proc, POLL)  # (ssh gives no other readiness signal)
                 continue
             writer.close()
