@@ -136,7 +136,7 @@ def kill_server(bed: SSHBed, up: UpProcess) -> float:
     return time.monotonic()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def attached(prepared: Prepared, testbed: SSHBed) -> Iterator[Attached]:
     run_tether(testbed, "down", "gpubox")
     up = start_up(testbed, "relayed", "--port", str(free_port()))
@@ -164,73 +164,73 @@ def _recover_after_crash(bed: SSHBed, a: Attached) -> None:
     a.kernel = asyncio.run(_new_kernel(a.up, a.value))
 
 
-@pytest.mark.parametrize("fault", [silent_drop, kill_client_ssh, kill_sshd_child, restart_sshd,
-                                   stop_server(SERVER_STOP), kill_server],
-                         ids=lambda f: f.__name__)
-def test_fault_is_healed_on_the_same_url(attached: Attached, testbed: SSHBed,
-                                         fault: Callable[[SSHBed, UpProcess], float]) -> None:
-    up = attached.up
-    _check_state(attached)
-    since = fault(testbed, up)
-    seconds = heal_seconds(up, since)
-    print(f"{fault.__name__}: healed in {seconds:.2f} s")
-    if fault is silent_drop:
-        assert seconds < SILENT_DROP_DEADLINE
-    if fault is kill_server:
-        _recover_after_crash(testbed, attached)
-    _check_state(attached)
-    assert up.proc.poll() is None
-    assert len(up.tunnel_pids()) == 1
+class TestFaults:
+    """One attached `up` for all of them (torn down before the tests below that need `down`)."""
 
-
-def test_stuck_proxycommand_does_not_block_the_supervisor(attached: Attached,
-                                                          testbed: SSHBed) -> None:
-    """The relay is frozen while its ssh exits: the relay keeps ssh's stderr open, forever."""
-    up = attached.up
-    ssh = tunnel_ssh(up)
-    frozen = testbed.freeze_relays(ssh)
-    assert frozen
-    psutil.Process(ssh).kill()
-    since = time.monotonic()
-    heal_seconds(up, since, deadline=8.0)
-    # the condition held all along: the old relay is alive, stopped, holding the pipe
-    relay = psutil.Process(frozen[0])
-    assert relay.status() == psutil.STATUS_STOPPED
-    _check_state(attached)
-    testbed.thaw_path()
-
-
-def test_path_frozen_then_back(attached: Attached, testbed: SSHBed) -> None:
-    """The whole path is down for 15 s (new connections hang too): back soon after it is."""
-    testbed.freeze_path()
-    try:
-        time.sleep(15)  # the fault itself: reconnect attempts hang meanwhile
-        assert not asyncio.run(_answers_once(attached.up))
-    finally:
-        testbed.thaw_path()
-    seconds = heal_seconds(attached.up, time.monotonic())
-    print(f"path back: URL answers {seconds:.2f} s later")
-    assert seconds < 15
-    _check_state(attached)
-
-
-def test_twenty_faults_in_a_row(attached: Attached, testbed: SSHBed) -> None:
-    faults = [silent_drop, kill_client_ssh, kill_sshd_child, restart_sshd, stop_server(3),
-              kill_server]
-    plan = faults + random.Random(7).choices(faults[:-1], k=20 - len(faults))
-    random.Random(11).shuffle(plan)
-    t0 = time.monotonic()
-    healed = []
-    for fault in plan:
-        since = fault(testbed, attached.up)
-        healed.append((fault.__name__, round(heal_seconds(attached.up, since), 2)))
+    @pytest.mark.parametrize("fault", [silent_drop, kill_client_ssh, kill_sshd_child, restart_sshd,
+                                       stop_server(SERVER_STOP), kill_server],
+                             ids=lambda f: f.__name__)
+    def test_fault_is_healed_on_the_same_url(self, attached: Attached, testbed: SSHBed,
+                                             fault: Callable[[SSHBed, UpProcess], float]) -> None:
+        up = attached.up
+        _check_state(attached)
+        since = fault(testbed, up)
+        seconds = heal_seconds(up, since)
+        print(f"{fault.__name__}: healed in {seconds:.2f} s")
+        if fault is silent_drop:
+            assert seconds < SILENT_DROP_DEADLINE
         if fault is kill_server:
             _recover_after_crash(testbed, attached)
         _check_state(attached)
-    testbed.thaw_path()
-    print("healed:", healed)
-    assert time.monotonic() - t0 < 170
-    assert attached.up.proc.poll() is None
+        assert up.proc.poll() is None
+        assert len(up.tunnel_pids()) == 1
+
+    def test_stuck_proxycommand_does_not_block_the_supervisor(self, attached: Attached,
+                                                              testbed: SSHBed) -> None:
+        """The relay is frozen while its ssh exits: the relay keeps ssh's stderr open, forever."""
+        up = attached.up
+        ssh = tunnel_ssh(up)
+        frozen = testbed.freeze_relays(ssh)
+        assert frozen
+        psutil.Process(ssh).kill()
+        since = time.monotonic()
+        heal_seconds(up, since, deadline=8.0)
+        # the condition held all along: the old relay is alive, stopped, holding the pipe
+        relay = psutil.Process(frozen[0])
+        assert relay.status() == psutil.STATUS_STOPPED
+        _check_state(attached)
+        testbed.thaw_path()
+
+    def test_path_frozen_then_back(self, attached: Attached, testbed: SSHBed) -> None:
+        """The whole path is down for 15 s (new connections hang too): back soon after it is."""
+        testbed.freeze_path()
+        try:
+            time.sleep(15)  # the fault itself: reconnect attempts hang meanwhile
+            assert not asyncio.run(_answers_once(attached.up))
+        finally:
+            testbed.thaw_path()
+        seconds = heal_seconds(attached.up, time.monotonic())
+        print(f"path back: URL answers {seconds:.2f} s later")
+        assert seconds < 15
+        _check_state(attached)
+
+    def test_twenty_faults_in_a_row(self, attached: Attached, testbed: SSHBed) -> None:
+        faults = [silent_drop, kill_client_ssh, kill_sshd_child, restart_sshd, stop_server(3),
+                  kill_server]
+        plan = faults + random.Random(7).choices(faults[:-1], k=20 - len(faults))
+        random.Random(11).shuffle(plan)
+        t0 = time.monotonic()
+        healed = []
+        for fault in plan:
+            since = fault(testbed, attached.up)
+            healed.append((fault.__name__, round(heal_seconds(attached.up, since), 2)))
+            if fault is kill_server:
+                _recover_after_crash(testbed, attached)
+            _check_state(attached)
+        testbed.thaw_path()
+        print("healed:", healed)
+        assert time.monotonic() - t0 < 170
+        assert attached.up.proc.poll() is None
 
 
 # -- no ssh of ours outlives `tether up`, whatever the phase a signal comes in ------------------
@@ -328,3 +328,27 @@ def test_spawned_wait_ends_although_a_grandchild_holds_the_pipes() -> None:
         assert psutil.pid_exists(grandchild)  # it still held the pipe all along
     finally:
         os.kill(grandchild, signal.SIGKILL)
+
+
+# -- looking never counts as activity -------------------------------------------------------------
+
+def test_idle_server_stops_although_up_stays_attached(prepared: Prepared, testbed: SSHBed) -> None:
+    """`up` attached, its status line and probe polling all the while: the server still idles."""
+    run_tether(testbed, "down", "gpubox")
+    marker = testbed.home / "idle-hook-ran"
+    marker.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    up = start_up(testbed, "relayed", "--port", str(free_port()), "--stop-after-idle", "20",
+                  "--on-idle", f"touch {marker}")
+    try:
+        assert up.info, up.stderr()
+        server = psutil.Process(up.info["remote_pid"])
+        assert _wait_for(lambda: not server.is_running() or server.status() == "zombie", 75)
+        assert marker.exists()
+        rc = up.proc.wait(45)  # no endless restart: supervision ends, with one clear line
+    finally:
+        up.stop()
+    err = up.stderr()
+    assert rc == 1, err
+    assert "stopped" in err.splitlines()[-1], err
+    assert time.monotonic() - t0 < 120
