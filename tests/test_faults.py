@@ -352,3 +352,26 @@ def test_idle_server_stops_although_up_stays_attached(prepared: Prepared, testbe
     assert rc == 1, err
     assert "stopped" in err.splitlines()[-1], err
     assert time.monotonic() - t0 < 120
+
+
+def test_server_replaced_with_a_new_token_ends_supervision(prepared: Prepared,
+                                                           testbed: SSHBed) -> None:
+    """While `up` is frozen, its server is replaced (down, then up: a new token)."""
+    run_tether(testbed, "down", "gpubox")
+    first = start_up(testbed, "relayed", "--port", str(free_port()))
+    assert first.info, first.stderr()
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert run_tether(testbed, "down", "gpubox").returncode == 0
+        second = start_up(testbed, "gpubox", "--port", str(free_port()))
+        second.stop()
+        assert second.info and second.info["token"] != first.token
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    try:
+        rc = first.proc.wait(30)  # today's loop on "something other than..." never ends
+    finally:
+        first.stop()
+    last = first.stderr().strip().splitlines()[-1]
+    assert rc == 1, last
+    assert "relayed was restarted with a new token" in last and "`tether up relayed`" in last

@@ -144,7 +144,7 @@ async def _is_tether(port: int) -> bool:
 def _token_rejected(host: str, port: int) -> TokenRejectedError:
     where = f"on {host}" if host else f"behind 127.0.0.1:{port}"
     return TokenRejectedError(
-        f"The server {where} was restarted with a new token.",
+        f"the server {where} was restarted with a new token",
         hint=f"Run `tether up {host or 'HOST'}` for the new URL.", host=host, port=port)
 
 
