@@ -2,6 +2,11 @@
 
 Used by the SSH fixtures and by ``bench/bench_up.py``. Needs root (to add the user and run sshd)
 and ``/usr/sbin/sshd`` (``apt-get install -y openssh-server``). Every process is stopped by pid.
+
+The host ``relayed`` is the target reached through a ``ProxyCommand`` relay (stdin/stdout <->
+TCP, one relay process per ssh connection) that a test can freeze: SIGSTOP sends no RST and no
+FIN, as when Wi-Fi drops or a laptop sleeps. :meth:`SSHBed.freeze_path` also makes every new
+relay stop itself at once (the network stays down) until :meth:`SSHBed.thaw_path`.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ import fcntl
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -67,6 +74,10 @@ Host nopython
   HostName 127.0.0.1
   Port {port}
   User {nopython_user}
+Host relayed
+  HostName 127.0.0.1
+  Port {port}
+  ProxyCommand {python} {dir}/relay.py %h %p {dir}/path-frozen
 Host unreachable
   HostName 127.0.0.1
   Port {closed_port}
@@ -78,6 +89,39 @@ Host *
   UserKnownHostsFile {dir}/known_hosts
   StrictHostKeyChecking yes
   ServerAliveInterval 5
+"""
+
+
+# The ProxyCommand of ``relayed``. Its stderr is ssh's (inherited), so a frozen relay that
+# outlives its ssh holds that pipe open: the stuck-ProxyCommand case.
+RELAY = """\
+import os, signal, socket, sys, threading
+host, port, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if os.path.exists(flag):
+    os.kill(os.getpid(), signal.SIGSTOP)  # the path is down: hang as a dead network does
+sock = socket.create_connection((host, port))
+def upstream():
+    try:
+        while True:
+            data = os.read(0, 65536)
+            if not data:
+                break
+            sock.sendall(data)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=upstream, daemon=True).start()
+try:
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        os.write(1, data)
+except OSError:
+    pass
 """
 
 
@@ -168,17 +212,68 @@ class SSHBed:
     def ssh_argv(self, host: str = "gpubox") -> list[str]:
         return ["ssh", "-F", str(self.config), host]
 
+    def relays(self, ssh_pid: int | None = None) -> list[psutil.Process]:
+        """The relay processes of ``relayed`` (of one ssh, if given), stopped ones too."""
+        script = str(self.dir / "relay.py")
+        found = []
+        for p in psutil.process_iter(["cmdline", "ppid"]):
+            if script in (p.info["cmdline"] or []) and (ssh_pid is None
+                                                        or p.info["ppid"] == ssh_pid):
+                found.append(p)
+        return found
+
+    def freeze_relays(self, ssh_pid: int | None = None) -> list[int]:
+        """SIGSTOP the relays (of one ssh): their connections hang, silently."""
+        return _signal(self.relays(ssh_pid), signal.SIGSTOP)
+
+    def freeze_path(self) -> list[int]:
+        """The whole path goes silent: the live relays and every new one stop."""
+        (self.dir / "path-frozen").touch()
+        return self.freeze_relays()
+
+    def thaw_path(self) -> list[int]:
+        """The path is back: no new relay stops, and the stopped ones go on."""
+        (self.dir / "path-frozen").unlink(missing_ok=True)
+        return _signal(self.relays(), signal.SIGCONT)
+
+    def restart_target(self, down_for: float = 0.0) -> None:
+        """Stop the target's sshd (listener and connections), then start it on the same port."""
+        port = self.target.port
+        index = self.daemons.index(self.target)
+        self.target.stop()
+        if down_for:
+            time.sleep(down_for)  # the fault itself: the port refuses connections meanwhile
+        self.target = _start_sshd(self.dir, port)
+        self.daemons[index] = self.target
+
     def user_pids(self) -> list[int]:
         uid = self.user.pw_uid
         return [p.pid for p in psutil.process_iter(["uids"])
                 if p.info["uids"] and p.info["uids"].real == uid]
 
     def stop(self) -> None:
+        self.thaw_path()  # a stopped relay ends (SIGHUP from its ssh) once it runs again
+        for relay in self.relays():
+            try:
+                relay.kill()
+            except psutil.Error:
+                pass
         for d in self.daemons:
             d.stop()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # releases the flock
             self.lock_fd = -1
+
+
+def _signal(procs: list[psutil.Process], sig: int) -> list[int]:
+    done = []
+    for p in procs:
+        try:
+            p.send_signal(sig)
+            done.append(p.pid)
+        except psutil.Error:
+            pass
+    return done
 
 
 def _lock(deadline: float = LOCK_DEADLINE) -> int:
@@ -256,9 +351,10 @@ def _start_testbed(lock_fd: int) -> SSHBed:
     (dir / "known_hosts").write_text(
         "".join(f"[127.0.0.1]:{p} {' '.join(host_key)}\n" for p in ports))
     config = dir / "ssh_config"
+    (dir / "relay.py").write_text(RELAY)
     config.write_text(CLIENT_CONFIG.format(
         port=ports[0], bastion_port=ports[1], nosock_port=ports[2], closed_port=free_port(),
-        dir=dir, user=user.pw_name, nopython_user=NOPYTHON_USER))
+        dir=dir, user=user.pw_name, nopython_user=NOPYTHON_USER, python=sys.executable))
     daemons: list[Sshd] = []
     try:
         daemons.append(_start_sshd(dir, ports[0]))

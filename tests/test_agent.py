@@ -293,10 +293,9 @@ def test_agent_errors_read_as_sentences_with_the_real_host() -> None:
 
 
 def test_the_remote_layout_is_defined_once() -> None:
-    from tether import _ssh
-
     layout = bootstrap.REMOTE_LAYOUT
-    assert layout.root_expr() == _ssh.remote_root_expr()
+    assert layout.root_expr() == '"${XDG_CACHE_HOME:-$HOME/.cache}/tether"'
+    assert layout.root_expr() in bootstrap.remote_tether_argv("ps")[2]
     home = Path("/home/u")
     assert layout.root({}, home=home) == home / ".cache" / "tether"
     assert layout.root({"XDG_CACHE_HOME": "/scratch/c"}) == Path("/scratch/c/tether")

@@ -7,9 +7,7 @@ GRES, so a third one-GPU job waits ``PENDING (Resources)``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import select
 import signal
 import subprocess

@@ -47,7 +47,7 @@ def test_error_mapping(status: int, stderr: bytes, kind: type) -> None:
 
 
 def test_remote_tether_argv_runs_the_installed_tether() -> None:
-    argv = _ssh.remote_tether_argv("ps", "--json")
+    argv = bootstrap.remote_tether_argv("ps", "--json")
     assert argv[:2] == ["sh", "-c"] and argv[-2:] == ["ps", "--json"]
     assert "env-0.1.0/bin/tether" in argv[2] and "JUPYTER_RUNTIME_DIR" in argv[2]
 

@@ -236,10 +236,10 @@ def test_up_without_host_serves_here(tmp_path) -> None:  # type: ignore[no-untyp
 
 
 def test_remote_tether_argv(prepared: Prepared, testbed: SSHBed) -> None:
-    from tether import _ssh
+    from tether import _ssh, bootstrap
 
     target = _ssh.SSHTarget("gpubox", str(testbed.config))
-    out = asyncio.run(_ssh.check_output(target, _ssh.remote_tether_argv("--version")))
+    out = asyncio.run(_ssh.check_output(target, bootstrap.remote_tether_argv("--version")))
     assert "0.1.0" in out
 
 

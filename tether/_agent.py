@@ -937,13 +937,21 @@ def public(state):
 
 
 def check_token(want):
-    """A restart asked by a supervising `up`: only if the server was not stopped on purpose."""
+    """A restart asked by a supervising `up`: only if the server was not stopped on purpose.
+
+    `tether down` removes the token file. A server that ends by itself on purpose (idle,
+    `release --all --stop-server`, SIGTERM) removes its state file on the way out; one that
+    crashed leaves it behind (and one that is merely frozen is still alive).
+    """
     token = ""
     if valid_token_file():
         with open(TOKEN_FILE) as f:
             token = f.read().strip()
     if hashlib.sha256(token.encode()).hexdigest() != want:
         raise Fail("stopped", "the server was stopped (`tether down`); not starting it again")
+    if not any(state.get("token") == token for _, state in state_files()):
+        raise Fail("stopped", "the server stopped on its own (idle, or asked to stop); not "
+                   "starting it again")
 
 
 # -- options asked of a running server ----------------------------------------------------------

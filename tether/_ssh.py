@@ -9,9 +9,8 @@ turns checking off.
 Remote commands are argv lists, joined with :func:`shlex.join` into the one string OpenSSH sends
 (the remote login shell splits it again). Secrets travel on stdin or in files, never in argv.
 
-Other modules use :func:`check_output` ("run this argv on HOST, give me stdout") and
-:func:`remote_tether_argv` (the argv prefix of the remote ``tether`` executable that ``tether up``
-installs).
+Other modules use :func:`run` and :func:`check_output` ("run this argv on HOST, give me
+stdout"); where tether lives on the remote is :data:`tether.bootstrap.REMOTE_LAYOUT`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether import __version__
+
 from tether.errors import AuthenticationError, HostUnreachableError, SSHError
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,9 @@ DEFAULT_TIMEOUT = 60.0
 STDERR_TAIL = 800
 # Keep-alives: a dead path (laptop asleep, Wi-Fi gone) is noticed in ~15 s, then reconnected.
 KEEPALIVE = ("ServerAliveInterval=5", "ServerAliveCountMax=3")
+# Once ssh has exited, what its pipes still have to say arrives within this (see _Protocol).
+PIPE_GRACE = 0.5
+STREAM_LIMIT = 2 ** 16
 
 _UNREACHABLE = (
     "could not resolve hostname", "connection refused", "connection timed out",
@@ -111,14 +113,58 @@ def ssh_error(target: SSHTarget, command: str, status: int, stderr: bytes) -> SS
     return SSHError(f"`{command}` on {target.host} failed (exit {status}): {last}", **data)
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Streams as usual, plus: once ssh has exited, its pipes end within ``PIPE_GRACE``.
+
+    A ``ProxyCommand`` (or a ControlPersist master) inherits ssh's stderr and may outlive ssh,
+    stopped or hung: waiting for EOF on that pipe would wait forever, and so would
+    :meth:`asyncio.subprocess.Process.wait`, which also waits for every pipe to close. Closing
+    our ends a little after the exit turns that into EOF: readers get what was written.
+    """
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._loop_ = loop
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._process: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._process = transport
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+        # (not cancelled on connection_lost: the stream protocol also calls that when stdin ends)
+        self._loop_.call_later(PIPE_GRACE, self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        transport = self._process
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+# Every ssh started here whose pipes are not yet closed: for the last-resort kill and cleanup on
+# the way out (ssh runs in its own session, so a terminal's Ctrl-C does not reach it).
+_children: set[asyncio.subprocess.Process] = set()
+
+
 async def spawn(target: SSHTarget, argv: list[str], *,
                 stdin: int | None = asyncio.subprocess.PIPE,
                 stdout: int | None = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
-    """Start a local ssh process; a missing ``ssh`` binary is an :class:`SSHError`."""
+    """Start a local ssh process; a missing ``ssh`` binary is an :class:`SSHError`.
+
+    ``wait()`` on the result returns within ``PIPE_GRACE`` of ssh's exit, whoever else holds
+    its pipes. End it with :func:`terminate` (bounded, always reaped, pipes closed).
+    """
     log.debug("spawn %s", shlex.join(a if len(a) < 300 else a[:300] + "...'" for a in argv))
+    loop = asyncio.get_running_loop()
     try:
-        return await asyncio.create_subprocess_exec(
-            *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(STREAM_LIMIT, loop), *argv,
+            stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
             # Non-interactive: Ctrl-C reaches only tether, which ends its children itself.
             # Interactive: ssh keeps the terminal so passphrase and 2FA prompts reach the user.
             start_new_session=sys.platform != "win32" and not target.interactive,
@@ -126,21 +172,96 @@ async def spawn(target: SSHTarget, argv: list[str], *,
     except OSError as e:
         raise SSHError(f"cannot run {argv[0]}: {e.strerror}",
                        hint="Install an OpenSSH client (`ssh` must be on PATH).") from e
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
+    _children.add(proc)
+    return proc
+
+
+def exited(proc: asyncio.subprocess.Process) -> asyncio.Future[None]:
+    """A future done when ``proc`` (started by :func:`spawn`) has exited, pipes or not."""
+    protocol = proc._protocol  # type: ignore[attr-defined]
+    assert isinstance(protocol, _Protocol), "not started by _ssh.spawn"
+    return protocol.exited
+
+
+async def wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """Wait (bounded) for ``proc`` to exit; True if it has. Never waits on its pipes."""
+    if proc.returncode is not None:
+        return True
+    done, _ = await asyncio.wait({exited(proc)}, timeout=timeout)
+    return bool(done)
 
 
 async def terminate(proc: asyncio.subprocess.Process, timeout: float = 3.0) -> None:
-    """End a child: SIGTERM, then SIGKILL after ``timeout``; always reaped."""
+    """End a child: SIGTERM, then SIGKILL after ``timeout``; reaped and its pipes closed.
+
+    Bounded (twice ``timeout`` and ``PIPE_GRACE``) even when a grandchild holds the pipes. A cancellation
+    of the caller is held back until the child is gone, then re-raised: no ssh outlives this.
+    """
+    task = asyncio.ensure_future(_terminate(proc, timeout))
+    cancelled = False
+    try:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+    finally:
+        _close(proc)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _terminate(proc: asyncio.subprocess.Process, timeout: float) -> None:
     if proc.returncode is None:
+        _signal(proc, kill=False)
+        if not await wait_exit(proc, timeout):
+            _signal(proc, kill=True)
+            await wait_exit(proc, timeout)
+    if proc.returncode is not None:
+        # let readers take what is still in the pipes (the protocol ends them in PIPE_GRACE)
+        waiter = asyncio.ensure_future(proc.wait())
         try:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), timeout)
-        except ProcessLookupError:
-            pass
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-    else:
-        await proc.wait()
+            await asyncio.wait({waiter}, timeout=PIPE_GRACE + 0.5)
+        finally:
+            waiter.cancel()
+
+
+def _signal(proc: asyncio.subprocess.Process, kill: bool) -> None:
+    try:
+        proc.kill() if kill else proc.terminate()
+    except ProcessLookupError:
+        pass
+
+
+def _close(proc: asyncio.subprocess.Process) -> None:
+    # Only after the exit (or a kill that did not show): closing earlier would let Popen.poll()
+    # reap the child behind the child watcher's back ("Unknown child process pid").
+    transport = proc._transport  # type: ignore[attr-defined]
+    if proc.returncode is not None:
+        _children.discard(proc)
+        if not transport.is_closing():
+            transport.close()
+
+
+async def reap_all(timeout: float) -> None:
+    """Wait (bounded) for every ssh started here to exit, and close its pipes."""
+    procs = list(_children)
+    running = {exited(p) for p in procs if not exited(p).done()}
+    if running:
+        await asyncio.wait(running, timeout=timeout)
+    for proc in procs:
+        _close(proc)
+
+
+def kill_all() -> list[int]:
+    """SIGKILL every ssh started here that is still running (the last resort on exit)."""
+    pids = []
+    for proc in list(_children):
+        if proc.returncode is None:
+            _signal(proc, kill=True)
+            pids.append(proc.pid)
+    return pids
 
 
 async def run(target: SSHTarget, command: Sequence[str], *, input: bytes | None = None,
@@ -149,8 +270,9 @@ async def run(target: SSHTarget, command: Sequence[str], *, input: bytes | None 
     argv = target.argv(command=command)
     proc = await spawn(target, argv)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except asyncio.TimeoutError as e:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
+    except TimeoutError as e:
         raise SSHError(f"`{shlex.join(command)[:80]}` on {target.host} took more than "
                        f"{timeout:.0f} s", host=target.host) from e
     finally:
@@ -165,21 +287,6 @@ async def check_output(target: SSHTarget, command: Sequence[str], *,
                        timeout: float = DEFAULT_TIMEOUT) -> str:
     """Run ``command`` on the target and return its stdout as text."""
     return (await run(target, command, timeout=timeout)).text
-
-
-def remote_root_expr() -> str:
-    """Shell expression for tether's directory under the remote user's cache directory."""
-    return '"${XDG_CACHE_HOME:-$HOME/.cache}/tether"'
-
-
-def remote_tether_argv(*args: str) -> list[str]:
-    """argv running the ``tether`` that ``tether up`` installed on the remote, with ``args``.
-
-    The remote runtime directory is set so that remote commands find the server's state file.
-    """
-    script = (f"r={remote_root_expr()}; JUPYTER_RUNTIME_DIR=\"$r/runtime\" "
-              f"exec \"$r/env-{__version__}/bin/tether\" \"$@\"")
-    return ["sh", "-c", script, "tether", *args]
 
 
 def interactive_default() -> bool:

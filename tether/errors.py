@@ -18,7 +18,8 @@ they enter, and each exception carries the data a user needs to act::
     ├── RemoteEnvironmentError       remote without Python, disk space or package index access
     ├── SlurmError                   not a Slurm login node, a refused submission, a stuck job
     ├── TunnelError                  the forward could not be (re)established
-    │   └── ForeignListenerError     something that is not our server answers on the local port
+    │   ├── ForeignListenerError     something that is not our server answers on the local port
+    │   └── TokenRejectedError       a tether server answers but refuses our token (replaced)
     └── ReleaseError                 processes still alive / holding the GPU after a release
 
 An error keeps its class across the SSH hop: the remote ``tether ... --json`` prints
@@ -140,6 +141,10 @@ class TunnelError(TetherError):
 
 
 class ForeignListenerError(TunnelError):
+    pass
+
+
+class TokenRejectedError(TunnelError):
     pass
 
 

@@ -21,18 +21,17 @@ from typing import Any, Protocol
 
 import psutil
 
-from tether import _ssh, bootstrap
+from tether import _http, _ssh, bootstrap
 from tether.backends import Backend, Placement
 from tether.bootstrap import ServerInfo
 from tether.config import DEFAULT_PORT
 from tether.errors import ConfigError, SSHError, TetherError, TunnelError
-from tether.tunnel import Forward, State, Status, Tunnel, check_local_port, free_port, http_get
+from tether.tunnel import Forward, State, Status, Tunnel, check_local_port, free_port
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 2.0
-# this many status polls in a row fail while the tunnel looks up: reconnect it
-STATUS_FAILURES = 2
+STATUS_TIMEOUT = 5.0
 
 
 ABANDON_DEADLINE = 60.0  # undoing what must not outlive `up` (cancelling a Slurm job)
@@ -241,37 +240,37 @@ def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter) -> Tunnel:
 async def _watch(runtime: Runtime, tunnel: Tunnel, reporter: Reporter) -> None:
     """Every few seconds, kernels and GPU memory through the tunnel, for the status line.
 
-    A forward whose ssh lives on while nothing answers through it (the server died, the path
-    is stuck) is kicked, so the supervisor reconnects and, if needed, restarts the server.
+    Only reports: the tunnel's own health probe decides when the forward is down.
     """
-    failures = 0
     while True:
         await asyncio.sleep(STATUS_INTERVAL)
         if tunnel.status.state is not State.UP:
-            failures = 0
             continue
         live = await live_status(runtime, tunnel.status)
-        failures = 0 if live is not None else failures + 1
-        if failures >= STATUS_FAILURES:
-            log.info("nothing answers through the tunnel to %s: reconnecting", runtime.host)
-            tunnel.kick()
-            failures = 0
         reporter.live(runtime.host, live or Live(tunnel.status))
 
 
 async def live_status(runtime: Runtime, status: Status) -> Live | None:
-    """Kernels and GPU memory through the tunnel; None when the server does not answer."""
+    """Kernels and GPU memory through the tunnel; None when the server does not answer.
+
+    ``/tether/api/kernels`` is not counted as activity: a terminal left attached does not keep
+    an idle server (``--stop-after-idle``) alive.
+    """
     try:
-        code, kernels = await http_get(runtime.local_port, "/api/kernels", runtime.token, 5)
-        _, res = await http_get(runtime.local_port, "/api/colab/resources", runtime.token, 5)
-    except (OSError, asyncio.TimeoutError) as e:
+        reply = await _http.get(runtime.local_port, "/tether/api/kernels", runtime.token,
+                                timeout=STATUS_TIMEOUT)
+    except _http.NoAnswer as e:
         log.debug("status of %s failed: %s", runtime.host, e)
         return None
-    if code != 200:
+    if reply.code != 200 or not isinstance(reply.body, dict):
         return None
-    gpus = res.get("gpus", []) if isinstance(res, dict) else []
-    used = sum(int(g.get("memoryUsedBytes", 0)) for g in gpus) if gpus else None
-    total = sum(int(g.get("memoryTotalBytes", 0)) for g in gpus) if gpus else None
+    kernels, gpus = reply.body.get("kernels"), reply.body.get("gpus") or []
+    if isinstance(kernels, list):  # who would be lost if the server died
+        runtime.seen.clear()
+        runtime.seen.update({str(k.get("id")): str(k.get("path") or "") for k in kernels
+                             if isinstance(k, dict)})
+    used = sum(int(g.get("memory_used") or 0) for g in gpus) if gpus else None
+    total = sum(int(g.get("memory_total") or 0) for g in gpus) if gpus else None
     return Live(status, len(kernels) if isinstance(kernels, list) else None, used, total)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-import json
 import logging
 import random
 import socket
@@ -20,29 +19,41 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
-from tether import _ssh
+from tether import _http, _ssh
 from tether.errors import (
     ForeignListenerError,
     PortInUseError,
     ServerNotFoundError,
     SSHError,
     TetherError,
+    TokenRejectedError,
     TunnelError,
 )
 
 log = logging.getLogger(__name__)
 
 CONNECT_DEADLINE = 30.0
+# Each reconnect attempt: a path that is still frozen must not hold one for long, so the URL
+# comes back promptly once the path is back (or a new one exists).
+RECONNECT_DEADLINE = 12.0
 INTERACTIVE_DEADLINE = 180.0  # a passphrase or 2FA prompt may be waiting for the user
-HTTP_TIMEOUT = 10.0
+# ssh's own deadline for the TCP connect and the SSH handshake (unless the user set one)
+SSH_CONNECT_TIMEOUT = 10
+VERIFY_TIMEOUT = 5.0
 POLL = 0.02
 BACKOFF_FIRST = 0.25
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 5.0
 # ssh connects but the server does not answer this many times in a row: restart the server
 SERVER_FAILURES = 2
-XSSI_PREFIX = b")]}'\n"
+# The health probe through the forward: every PROBE_INTERVAL, a miss is retried at once, and
+# PROBE_MISSES in a row end that ssh. A silent drop is so noticed in at most
+# PROBE_INTERVAL + PROBE_MISSES * PROBE_TIMEOUT (7 s), well before ssh's keep-alives (15-20 s).
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = 2.5
+PROBE_MISSES = 2
+PROBE_PATH = "/api/status"  # not counted as activity by jupyter_server
+STDERR_CAP = 64 << 10
 
 
 class State(enum.Enum):
@@ -97,53 +108,82 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def http_get(port: int, path: str, token: str,
-                   timeout: float = HTTP_TIMEOUT) -> tuple[int, Any]:
-    """A minimal GET to 127.0.0.1:``port``; returns (status, decoded JSON or None)."""
-    async def fetch() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def verify_own_server(port: int, token: str, version: str = "", host: str = "") -> None:
+    """Raise unless tether's own server, with this token, answers on ``port``.
+
+    :class:`TunnelError` when nothing answers (tunnel or server down: reconnect),
+    :class:`TokenRejectedError` when a tether server answers but refuses the token (it was
+    replaced by one with a new token), :class:`ForeignListenerError` for anything else.
+    """
+    try:
+        reply = await _http.get(port, "/api/colab/build-info", token, timeout=VERIFY_TIMEOUT)
+    except _http.NoAnswer as e:
+        raise TunnelError(f"nothing answers through the tunnel on port {port}: the remote "
+                          "server is not reachable through it", port=port,
+                          reason=e.data.get("reason", "")) from e
+    tag = reply.body.get("release_tag", "") if isinstance(reply.body, dict) else ""
+    if reply.code == 200 and str(tag).startswith("tether-"):
+        return
+    if reply.code in (401, 403) and await _is_tether(port):
+        raise _token_rejected(host, port)
+    raise ForeignListenerError(
+        f"something other than this tether server answers on 127.0.0.1:{port} "
+        f"(HTTP {reply.code})",
+        hint="Another program or Jupyter holds that port: stop it or pick --port N.",
+        port=port)
+
+
+async def _is_tether(port: int) -> bool:
+    """A tether server refuses a request without token on its own route; others know no route."""
+    try:
+        reply = await _http.get(port, "/tether/api/kernels", "", timeout=VERIFY_TIMEOUT)
+    except _http.NoAnswer:
+        return False
+    return reply.code in (401, 403)
+
+
+def _token_rejected(host: str, port: int) -> TokenRejectedError:
+    where = f"on {host}" if host else f"behind 127.0.0.1:{port}"
+    return TokenRejectedError(
+        f"the server {where} was restarted with a new token",
+        hint=f"Run `tether up {host or 'HOST'}` for the new URL.", host=host, port=port)
+
+
+class Health(enum.Enum):
+    UP = "up"
+    MISS = "miss"
+
+
+class _Tail:
+    """The last ``STDERR_CAP`` bytes of a stream, read as they come (never to a wait on EOF)."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.data = bytearray()
+        self._task = asyncio.ensure_future(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(4096):
+            self.data += chunk
+            del self.data[:-STDERR_CAP]
+
+    async def finish(self, timeout: float) -> bytes:
+        """What was read, once the stream ended or after ``timeout``; the reader is ended."""
         try:
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
-                         f"Authorization: token {token}\r\n\r\n".encode())
-            await writer.drain()
-            return await reader.read()
+            await asyncio.wait({self._task}, timeout=timeout)
         finally:
-            writer.close()
-
-    raw = await asyncio.wait_for(fetch(), timeout)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    try:
-        status = int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        return 0, None
-    body = body[len(XSSI_PREFIX):] if body.startswith(XSSI_PREFIX) else body
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, None
-
-
-async def verify_own_server(port: int, token: str, version: str = "") -> None:
-    """Raise unless tether's own server, with this token, answers on ``port``."""
-    try:
-        status, body = await http_get(port, "/api/colab/build-info", token)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-        raise TunnelError(f"nothing answers through the tunnel on port {port}: {e}",
-                          port=port) from e
-    if status == 0 and body is None:
-        raise TunnelError(f"the tunnel on port {port} closed the connection: the remote "
-                          "server is not reachable through it", port=port)
-    tag = body.get("release_tag", "") if isinstance(body, dict) else ""
-    if status != 200 or not str(tag).startswith("tether-"):
-        raise ForeignListenerError(
-            f"something other than this tether server answers on 127.0.0.1:{port} "
-            f"(HTTP {status})",
-            hint="Another program or Jupyter holds that port: stop it or pick --port N.",
-            port=port)
+            self._task.cancel()
+        return bytes(self.data)
 
 
 class Tunnel:
-    """One supervised forward. ``await open()`` once, then ``await run()`` until cancelled."""
+    """One supervised forward. ``await open()`` once, then ``await run()`` until cancelled.
+
+    ``run()`` heals every fault it can see: ssh exiting (killed, sshd gone, keep-alives), and
+    a forward whose ssh lives on while nothing answers through it (a frozen path, a stuck or
+    dead server), seen by a health probe through the forward itself. It ends only with
+    :class:`TokenRejectedError` (the server was replaced) or :class:`ServerNotFoundError`
+    (stopped on purpose), or when cancelled.
+    """
 
     def __init__(self, target: _ssh.SSHTarget, forward: Forward, token: str,
                  on_status: Callable[[Status], None] | None = None,
@@ -155,9 +195,7 @@ class Tunnel:
         self.on_status = on_status or (lambda s: None)
         self.status = Status(State.CONNECTING, since=time.time())
         self.proc: asyncio.subprocess.Process | None = None
-        self._stderr = b""
-        # reads the current ssh's stderr to its end (ssh exits -> EOF); owned, awaited here
-        self._stderr_task: asyncio.Future[bytes] | None = None
+        self._stderr: _Tail | None = None
 
     def argv(self) -> list[str]:
         options = ["-o", "ExitOnForwardFailure=yes"]
@@ -167,6 +205,8 @@ class Tunnel:
             options += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         for keepalive in _ssh.KEEPALIVE:
             options += ["-o", keepalive]
+        if not any(o.lower().startswith("connecttimeout") for o in self.target.options):
+            options += ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}"]
         return self.target.argv("-N", "-T", *options, "-L", self.forward.spec)
 
     def _set(self, state: State, error: str = "", reconnects: int | None = None) -> None:
@@ -178,31 +218,40 @@ class Tunnel:
     async def open(self) -> None:
         """Start the forward and check the server behind it; raises on the first failure."""
         check_local_port(self.forward.local_port)
-        await self._connect()
+        deadline = INTERACTIVE_DEADLINE if self.target.interactive else CONNECT_DEADLINE
+        await self._connect(deadline, first=True)
         self._set(State.UP)
 
-    async def _connect(self) -> None:
+    async def _connect(self, deadline: float, first: bool = False) -> None:
+        """One attempt, bounded by ``deadline``; on any failure (or cancel) no ssh is left."""
         await self._stop()
         self.proc = await _ssh.spawn(self.target, self.argv(), stdin=asyncio.subprocess.DEVNULL,
                                      stdout=asyncio.subprocess.DEVNULL)
-        deadline = INTERACTIVE_DEADLINE if self.target.interactive else CONNECT_DEADLINE
+        assert self.proc.stderr is not None
+        self._stderr = _Tail(self.proc.stderr)
         try:
-            await asyncio.wait_for(self._listening(), deadline)
-        except asyncio.TimeoutError as e:
+            await self._establish(deadline, first)
+        except BaseException:
             await self._stop()
+            raise
+
+    async def _establish(self, deadline: float, first: bool) -> None:
+        try:
+            async with asyncio.timeout(deadline):
+                await self._listening()
+        except TimeoutError as e:
             raise TunnelError(f"the tunnel to {self.target.host} was not up after "
                               f"{deadline:.0f} s", host=self.target.host) from e
         try:
-            await verify_own_server(self.forward.local_port, self.token)
+            await verify_own_server(self.forward.local_port, self.token, host=self.target.host)
+        except (TokenRejectedError, ForeignListenerError):
+            raise
         except TunnelError as e:
-            await self._stop()
-            if self._stderr_task is not None:
-                self._stderr = await self._stderr_task
+            stderr = await self._stop()
             # sshd answers "open failed" both for a forbidden socket forward
             # (AllowStreamLocalForwarding no) and a missing socket; the server was just seen
             # ready on that socket, so the first is the likely cause.
-            first = self.status.state is State.CONNECTING
-            if first and self.forward.remote_sock and b"open failed" in self._stderr:
+            if first and self.forward.remote_sock and b"open failed" in stderr:
                 raise TunnelError(
                     f"{self.target.host}'s sshd refuses to forward the server's Unix socket",
                     hint=f"Serve on a loopback port there instead: `tether down "
@@ -213,63 +262,92 @@ class Tunnel:
 
     async def _listening(self) -> None:
         """Wait until ssh listens on the local port (it binds only after authentication)."""
-        assert self.proc is not None and self.proc.stderr is not None
-        stderr = asyncio.ensure_future(self.proc.stderr.read())
-        self._stderr_task = stderr
+        assert self.proc is not None
         while True:
-            if self.proc.returncode is not None or stderr.done():
-                await self.proc.wait()
-                self._stderr = await stderr
-                self._raise_exit()
+            if self.proc.returncode is not None:
+                self._raise_exit(await self._stop())
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.forward.local_port)
-            except OSError:
-                await asyncio.sleep(POLL)
+                async with asyncio.timeout(1.0):
+                    _, writer = await asyncio.open_connection("127.0.0.1",
+                                                              self.forward.local_port)
+            except (OSError, TimeoutError):
+                await _ssh.wait_exit(self.proc, POLL)  # (ssh gives no other readiness signal)
                 continue
             writer.close()
             return
 
-    def _raise_exit(self) -> None:
+    def _raise_exit(self, stderr: bytes) -> None:
         assert self.proc is not None and self.proc.returncode is not None
-        text = self._stderr.decode(errors="replace")
+        text = stderr.decode(errors="replace")
         if "Address already in use" in text or "cannot listen to port" in text:
             raise PortInUseError(f"local port {self.forward.local_port} is already in use",
                                  hint="Pick another with --port N.", port=self.forward.local_port)
         raise _ssh.ssh_error(self.target, "ssh -N -L " + self.forward.spec,
-                             self.proc.returncode, self._stderr)
+                             self.proc.returncode, stderr)
 
     async def run(self) -> None:
-        """Supervise: whenever ssh exits, start it again (backoff with jitter), forever."""
-        attempt = 0
+        """Supervise until cancelled: whenever the forward fails, start it again."""
         while True:
-            assert self.proc is not None
-            await self.proc.wait()
-            self._stderr = await self._stderr_task if self._stderr_task else b""
-            log.info("tunnel to %s exited (%s): %s", self.target.host, self.proc.returncode,
-                     _ssh.stderr_tail(self._stderr, 200))
-            self._set(State.RECONNECTING, _ssh.stderr_tail(self._stderr, 200),
-                      reconnects=self.status.reconnects + 1)
-            server_failures = 0
-            while True:
-                if attempt:
-                    await asyncio.sleep(_backoff(attempt))
-                attempt += 1
-                try:
-                    await self._connect()
-                except (ForeignListenerError, SSHError, PortInUseError) as e:
-                    log.info("reconnect to %s failed: %s", self.target.host, e)
-                    self._set(State.RECONNECTING, str(e))
-                    continue
-                except TunnelError as e:  # ssh is fine, the server behind it does not answer
-                    log.info("reconnect to %s failed: %s", self.target.host, e)
-                    self._set(State.RECONNECTING, str(e))
-                    server_failures += 1
-                    if server_failures >= SERVER_FAILURES and await self._restart_server():
-                        server_failures, attempt = 0, 0
-                    continue
-                attempt = 0
-                self._set(State.UP)
-                break
+            why = await self._hold()
+            log.info("tunnel to %s is down: %s", self.target.host, why)
+            self._set(State.RECONNECTING, why, reconnects=self.status.reconnects + 1)
+            await self._reconnect()
+            self._set(State.UP)
+
+    async def _hold(self) -> str:
+        """Until the current forward fails (ssh exits, or the probe misses): why it failed."""
+        assert self.proc is not None
+        proc, misses = self.proc, 0
+        while True:
+            if await _ssh.wait_exit(proc, PROBE_INTERVAL if misses == 0 else 0):
+                stderr = await self._stop()
+                return f"ssh exited ({proc.returncode}): {_ssh.stderr_tail(stderr, 200)}".strip()
+            if await self.probe() is Health.UP:
+                misses = 0
+                continue
+            misses += 1
+            if misses >= PROBE_MISSES:
+                await self._stop()
+                return f"no answer through the tunnel in {misses} probes"
+
+    async def probe(self) -> Health:
+        """One health check through the forward, bounded by ``PROBE_TIMEOUT``.
+
+        Raises :class:`TokenRejectedError` when the server there refuses the token.
+        """
+        try:
+            reply = await _http.get(self.forward.local_port, PROBE_PATH, self.token,
+                                    timeout=PROBE_TIMEOUT)
+        except _http.NoAnswer as e:
+            log.debug("probe through the tunnel to %s: %s", self.target.host, e)
+            return Health.MISS
+        if reply.code in (401, 403) and await _is_tether(self.forward.local_port):
+            raise _token_rejected(self.target.host, self.forward.local_port)
+        return Health.UP if reply.code == 200 else Health.MISS
+
+    async def _reconnect(self) -> None:
+        """Attempts with backoff and jitter until one is up; each attempt is bounded."""
+        deadline = INTERACTIVE_DEADLINE if self.target.interactive else RECONNECT_DEADLINE
+        attempt = server_failures = 0
+        while True:
+            if attempt:
+                await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+            try:
+                await self._connect(deadline)
+                return
+            except TokenRejectedError:
+                raise
+            except (ForeignListenerError, SSHError, PortInUseError) as e:
+                log.info("reconnect to %s failed: %s", self.target.host, e)
+                self._set(State.RECONNECTING, str(e))
+                continue
+            except TunnelError as e:  # ssh is fine, the server behind it does not answer
+                log.info("reconnect to %s failed: %s", self.target.host, e)
+                self._set(State.RECONNECTING, str(e))
+                server_failures += 1
+            if server_failures >= SERVER_FAILURES and await self._restart_server():
+                server_failures, attempt = 0, 0
 
     async def _restart_server(self) -> bool:
         """Start the remote server again (same token, so the same URL); False if that failed."""
@@ -290,14 +368,19 @@ class Tunnel:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
 
-    async def _stop(self) -> None:
+    async def _stop(self) -> bytes:
+        """End the current ssh (bounded) and return the tail of its stderr."""
+        stderr = b""
         if self.proc is not None:
             await _ssh.terminate(self.proc)
+        if self._stderr is not None:
+            stderr = await self._stderr.finish(2 * _ssh.PIPE_GRACE)
+            self._stderr = None
+        return stderr
 
     async def aclose(self) -> None:
         await self._stop()
         self._set(State.CLOSED)
-
 
 
 def _backoff(attempt: int) -> float:

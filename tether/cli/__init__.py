@@ -24,6 +24,7 @@ from tether.errors import ConfigError, TetherError, sentence
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 # stdout carries results (the URL, --json); everything for humans goes to stderr
 out = Console(highlight=False, soft_wrap=True)
@@ -73,28 +74,54 @@ class Terminated(Exception):
     """SIGTERM arrived; treated like Ctrl-C."""
 
 
+# After a signal, the work is cancelled again this often until it has ended: on Python 3.11 a
+# cancellation that meets a finishing ``wait_for`` can be swallowed (CPython gh-86296).
+RECANCEL_INTERVAL = 1.0
+
+
 def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """The one ``asyncio.run``: SIGTERM cancels like Ctrl-C, so children are always ended."""
-    terminated = False
+    """The one ``asyncio.run``. SIGINT and SIGTERM cancel the work, so children always end.
+
+    The first signal cancels: every ``finally`` runs its bounded teardown (no ssh is left),
+    then :class:`KeyboardInterrupt` (SIGINT) or :class:`Terminated` (SIGTERM) is raised here.
+    A second signal kills tether's ssh children at once, which makes the rest of the teardown
+    immediate. The handlers stay until the loop is gone, so no signal lands in asyncio's own
+    shutdown (no "Event loop is closed" on the way out).
+    """
+    received: list[int] = []
 
     async def main() -> T:
-        task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        signalled = loop.create_future()
 
-        def on_sigterm() -> None:
-            nonlocal terminated
-            terminated = True
-            assert task is not None
-            task.cancel()
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            if not signalled.done():
+                signalled.set_result(None)
+            else:
+                _ssh.kill_all()
 
         if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal, signum)
+        work = asyncio.ensure_future(make())
         try:
-            return await make()
-        except asyncio.CancelledError:
-            if terminated:
-                raise Terminated() from None
-            raise
+            await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            while not work.done():
+                work.cancel()
+                await asyncio.wait({work}, timeout=RECANCEL_INTERVAL)
+        finally:
+            work.cancel()
+            # last resort: nothing this run started outlives it (pipes closed inside the loop)
+            _ssh.kill_all()
+            await _ssh.reap_all(timeout=2.0)
+        if not received:
+            return work.result()
+        if not work.cancelled() and work.exception() is not None:
+            log.debug("after the signal: %r", work.exception())
+        if received[0] == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt()
 
     return asyncio.run(main())
 
