@@ -8,9 +8,10 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,24 @@ def stop_server(server: RunningServer, timeout: float = 30.0) -> int:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(5)
     return server.proc.returncode
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start processes for a test; every one still alive is killed (by pid) afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
 
 
 @pytest.fixture(scope="module")

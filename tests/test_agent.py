@@ -27,24 +27,6 @@ Start = Callable[..., subprocess.Popen]
 
 
 @pytest.fixture
-def procs() -> Iterator[Start]:
-    """Start processes for a test; every one still alive is killed (by pid) afterwards."""
-    started: list[subprocess.Popen] = []
-
-    def start(*argv: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
-        p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})},
-                             stdin=subprocess.DEVNULL, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-
-
-@pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Any]:
     """The agent module, configured for a private root under ``tmp_path``."""
     params = {"version": "9.9.9", "layout": bootstrap.REMOTE_LAYOUT.params()}

@@ -22,23 +22,6 @@ FAKE_SMI = FIXTURES / "fake_nvidia_smi.py"
 UUID0 = "GPU-5e1f9c6a-2b7d-8f4e-1a3c-9d0b7e6f5a41"
 
 
-@pytest.fixture
-def procs():
-    """Start processes for a test; every one still alive is killed (by pid) afterwards."""
-    started: list[subprocess.Popen] = []
-
-    def start(*argv: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(5)
-
-
 def ready_python(start, code: str, **kw) -> subprocess.Popen:
     p = start(sys.executable, "-c", code + "\nprint('ready', flush=True)\nimport time\n"
               "time.sleep(600)", stdout=subprocess.PIPE, text=True, **kw)
