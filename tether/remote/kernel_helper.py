@@ -28,7 +28,13 @@ TIMEOUT = 10.0
 __all__ = ["ApiError", "api_request", "load_ipython_extension", "release"]
 
 
-class ApiError(Exception):
+try:  # with tether installed, its one exception tree; in a kernel without it, plain Exception
+    from tether.errors import ServerError as _Base
+except ImportError:  # loaded by the kernel shim: no tether.errors there
+    _Base = Exception  # type: ignore[misc, assignment]
+
+
+class ApiError(_Base):
     """A request to the server failed (``status`` 0: no answer at all)."""
 
     def __init__(self, message: str, status: int = 0, body: Any = None) -> None:
