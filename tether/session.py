@@ -45,9 +45,10 @@ class UpConfig:
     local_port: int = DEFAULT_PORT
 
 
-@dataclass(frozen=True)
+@dataclass
 class Runtime:
-    """What the user pastes into Colab, and where it leads."""
+    """What the user pastes into Colab, and where it leads (the server may be replaced by a new
+    one on the same URL after a crash)."""
 
     host: str
     local_port: int
@@ -221,6 +222,7 @@ async def _restart(backend: Backend, runtime: Runtime, reporter: Reporter) -> Fo
         reporter.note(host, f"the server on {host} had stopped (pid {runtime.server.pid}) and "
                             f"was started again on the same URL; {what}.")
         runtime.seen.clear()
+        runtime.server = server
     log.info("server on %s restarted (pid %s)", host, server.pid)
     return _forward(runtime.local_port, placement)
 
