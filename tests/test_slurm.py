@@ -287,3 +287,24 @@ def test_a_job_that_does_not_see_the_home_says_so(prepared: Prepared, testbed: S
     assert done.returncode == 1, done.stderr
     assert "ended before its server was ready" in done.stderr
     assert "does not see the login node's home" in done.stderr, done.stderr
+
+
+def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbed: SSHBed,
+                                                      cluster: Cluster,
+                                                      slurm_config: Path) -> None:
+    """The GPU goes back to the pool at once, not at the walltime."""
+    cluster.wait_idle()
+    up = start(slurm_config, "--gpus", "1", "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
+        done = tether(slurm_config, "release", "-H", "gpubox", "--slurm", "--all",
+                      "--stop-server")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert up.read_until(lambda u: u.proc.poll() is not None, 90), up.text
+        rest = up.proc.stderr.read() if up.proc.stderr else ""
+        assert "COMPLETED" in up.text + rest, up.text + rest
+        assert our_jobs(cluster, testbed) == []
+    finally:
+        up.stop()
+        tether(slurm_config, "down", "gpubox", "--slurm")
+    assert wait_job_processes_gone(testbed, 30) == []
