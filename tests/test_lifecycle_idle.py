@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import start_server, stop_server
@@ -159,3 +160,84 @@ async def test_reaper_reports_then_ends_what_a_crashed_server_left(tmp_path, cle
         assert await wait_dead(pids, 10) == []
     finally:
         stop_server(third)
+
+
+FAKE_SMI = Path(__file__).parent / "fixtures" / "fake_nvidia_smi.py"
+PMON_HEADER = ("# gpu         pid   type     sm    mem    enc    dec    jpg    ofa    command\n"
+               "# Idx           #    C/G      %      %      %      %      %      %    name\n")
+UUID0 = "GPU-5e1f9c6a-2b7d-8f4e-1a3c-9d0b7e6f5a41"
+
+
+def fake_gpus(root: Path) -> tuple[Path, dict[str, str]]:
+    """Recorded nvidia-smi answers in a folder of this test: it says who holds and uses a GPU."""
+    smi = root / "smi"
+    smi.mkdir()
+    for name in ("query-gpu.csv", "query-gpu-uuid.csv"):
+        (smi / name).write_text((FAKE_SMI.parent / "nvidia-smi" / name).read_text())
+    (smi / "query-compute-apps.csv").write_text("")
+    (smi / "pmon.txt").write_text(PMON_HEADER)
+    return smi, {"TETHER_NVIDIA_SMI": str(FAKE_SMI), "FAKE_NVIDIA_SMI_DIR": str(smi),
+                 "FAKE_NVIDIA_SMI_LIVE_ONLY": "1",
+                 "TETHER_NVIDIA_DEVICES": str(root / "no-devices" / "nvidia[0-9]*")}
+
+
+def pmon_row(pid: int, sm: int) -> str:
+    return f"    0 {pid:>10}     C {sm:>6} {sm // 2:>6}      -      -      -      -    python3\n"
+
+
+async def wait_gone(api: Api, kid: str, timeout: float) -> float:
+    """Seconds until the kernel is no longer listed (bounded)."""
+    started = time.monotonic()
+    while kid in await kernel_ids(api) and time.monotonic() - started < timeout:
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def test_gpu_aware_idle_keeps_gpu_work_and_frees_idle_gpu_memory_first(tmp_path, cleanup):
+    general, on_gpu = 16, 4
+    smi, env = fake_gpus(tmp_path)
+    srv = start_server(tmp_path, "--idle-timeout", str(general), "--gpu-idle-timeout",
+                       str(on_gpu), "--kill-grace", "1", env=env)
+    api = Api(srv.url, srv.token)
+    try:
+        kids, pids = {}, {}
+        for name in ("trainer", "holder", "plain"):
+            s = await api.new_session(f"{name}.ipynb")
+            kids[name] = s["kernel"]["id"]
+            channel = await api.connect(kids[name])
+            pids[name] = int((await channel.execute("import os; print(os.getpid())")).strip())
+            channel.close()  # the tab is gone: only the idle policy decides from now on
+        cleanup.extend(pids.values())
+        # the driver says: trainer holds 4 GiB and computes (a background thread, no messages);
+        # holder keeps 2 GiB and does nothing; plain has no GPU memory at all
+        (smi / "query-compute-apps.csv").write_text(
+            f"{pids['trainer']}, {UUID0}, 4096\n{pids['holder']}, {UUID0}, 2048\n")
+        (smi / "pmon.txt").write_text(PMON_HEADER + pmon_row(pids["trainer"], 80) +
+                                      pmon_row(pids["holder"], 0))
+        listing = await api.call("GET", "/tether/api/kernels")
+        assert listing["server"]["gpu_idle_timeout"] == on_gpu
+        assert listing["server"]["idle_timeout"] == general
+
+        await wait_gone(api, kids["holder"], general)
+        left = await kernel_ids(api)
+        assert kids["holder"] not in left, "an idle GPU holder goes at the GPU timeout"
+        assert {kids["plain"], kids["trainer"]} <= left, "...before the general one"
+        assert await wait_dead([pids["holder"]]) == []
+
+        await wait_gone(api, kids["plain"], general + 20)
+        assert kids["plain"] not in await kernel_ids(api), "an idle non-holder: general timeout"
+        await asyncio.sleep(2)  # well past the general timeout for the trainer too
+        listing = await api.call("GET", "/tether/api/kernels")
+        trainer = next(k for k in listing["kernels"] if k["id"] == kids["trainer"])
+        assert trainer["idle"]["reason"] == "using a GPU" and trainer["idle"]["release_at"] is None
+        assert trainer["gpu_utilization"] == 80 and trainer["gpu_memory"] == 4096 * 1024 ** 2
+        assert trainer["execution_state"] == "idle", "Jupyter alone would call it idle"
+
+        # the training ends: the GPU timeout counts from the last sample that saw it compute
+        (smi / "pmon.txt").write_text(PMON_HEADER + pmon_row(pids["trainer"], 0))
+        ended = time.monotonic()
+        await wait_gone(api, kids["trainer"], on_gpu + 20)
+        assert kids["trainer"] not in await kernel_ids(api)
+        assert time.monotonic() - ended >= on_gpu - 1.5
+    finally:
+        stop_server(srv)

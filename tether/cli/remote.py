@@ -293,7 +293,7 @@ def check_up_options(hosts: tuple[str, ...], port: int, origins: tuple[str, ...]
                           hint="0 lets the remote pick a free loopback port.")
     for origin in origins:
         check_origin(origin)
-    for name in ("idle_timeout", "stop_after_idle"):
+    for name in ("idle_timeout", "gpu_idle_timeout", "stop_after_idle"):
         if (kw.get(name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 seconds",
                               hint="0 turns it off.")
