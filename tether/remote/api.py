@@ -387,6 +387,9 @@ class ReleaseAllHandler(_Handler):
 
 
 PAGE = Path(__file__).with_name("page") / "index.html"
+# the page is one file: nothing from elsewhere (the VM may have no internet), no framing
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")
 
 
 class StatusPageHandler(JupyterHandler):
@@ -402,6 +405,7 @@ class StatusPageHandler(JupyterHandler):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("Referrer-Policy", "no-referrer")  # the URL carries the token
+        self.set_header("Content-Security-Policy", PAGE_CSP)
         self.finish(PAGE.read_bytes())
 
 

@@ -181,8 +181,6 @@ def decide(policy: IdlePolicy, facts: KernelFacts, now: float) -> Verdict:
         return Verdict("using a GPU", timeout)
     if facts.state == "busy" and not policy.cull_busy:
         return Verdict("busy", timeout)
-    if facts.state == "starting":
-        return Verdict("starting", timeout)
     if facts.connections and not policy.cull_connected:
         return Verdict("open in a browser tab", timeout)
     since = max(facts.last_activity, facts.gpu_busy_at)
