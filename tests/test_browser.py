@@ -154,7 +154,7 @@ def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runni
 
 @pytest.fixture
 async def tab(browser) -> AsyncIterator[object]:
-    ctx = await browser.new_context(viewport={"width": 1500, "height": 640})
+    ctx = await browser.new_context(viewport={"width": 1320, "height": 600})
     yield await ctx.new_page()
     await ctx.close()
 
@@ -167,6 +167,14 @@ async def kernel_pid(api: Api, kid: str) -> int:
 async def open_page(tab, srv: RunningServer):
     await tab.goto(f"{srv.url}/tether/?token={srv.token}")
     return tab
+
+
+async def record_some_history(page, smi: Path) -> None:
+    for util in (5, 40, 85, 92, 60, 88, 95, 70, 90, 97, 64):
+        (smi / "query-gpu.csv").write_text(
+            f"0, NVIDIA H100 80GB HBM3, {20000 + util * 200}, 81559, {util}, {util // 2}\n"
+            f"1, NVIDIA H100 80GB HBM3, 0, 81559, 0, 0\n")
+        await page.wait_for_timeout(5200)  # one sample of the server's monitor
 
 
 async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
@@ -207,6 +215,8 @@ async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
             assert await page.get_by_role("button", name=name, exact=True).count() == 1
 
         shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+        if os.environ.get(SCREENSHOTS_ENV):  # the README's images: a minute of GPU history
+            await record_some_history(page, smi)
         backgrounds = {}
         for scheme in ("light", "dark"):
             await page.emulate_media(color_scheme=scheme)
@@ -218,6 +228,8 @@ async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
         assert (shots / "page-dark.png").stat().st_size < 400_000
     finally:
         (smi / "query-compute-apps.csv").write_text("")
+        (smi / "query-gpu.csv").write_text((FAKE_SMI.parent / "nvidia-smi" / "query-gpu.csv")
+                                           .read_text())
         foreign.kill()
         foreign.wait(10)
         await api.call("POST", "/tether/api/release", {})
@@ -309,3 +321,30 @@ async def test_release_all_and_stop_the_server(tab, tmp_path):
         assert await wait_dead([pid]) == []
     finally:
         stop_server(srv)
+
+
+async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_line(
+        tab, gpu_server, tmp_path):
+    srv, _ = gpu_server
+    argv_log = tmp_path / "browser-argv"
+    fake_browser = tmp_path / "browser"
+    fake_browser.write_text(f"#!/bin/sh\necho \"$@\" > {argv_log}\n")
+    fake_browser.chmod(0o755)
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(srv.runtime_dir),
+           "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "BROWSER": str(fake_browser)}
+    tether = [sys.executable, "-m", "tether", "open"]
+    printed = await asyncio.to_thread(subprocess.run, [*tether, "--print-url"], env=env,
+                                      capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    url = printed.stdout.strip()
+    assert url == f"{srv.url}/tether/?token={srv.token}"
+    await tab.goto(url)
+    await tab.get_by_role("button", name="Release all", exact=True).wait_for(timeout=15000)
+
+    opened = await asyncio.to_thread(subprocess.run, tether, env=env, capture_output=True,
+                                     text=True, timeout=60)
+    assert opened.returncode == 0, opened.stderr
+    argv = argv_log.read_text().strip()
+    assert argv.startswith("file://") and srv.token not in argv
+    redirect = Path(argv.removeprefix("file://"))
+    assert srv.token in redirect.read_text() and redirect.stat().st_mode & 0o077 == 0
