@@ -243,7 +243,8 @@ class KernelMonitor:
         since, self._util_since = self._util_since, time.time()
         util = await asyncio.to_thread(gpu.query_process_util, since)
         self.util = None if util is None else _busiest(util)
-        snapshot = await self.lifecycle.snapshot()
+        # shared with the pages refreshing meanwhile: one inventory serves both
+        snapshot = await self.lifecycle.snapshot(max_age=min(1.0, self.interval / 2))
         now = time.time()
         for kid, rows in snapshot["kernels"].items():
             if any(self.util and self.util.get(p["pid"], 0) > 0 for p in rows):
