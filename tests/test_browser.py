@@ -338,7 +338,8 @@ async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_li
     assert printed.returncode == 0, printed.stderr
     url = printed.stdout.strip()
     assert url == f"{srv.url}/tether/?token={srv.token}"
-    await tab.goto(url)
+    response = await tab.goto(url)
+    assert "default-src 'none'" in response.headers["content-security-policy"], "nothing external"
     await tab.get_by_role("button", name="Release all", exact=True).wait_for(timeout=15000)
 
     opened = await asyncio.to_thread(subprocess.run, tether, env=env, capture_output=True,

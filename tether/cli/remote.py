@@ -98,6 +98,8 @@ class ConsoleReporter:
                   "runtime, and paste:")
         out.print(runtime.colab_url)
         err.print(LNA_HINT)
+        err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
+                  f"/tether/?token=… (same token), or `tether open {runtime.host}`")
         err.print("Ctrl-C detaches: the server and kernels keep running on the remote.")
 
     def note(self, host: str, text: str) -> None:
