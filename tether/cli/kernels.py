@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from tether.cli import (
@@ -83,7 +84,10 @@ def ps_table(data: dict[str, Any]) -> Table:
 
 def show_ps(data: dict[str, Any]) -> None:
     if data["kernels"]:
-        out.print(ps_table(data))
+        # piped (grep, a file): the natural width, never rich's default 80 columns that
+        # would cut the notebook paths
+        wide = out if out.is_terminal else Console(file=out.file, width=250, highlight=False)
+        wide.print(ps_table(data))
     else:
         err.print("no kernels")
     for g in data.get("gpus", []):
