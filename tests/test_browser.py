@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -147,6 +148,8 @@ def gpu_env(root: Path) -> tuple[Path, dict[str, str]]:
 def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
     root = tmp_path_factory.mktemp("page")
     smi, env = gpu_env(root)
+    # a Slurm job's server: the page shows the walltime left (Slurm sets both variables)
+    env |= {"SLURM_JOB_ID": "4242", "SLURM_JOB_END_TIME": str(int(time.time()) + 7200)}
     srv = start_server(root, "--kill-grace", "1", env=env)
     yield srv, smi
     stop_server(srv)
@@ -196,6 +199,9 @@ async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
         await row_a.wait_for(timeout=15000)
         await row_b.wait_for(timeout=15000)
         assert "explore.ipynb" in await row_b.inner_text()
+        facts = await page.locator("#facts").inner_text()
+        assert re.search(r"Slurm job 4242: 1 h 59 min of walltime left", facts), facts
+        assert re.search(r"RAM [\d.]+ / [\d.]+ GiB", facts) and "server pid" in facts
         gpu0 = page.locator(".gpu[data-gpu='0']")
         await gpu0.wait_for(timeout=15000)
         text = await gpu0.inner_text()
