@@ -6,10 +6,19 @@ the browser applies its real CORS, preflight, credential and local-network-acces
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import shutil
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from conftest import RunningServer, start_server, stop_server
+from kernel_client import Api, alive_pids, kill_pids, wait_dead
 
 from tether.config import COLAB_ORIGIN
 
@@ -107,31 +116,6 @@ async def test_without_local_network_permission_chrome_blocks(browser, server):
     assert "Failed to fetch" in str(status)
 
 
-async def test_status_page_lists_kernels_and_releases_one(browser, server, tmp_path):
-    """The buttons Colab lacks: the page shows the kernel and its Release button frees it."""
-    from tether.replay import ColabClient
-
-    async with ColabClient(server.url, server.token) as c:
-        session = await c.create_session("page.ipynb")
-        kid = session["kernel"]["id"]
-        assert (await c.execute(kid, "x = 1")).status == "ok"
-        ctx = await browser.new_context()
-        page = await ctx.new_page()
-        try:
-            await page.goto(f"{server.url}/tether/?token={server.token}")
-            row = page.locator(f"tr[data-kernel='{kid}']")
-            await row.wait_for(timeout=15000)
-            assert "page.ipynb" in await row.inner_text()
-            await page.screenshot(path=str(tmp_path / "status-page.png"))
-            await row.get_by_role("button", name="Release").click()
-            await page.get_by_text("every process ended, GPU memory freed").wait_for(timeout=60000)
-            await row.wait_for(state="detached", timeout=15000)
-        finally:
-            await ctx.close()
-        kernels = await c.get_json("/api/kernels")
-    assert kid not in {k["id"] for k in kernels}
-
-
 async def test_status_page_needs_the_token(browser, server):
     ctx = await browser.new_context()
     page = await ctx.new_page()
@@ -140,3 +124,234 @@ async def test_status_page_needs_the_token(browser, server):
         assert response.status == 403 or "/login" in page.url
     finally:
         await ctx.close()
+
+
+# --- the runtime's page, through a real server with real kernels and recorded GPU answers -------
+
+FAKE_SMI = Path(__file__).parent / "fixtures" / "fake_nvidia_smi.py"
+UUID0 = "GPU-5e1f9c6a-2b7d-8f4e-1a3c-9d0b7e6f5a41"
+SCREENSHOTS_ENV = "TETHER_SCREENSHOT_DIR"  # docs/: scripts regenerate the README's images
+
+
+def gpu_env(root: Path) -> tuple[Path, dict[str, str]]:
+    smi = root / "smi"
+    smi.mkdir()
+    for name in ("query-gpu.csv", "query-gpu-uuid.csv", "pmon.txt"):
+        (smi / name).write_text((FAKE_SMI.parent / "nvidia-smi" / name).read_text())
+    (smi / "query-compute-apps.csv").write_text("")
+    return smi, {"TETHER_NVIDIA_SMI": str(FAKE_SMI), "FAKE_NVIDIA_SMI_DIR": str(smi),
+                 "FAKE_NVIDIA_SMI_LIVE_ONLY": "1",  # the driver forgets processes that exited
+                 "TETHER_NVIDIA_DEVICES": str(root / "no-devices" / "nvidia[0-9]*")}
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    root = tmp_path_factory.mktemp("page")
+    smi, env = gpu_env(root)
+    # a Slurm job's server: the page shows the walltime left (Slurm sets both variables)
+    env |= {"SLURM_JOB_ID": "4242", "SLURM_JOB_END_TIME": str(int(time.time()) + 7200)}
+    srv = start_server(root, "--kill-grace", "1", env=env)
+    yield srv, smi
+    stop_server(srv)
+
+
+@pytest.fixture
+async def tab(browser) -> AsyncIterator[object]:
+    ctx = await browser.new_context(viewport={"width": 1320, "height": 600})
+    yield await ctx.new_page()
+    await ctx.close()
+
+
+async def kernel_pid(api: Api, kid: str) -> int:
+    listing = await api.call("GET", "/tether/api/kernels")
+    return int(next(k for k in listing["kernels"] if k["id"] == kid)["pid"])
+
+
+async def open_page(tab, srv: RunningServer):
+    await tab.goto(f"{srv.url}/tether/?token={srv.token}")
+    return tab
+
+
+async def record_some_history(page, smi: Path) -> None:
+    for util in (5, 40, 85, 92, 60, 88, 95, 70, 90, 97, 64):
+        (smi / "query-gpu.csv").write_text(
+            f"0, NVIDIA H100 80GB HBM3, {20000 + util * 200}, 81559, {util}, {util // 2}\n"
+            f"1, NVIDIA H100 80GB HBM3, 0, 81559, 0, 0\n")
+        await page.wait_for_timeout(5200)  # one sample of the server's monitor
+
+
+async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
+        browser, tab, gpu_server, tmp_path):
+    srv, smi = gpu_server
+    api = Api(srv.url, srv.token)
+    a = (await api.new_session("train.ipynb"))["kernel"]["id"]
+    b = (await api.new_session("explore.ipynb"))["kernel"]["id"]
+    foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        # the driver says: train.ipynb's kernel holds 2 GiB and computes; someone else 1 GiB
+        (smi / "query-compute-apps.csv").write_text(
+            f"{await kernel_pid(api, a)}, {UUID0}, 2048\n{foreign.pid}, {UUID0}, 1024\n")
+        (smi / "pmon.txt").write_text(
+            "# gpu pid type sm mem enc dec command\n# Idx # C/G % % % % name\n"
+            f"    0 {await kernel_pid(api, a)} C 64 30 - - python3\n")
+        page = await open_page(tab, srv)
+        row_a, row_b = (page.locator(f"tr[data-kernel='{k}']") for k in (a, b))
+        await row_a.wait_for(timeout=15000)
+        await row_b.wait_for(timeout=15000)
+        assert "explore.ipynb" in await row_b.inner_text()
+        facts = await page.locator("#facts").inner_text()
+        assert re.search(r"Slurm job 4242: 1 h 59 min of walltime left", facts), facts
+        assert re.search(r"RAM [\d.]+ / [\d.]+ GiB", facts) and "server pid" in facts
+        gpu0 = page.locator(".gpu[data-gpu='0']")
+        await gpu0.wait_for(timeout=15000)
+        text = await gpu0.inner_text()
+        assert "NVIDIA H100 80GB HBM3" in text and "81,559 MiB" in text
+        assert await page.locator(".gpu").count() == 2
+        await row_a.locator("td.gpumem", has_text="2,048").wait_for(timeout=15000)
+        await row_a.locator("td.gpuutil", has_text="64").wait_for(timeout=15000)
+        await row_a.locator("td.policy", has_text="using a GPU").wait_for(timeout=15000)
+        policy = await row_b.locator("td.policy").inner_text()
+        assert re.fullmatch(r"released in (59 min|1 h 00 min) if still idle", policy), policy
+        await page.locator(f"#foreign tr[data-pid='{foreign.pid}']",
+                           has_text="not a kernel of this server").wait_for(timeout=15000)
+        assert await page.locator(".gpu svg polyline.spark-util").count() == 2
+        for name in ("Interrupt", "Restart", "Release"):
+            assert await row_a.get_by_role("button", name=name, exact=True).count() == 1
+        for name in ("Release all", "Release all and stop the server"):
+            assert await page.get_by_role("button", name=name, exact=True).count() == 1
+
+        shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+        if os.environ.get(SCREENSHOTS_ENV):  # the README's images: a minute of GPU history
+            await record_some_history(page, smi)
+        backgrounds = {}
+        for scheme in ("light", "dark"):
+            await page.emulate_media(color_scheme=scheme)
+            await page.wait_for_timeout(1200)  # one refresh more: the sparklines have points
+            backgrounds[scheme] = await page.evaluate(
+                "getComputedStyle(document.documentElement).backgroundColor")
+            await page.screenshot(path=str(shots / f"page-{scheme}.png"), full_page=True)
+        assert backgrounds["light"] != backgrounds["dark"]
+        assert (shots / "page-dark.png").stat().st_size < 400_000
+    finally:
+        (smi / "query-compute-apps.csv").write_text("")
+        (smi / "query-gpu.csv").write_text((FAKE_SMI.parent / "nvidia-smi" / "query-gpu.csv")
+                                           .read_text())
+        foreign.kill()
+        foreign.wait(10)
+        await api.call("POST", "/tether/api/release", {})
+
+
+async def test_interrupt_stops_the_cell_and_restart_keeps_the_id(tab, gpu_server):
+    srv, _ = gpu_server
+    api = Api(srv.url, srv.token)
+    kid = (await api.new_session("busy.ipynb"))["kernel"]["id"]
+    channel = await api.connect(kid)
+    try:
+        assert (await channel.execute("x = 41")) == ""
+        first = await kernel_pid(api, kid)
+        page = await open_page(tab, srv)
+        row = page.locator(f"tr[data-kernel='{kid}']")
+        await row.wait_for(timeout=15000)
+        cell = asyncio.ensure_future(channel.execute("import time; time.sleep(60)", timeout=90))
+        await row.locator("td.state", has_text="busy").wait_for(timeout=15000)
+        await row.get_by_role("button", name="Interrupt", exact=True).click()
+        with pytest.raises(AssertionError, match="KeyboardInterrupt"):
+            await asyncio.wait_for(cell, 30)
+        assert await kernel_pid(api, kid) == first, "the kernel stays"
+        assert (await channel.execute("print(x + 1)")) == "42\n", "and so do its variables"
+
+        await row.get_by_role("button", name="Restart", exact=True).click()
+        await page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        await page.get_by_text("a new kernel process, same kernel").wait_for(timeout=60000)
+        second = await kernel_pid(api, kid)
+        assert second != first and await wait_dead([first]) == []
+        assert kid in {k["id"] for k in await api.call("GET", "/api/kernels")}
+    finally:
+        channel.close()
+        await api.call("POST", "/tether/api/release", {})
+
+
+async def test_release_asks_first_then_frees_the_kernel_and_its_processes(tab, gpu_server):
+    srv, smi = gpu_server
+    api = Api(srv.url, srv.token)
+    kid = (await api.new_session("page.ipynb"))["kernel"]["id"]
+    channel = await api.connect(kid)
+    code = ("import json, os, subprocess, sys\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],"
+            " start_new_session=True)\nprint(json.dumps([os.getpid(), p.pid]))")
+    pids = [int(p) for p in (await channel.execute(code)).strip().strip("[]").split(",")]
+    channel.close()
+    (smi / "query-compute-apps.csv").write_text(f"{pids[1]}, {UUID0}, 3072\n")
+    try:
+        page = await open_page(tab, srv)
+        row = page.locator(f"tr[data-kernel='{kid}']")
+        await row.locator("td.gpumem", has_text="3,072").wait_for(timeout=15000)
+        release = row.get_by_role("button", name="Release", exact=True)
+        await release.focus()  # the keyboard: Enter opens the confirmation, Escape cancels it
+        await page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog")
+        await dialog.wait_for(timeout=5000)
+        assert "page.ipynb" in await dialog.inner_text()
+        await page.keyboard.press("Escape")
+        await dialog.wait_for(state="hidden", timeout=5000)
+        await page.wait_for_timeout(1500)
+        assert alive_pids(pids) == pids and await row.count() == 1, "cancelled: nothing happens"
+
+        await release.click()
+        await dialog.get_by_role("button", name="Confirm").click()
+        done = page.locator("#message", has_text="Released page.ipynb")
+        await done.wait_for(timeout=60000)
+        message = await done.inner_text()
+        assert "3,072 MiB of GPU memory" in message and str(pids[1]) in message
+        await row.wait_for(state="detached", timeout=15000)
+        assert kid not in {k["id"] for k in await api.call("GET", "/api/kernels")}
+        assert await wait_dead(pids) == []
+    finally:
+        (smi / "query-compute-apps.csv").write_text("")
+        kill_pids(alive_pids(pids))
+
+
+async def test_release_all_and_stop_the_server(tab, tmp_path):
+    srv = start_server(tmp_path, "--kill-grace", "1")
+    try:
+        api = Api(srv.url, srv.token)
+        kid = (await api.new_session("last.ipynb"))["kernel"]["id"]
+        pid = await kernel_pid(api, kid)
+        page = await open_page(tab, srv)
+        await page.locator(f"tr[data-kernel='{kid}']").wait_for(timeout=15000)
+        await page.get_by_role("button", name="Release all and stop the server", exact=True).click()
+        await page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        await page.get_by_text("The server is stopping").wait_for(timeout=60000)
+        assert "Released 1 kernel(s)" in await page.locator("#message").inner_text()
+        assert await asyncio.to_thread(srv.proc.wait, 30) == 0
+        assert await wait_dead([pid]) == []
+    finally:
+        stop_server(srv)
+
+
+async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_line(
+        tab, gpu_server, tmp_path):
+    srv, _ = gpu_server
+    argv_log = tmp_path / "browser-argv"
+    fake_browser = tmp_path / "browser"
+    fake_browser.write_text(f"#!/bin/sh\necho \"$@\" > {argv_log}\n")
+    fake_browser.chmod(0o755)
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(srv.runtime_dir),
+           "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "BROWSER": str(fake_browser)}
+    tether = [sys.executable, "-m", "tether", "open"]
+    printed = await asyncio.to_thread(subprocess.run, [*tether, "--print-url"], env=env,
+                                      capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    url = printed.stdout.strip()
+    assert url == f"{srv.url}/tether/?token={srv.token}"
+    response = await tab.goto(url)
+    assert "default-src 'none'" in response.headers["content-security-policy"], "nothing external"
+    await tab.get_by_role("button", name="Release all", exact=True).wait_for(timeout=15000)
+
+    opened = await asyncio.to_thread(subprocess.run, tether, env=env, capture_output=True,
+                                     text=True, timeout=60)
+    assert opened.returncode == 0, opened.stderr
+    argv = argv_log.read_text().strip()
+    assert argv.startswith("file://") and srv.token not in argv
+    redirect = Path(argv.removeprefix("file://"))
+    assert srv.token in redirect.read_text() and redirect.stat().st_mode & 0o077 == 0

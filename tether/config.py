@@ -24,6 +24,7 @@ MIN_DISTINCT_CHARS = 8
 # Defaults that suit GPU users (docs/kernel-gpu-lifecycle.md): an idle notebook frees its GPU
 # after an hour, an open tab or a running training loop is never culled.
 DEFAULT_IDLE_TIMEOUT = 3600
+DEFAULT_GPU_IDLE_TIMEOUT = 1800  # an idle kernel holding GPU memory: sooner
 DEFAULT_CULL_INTERVAL = 300
 DEFAULT_SHUTDOWN_WAIT = 10.0
 DEFAULT_KILL_GRACE = 5.0  # SIGTERM -> SIGKILL when a kernel's processes are swept
@@ -112,6 +113,7 @@ class ServeConfig:
     notebook_dir: Path | None = None
     token: str = field(default_factory=new_token, repr=False)
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT
+    gpu_idle_timeout: int = DEFAULT_GPU_IDLE_TIMEOUT
     stop_after_idle: int = 0
     on_idle: str | None = None
     kill_grace: float = DEFAULT_KILL_GRACE
@@ -128,7 +130,7 @@ class ServeConfig:
                 f"refusing to listen on {self.ip}: it is not a loopback address",
                 hint="Use an SSH tunnel, or pass --i-know-this-exposes-the-server if you really mean it.",
             )
-        if self.idle_timeout < 0 or self.stop_after_idle < 0:
+        if min(self.idle_timeout, self.gpu_idle_timeout, self.stop_after_idle) < 0:
             raise ConfigError("idle timeouts must be >= 0 seconds (0 turns them off)")
         if self.on_idle and not self.stop_after_idle:
             raise ConfigError(

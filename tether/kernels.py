@@ -125,6 +125,10 @@ class RemoteKernels:
     async def listing(self) -> dict[str, Any]:
         return await self._json(["ps", "--json"])
 
+    async def page(self) -> dict[str, Any]:
+        """The remote server's page address and token (``tether open``), over ssh's stdout."""
+        return await self._json(["open", "--json"])
+
     async def release(self, kernels: Sequence[str], everything: bool, force: bool,
                       stop_server: bool) -> dict[str, Any]:
         args = ["release", "--json", *kernels]

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from tether.cli import (
@@ -50,10 +51,25 @@ def idle_for(last_activity: str | None, now: datetime | None = None) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def seconds(n: float) -> str:
+    n = int(n)
+    return f"{n}s" if n < 120 else f"{n // 60}m" if n < 7200 else f"{n // 3600}h{n % 3600 // 60:02d}m"
+
+
+def release_in(policy: dict[str, Any] | None) -> str:
+    """When the idle policy releases the kernel ("in 42m", "in 12m (GPU)"), or why it keeps it."""
+    if not policy:
+        return "-"
+    if policy.get("release_in") is None:
+        return {"no idle timeout": "never"}.get(policy["reason"], f"kept: {policy['reason']}")
+    gpu = " (GPU)" if "GPU" in policy["reason"] else ""
+    return f"in {seconds(policy['release_in'])}{gpu}"
+
+
 def ps_table(data: dict[str, Any]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("KERNEL", "NOTEBOOK", "STATE", "IDLE", "RSS MiB", "GPU MiB", "GPUS", "PROCS",
-                 "CONN"):
+                 "CONN", "RELEASE"):
         table.add_column(name, justify="right" if "MiB" in name or name in ("PROCS", "CONN")
                          else "left")
     for k in data["kernels"]:
@@ -62,13 +78,16 @@ def ps_table(data: dict[str, Any]) -> Table:
                       mib(k.get("gpu_memory")),
                       ",".join(str(i) for i in k.get("gpus", [])) or "-",
                       str(len(k.get("processes", []))),
-                      str(k.get("connections", 0)))
+                      str(k.get("connections", 0)), release_in(k.get("idle")))
     return table
 
 
 def show_ps(data: dict[str, Any]) -> None:
     if data["kernels"]:
-        out.print(ps_table(data))
+        # piped (grep, a file): the natural width, never rich's default 80 columns that
+        # would cut the notebook paths
+        wide = out if out.is_terminal else Console(file=out.file, width=250, highlight=False)
+        wide.print(ps_table(data))
     else:
         err.print("no kernels")
     for g in data.get("gpus", []):
@@ -80,6 +99,11 @@ def show_ps(data: dict[str, Any]) -> None:
                   f"{f['name']}, state {f['status']}, {mib(f['gpu_memory'])} MiB)")
     for o in data.get("orphans", []):
         err.print(f"[yellow]left by a crashed server:[/] pid {o['pid']} ({o['name']})")
+    server = data.get("server", {})
+    if "idle_timeout" in server:
+        general, on_gpu = server["idle_timeout"], server["gpu_idle_timeout"]
+        err.print(f"idle kernels are released after {seconds(general) if general else 'never'}, "
+                  f"those holding GPU memory after {seconds(on_gpu) if on_gpu else 'the same'}")
 
 
 def _leftover_line(row: dict[str, Any]) -> str:
@@ -213,3 +237,69 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
         raise ReleaseError("some processes or GPU memory could not be freed (listed above)",
                            hint="--force ends foreign GPU holders; D/Z processes need a GPU "
                                 "reset or a reboot.")
+
+
+@cli.command("open")
+@click.argument("host", required=False)
+@click.option("--print-url", is_flag=True,
+              help="Print the page's address (it holds the token) instead of opening a browser.")
+@shared_ssh_options
+@json_option
+def open_page(host: str | None, print_url: bool, as_json: bool, **ssh: Any) -> None:
+    """Open the runtime's page (GPUs, kernels, Release buttons) here, or HOST's through its
+    `tether up` tunnel."""
+    from tether.kernels import find_local_server
+
+    if host is None:
+        state = find_local_server()
+        if state.get("sock"):
+            raise ConfigError("this machine's tether server listens on a Unix socket only",
+                              hint="Open its page from your laptop: `tether open HOST` while "
+                                   "`tether up HOST` runs there.")
+        url, token = str(state["url"]), str(state["token"])
+    else:
+        url, token = _tunnelled(host, ssh)
+    page = f"{url.rstrip('/')}/tether/?token={token}"
+    if as_json:
+        print_json({"url": url, "token": token, "status_url": page})
+    elif print_url:
+        out.print(page, soft_wrap=True)
+    else:
+        _browse(page)
+
+
+def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:
+    """The local end of ``tether up HOST``'s tunnel, and the token of the server behind it."""
+    from tether.kernels import RemoteKernels, ssh_runner
+    from tether.session import attached_port
+
+    port = attached_port(host)
+    if port is None:
+        raise ConfigError(f"no `tether up {host}` is running on this machine",
+                          hint=f"Start it with `tether up {host}`: the page is reached through "
+                               "its tunnel.")
+    target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
+    remote = run(lambda: RemoteKernels(host, ssh_runner(target)).page())
+    return f"http://127.0.0.1:{port}/", str(remote["token"])
+
+
+def _browse(page: str) -> None:
+    """Open ``page`` through a private redirect file, as Jupyter does: the browser's command
+    line (visible in ``ps``) never holds the token."""
+    import html
+    import os
+    import webbrowser
+
+    from tether.session import local_state_dir
+
+    folder = local_state_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / "open-page.html"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'<!doctype html><meta http-equiv="refresh" content="0;url={html.escape(page)}">'
+                '<title>tether</title><p>Opening the tether page…</p>')
+    if not webbrowser.open(path.as_uri()):
+        raise ConfigError("no web browser found to open the page",
+                          hint="`tether open --print-url` prints its address.")
+    err.print(f"opened the runtime's page in your browser ({page.split('?')[0]})")

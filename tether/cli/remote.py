@@ -98,6 +98,8 @@ class ConsoleReporter:
                   "runtime, and paste:")
         out.print(runtime.colab_url)
         err.print(LNA_HINT)
+        err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
+                  f"/tether/?token=… (same token), or `tether open {runtime.host}`")
         err.print("Ctrl-C detaches: the server and kernels keep running on the remote.")
 
     def note(self, host: str, text: str) -> None:
@@ -293,7 +295,7 @@ def check_up_options(hosts: tuple[str, ...], port: int, origins: tuple[str, ...]
                           hint="0 lets the remote pick a free loopback port.")
     for origin in origins:
         check_origin(origin)
-    for name in ("idle_timeout", "stop_after_idle"):
+    for name in ("idle_timeout", "gpu_idle_timeout", "stop_after_idle"):
         if (kw.get(name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 seconds",
                               hint="0 turns it off.")

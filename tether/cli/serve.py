@@ -10,6 +10,7 @@ import click
 from tether.cli import F, cli, err, out, print_json
 from tether.config import (
     COLAB_ORIGIN,
+    DEFAULT_GPU_IDLE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KILL_GRACE,
     DEFAULT_PORT,
@@ -36,6 +37,10 @@ def serve_options(f: F) -> F:
                      help="Directory the notebooks live in (default: the current one)."),
         click.option("--idle-timeout", type=int, default=DEFAULT_IDLE_TIMEOUT, show_default=True,
                      help="Seconds before an idle kernel with no open tab is shut down; 0: never."),
+        click.option("--gpu-idle-timeout", type=int, default=DEFAULT_GPU_IDLE_TIMEOUT,
+                     show_default=True, metavar="SECONDS",
+                     help="Sooner, for an idle kernel that holds GPU memory (one whose processes "
+                          "use a GPU is never idle); 0: --idle-timeout for every kernel."),
         click.option("--stop-after-idle", type=int, default=0, metavar="SECONDS",
                      help="Stop the server after this long with no kernels; 0 (default): never."),
         click.option("--on-idle", metavar="COMMAND",
@@ -72,6 +77,7 @@ def serve(
     origins: tuple[str, ...],
     notebook_dir: Path | None,
     idle_timeout: int,
+    gpu_idle_timeout: int,
     stop_after_idle: int,
     on_idle: str | None,
     kill_grace: float,
@@ -94,6 +100,7 @@ def serve(
         notebook_dir=notebook_dir.absolute() if notebook_dir else None,
         token=read_token(token_file),
         idle_timeout=idle_timeout,
+        gpu_idle_timeout=gpu_idle_timeout,
         stop_after_idle=stop_after_idle,
         on_idle=on_idle,
         kill_grace=kill_grace,

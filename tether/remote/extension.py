@@ -20,6 +20,7 @@ from traitlets.config import LoggingConfigurable
 from tether import __version__
 from tether.config import COLAB_ORIGIN, check_origin
 from tether.remote import api, bridge, cgroups, colab, lifecycle, redact
+from tether.remote.idle import IdlePolicy, KernelMonitor
 from tether.remote.state import ServerState, remove_state, state_path, write_state
 
 
@@ -65,6 +66,12 @@ class Tether(LoggingConfigurable):
     kernel_cgroups = Bool(
         True, help="Start each kernel in a cgroup v2 of its own where this user may create "
         "one, so that a release ends every process the kernel started."
+    ).tag(config=True)
+
+    gpu_idle_timeout = Int(
+        1800, help="Seconds before an idle kernel that holds GPU memory is released (sooner than "
+        "MappingKernelManager.cull_idle_timeout, which then applies to the others); a kernel "
+        "whose processes use a GPU is never idle. 0: the general timeout for every kernel."
     ).tag(config=True)
 
     verify_timeout = Float(
@@ -144,9 +151,24 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
     serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
-    web_app.settings[api.SETTINGS_KEY] = api.Lifecycle(
-        serverapp, grace=float(grace), verify_timeout=settings.verify_timeout, ctx=ctx)
+    service = api.Lifecycle(serverapp, grace=float(grace),
+                            verify_timeout=settings.verify_timeout, ctx=ctx)
+    web_app.settings[api.SETTINGS_KEY] = service
     web_app.add_handlers(".*$", api.handlers(serverapp.base_url))
+    service.policy = _take_over_culling(serverapp.kernel_manager, settings)
+
+
+def _take_over_culling(km: Any, settings: Tether) -> IdlePolicy:
+    """tether's monitor culls instead of jupyter_server's, from the same knobs, knowing GPUs.
+
+    Jupyter's culler starts with the first kernel (after this): with its timeout at 0 it never
+    does, and every cull is tether's verified release.
+    """
+    policy = IdlePolicy(idle_timeout=float(km.cull_idle_timeout),
+                        gpu_idle_timeout=float(settings.gpu_idle_timeout),
+                        cull_busy=bool(km.cull_busy), cull_connected=bool(km.cull_connected))
+    km.cull_idle_timeout = 0
+    return policy
 
 
 async def _start_jupyter_server_extension(serverapp: Any) -> None:
@@ -161,6 +183,8 @@ async def _start_jupyter_server_extension(serverapp: Any) -> None:
     on_ready = serverapp.web_app.settings.get(READY_CALLBACK)
     if on_ready is not None:
         on_ready(state)
+    service.monitor = KernelMonitor(service, service.policy, spawn=service.releaser.spawn)
+    service.monitor.start()
     if settings.stop_after_idle > 0:
         from tether.remote.idle import IdleWatcher
 

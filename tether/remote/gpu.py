@@ -263,3 +263,83 @@ def query_holders() -> list[GpuHolder]:
         driver = _holders_smi()
     known = {(h.pid, h.gpu) for h in driver} | {(h.pid, -1) for h in driver if h.gpu == -1}
     return driver + [h for h in fd_holders() if (h.pid, h.gpu) not in known]
+
+
+# --- who uses the GPUs: per-process utilisation ------------------------------------------------
+
+PMON_ARGS = ("pmon", "-c", "1", "-s", "u")  # one sample of per-process SM/memory utilisation
+
+
+@dataclass(frozen=True)
+class ProcessUtil:
+    """How much of a GPU one process used over the last sampling window."""
+
+    pid: int
+    gpu: int
+    sm: int  # percent of the streaming multiprocessors' time
+    memory: int  # percent of the memory controller's time
+
+    @property
+    def busy(self) -> bool:
+        return self.sm > 0 or self.memory > 0
+
+
+def parse_pmon(text: str) -> list[ProcessUtil]:
+    """Parse ``nvidia-smi pmon -c 1 -s u``: columns are found by name, since drivers add some
+    (``jpg``, ``ofa``) between releases; ``-`` (no sample) counts as 0."""
+    columns: list[str] = []
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if line.startswith("#"):
+            if not columns and "pid" in fields:
+                columns = fields[1:]
+            continue
+        if not columns or len(fields) < len(columns) - 1 or not fields[1].isdigit():
+            continue
+        row = dict(zip(columns, fields))
+        found.append(ProcessUtil(int(row["pid"]), int(_int(row.get("gpu", "-1"))),
+                                 _int(row.get("sm", "0")), _int(row.get("mem", "0"))))
+    return found
+
+
+def _nvml_process_util(pynvml: Any, since_us: int) -> list[ProcessUtil]:
+    found = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        try:
+            samples = pynvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+        except pynvml.NVMLError as e:
+            # no sample since then: nothing ran (the driver answers SUCCESS or NOT_FOUND)
+            if e.value in (pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_FOUND):
+                continue
+            raise
+        found += [ProcessUtil(int(s.pid), i, int(s.smUtil), int(s.memUtil)) for s in samples]
+    return found
+
+
+def _process_util_smi() -> list[ProcessUtil] | None:
+    exe = nvidia_smi()
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, *PMON_ARGS], capture_output=True, text=True,
+                             timeout=SMI_TIMEOUT, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("nvidia-smi pmon failed: %s", e)
+        return None
+    return parse_pmon(out)
+
+
+def query_process_util(since: float) -> list[ProcessUtil] | None:
+    """Per-process GPU utilisation since ``since`` (epoch seconds; NVML keeps a window of
+    samples), or ``nvidia-smi pmon``'s one-second sample; None where neither can tell.
+
+    Blocking (NVML calls, or a subprocess of about a second): call it through
+    ``asyncio.to_thread`` on a server.
+    """
+    if not os.environ.get(NVIDIA_SMI_ENV):
+        found = _nvml(lambda pynvml: _nvml_process_util(pynvml, int(since * 1e6)))
+        if found is not None:
+            return found
+    return _process_util_smi()

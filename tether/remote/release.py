@@ -94,9 +94,10 @@ def inventory(records: dict[str, KernelRecord], ctx: ServerContext) -> dict[str,
     holders = _by_pid(gpu.query_holders())
     kernels: dict[str, list[dict[str, Any]]] = {}
     owned: set[int] = set()
+    table = sweep.ProcessTable.scan(ctx.guard.uid) if len(records) > 1 else None
     for kid, record in records.items():
         rows = []
-        for proc in sweep.kernel_processes(record, ctx.guard):
+        for proc in sweep.kernel_processes(record, ctx.guard, table):
             row = process_row(proc, holders.get(proc.pid, []))
             if row is not None:
                 rows.append(row)

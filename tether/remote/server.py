@@ -141,6 +141,7 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     c.KernelManager.transport = "ipc"
     # The extension makes the sweeping provisioner the default (docs/kernel-gpu-lifecycle.md).
     c.SweepingProvisioner.grace = cfg.kill_grace
+    c.Tether.gpu_idle_timeout = cfg.gpu_idle_timeout  # sooner, for kernels holding GPU memory
     c.Tether.stop_after_idle = cfg.stop_after_idle
     c.Tether.on_idle = cfg.on_idle or ""
     c.Tether.reap = cfg.reap
