@@ -362,11 +362,6 @@ class Tunnel:
             return False
         return True
 
-    def kick(self) -> None:
-        """End the current ssh (the supervisor reconnects): for a forward that looks stuck."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-
     async def _stop(self) -> bytes:
         """End the current ssh (bounded) and return the tail of its stderr."""
         stderr = b""
