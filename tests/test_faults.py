@@ -25,7 +25,7 @@ import pytest
 
 from tests.fixtures_ssh import Prepared, UpProcess, run_tether, start_up, tether_argv
 from tests.sshd import SSHBed, free_port
-from tether import _ssh
+from tether import _ssh, tunnel
 from tether.replay import ColabClient
 
 pytestmark = pytest.mark.timeout(300)
@@ -212,6 +212,20 @@ class TestFaults:
         seconds = heal_seconds(attached.up, time.monotonic())
         print(f"path back: URL answers {seconds:.2f} s later")
         assert seconds < 15
+        _check_state(attached)
+
+    def test_path_frozen_then_a_new_one(self, attached: Attached, testbed: SSHBed) -> None:
+        """Down 15 s, then another network: what hangs on the old one is never coming back."""
+        testbed.freeze_path()
+        try:
+            time.sleep(15)  # the fault itself
+            testbed.new_path()
+            # each attempt is bounded, so one on a new path comes soon, whatever hangs
+            bound = tunnel.RECONNECT_DEADLINE + 2 * tunnel.BACKOFF_MAX + 4
+            seconds = heal_seconds(attached.up, time.monotonic(), deadline=bound)
+        finally:
+            testbed.thaw_path()
+        print(f"new path: URL answers {seconds:.2f} s later")
         _check_state(attached)
 
     def test_twenty_faults_in_a_row(self, attached: Attached, testbed: SSHBed) -> None:
