@@ -381,8 +381,10 @@ class Tunnel:
         return stderr
 
     async def aclose(self) -> None:
+        """End the forward (bounded). Not reported through ``on_status``: the caller, who
+        closes, says what it means (a detach line, an error), with nothing printed after it."""
         await self._stop()
-        self._set(State.CLOSED)
+        self.status = replace(self.status, state=State.CLOSED, since=time.time())
 
 
 def _backoff(attempt: int) -> float:
