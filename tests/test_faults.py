@@ -28,7 +28,7 @@ from tests.sshd import SSHBed, free_port
 from tether import _ssh, tunnel
 from tether.replay import ColabClient
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # (setup may wait for the shared test bed, then prepare it)
 
 SILENT_DROP_DEADLINE = 10.0  # the bound for a silent drop
 HEAL_DEADLINE = 30.0

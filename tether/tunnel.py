@@ -41,11 +41,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_DEADLINE = 30.0
 # Each reconnect attempt: a path that is still frozen must not hold one for long, so the URL
-# comes back promptly once the path is back (or a new one exists).
+# comes back promptly once the path is back (or a new one exists). Our own deadline, not ssh's
+# ConnectTimeout, which stays the user's to set.
 RECONNECT_DEADLINE = 12.0
 INTERACTIVE_DEADLINE = 180.0  # a passphrase or 2FA prompt may be waiting for the user
-# ssh's own deadline for the TCP connect and the SSH handshake (unless the user set one)
-SSH_CONNECT_TIMEOUT = 10
 VERIFY_TIMEOUT = 5.0
 POLL = 0.02
 BACKOFF_FIRST = 0.25
@@ -212,8 +211,6 @@ class Tunnel:
             options += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         for keepalive in _ssh.KEEPALIVE:
             options += ["-o", keepalive]
-        if not any(o.lower().startswith("connecttimeout") for o in self.target.options):
-            options += ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}"]
         return self.target.argv("-N", "-T", *options, "-L", self.forward.spec)
 
     def _set(self, state: State, error: str = "", reconnects: int | None = None) -> None:
