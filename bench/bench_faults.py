@@ -25,10 +25,12 @@ import argparse
 import http.client
 import json
 import select
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,16 +54,18 @@ class Up:
 
     def __init__(self, bed: SSHBed, deadline: float = DEADLINE) -> None:
         self.port = free_port()
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tether", "up", "relayed", "--json", "--port", str(self.port),
              "-F", str(bed.config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, text=True)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], deadline)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             self.stop()
-            raise RuntimeError("tether up relayed printed no URL")
+            self.log.seek(0)
+            raise RuntimeError(f"tether up relayed printed no URL: {self.log.read()[-2000:]!r}")
         self.info = json.loads(line)
 
     def ssh_pids(self) -> list[int]:
@@ -239,7 +243,11 @@ def main() -> None:
     kill_user_processes(bed.user.pw_uid)
     results: dict[str, dict[str, list[float | None]]] = {}
     try:
-        Up(bed, deadline=COLD_DEADLINE).stop()  # prepares the remote if needed
+        try:
+            Up(bed, deadline=COLD_DEADLINE).stop()  # prepares the remote if needed
+        except RuntimeError:  # an environment this checkout cannot update: prepare a new one
+            shutil.rmtree(bed.tether_root, ignore_errors=True)
+            Up(bed, deadline=COLD_DEADLINE).stop()
         up = Up(bed)
         remote = up.info["remote_sock"] or f"127.0.0.1:{up.info['remote_port']}"
         loop = RestartLoop(bed, remote)

@@ -231,6 +231,10 @@ class SSHBed:
         (self.dir / "path-frozen").touch()
         return self.freeze_relays()
 
+    def new_path(self) -> None:
+        """A new path (another network): new relays work, the stopped ones stay stopped."""
+        (self.dir / "path-frozen").unlink(missing_ok=True)
+
     def thaw_path(self) -> list[int]:
         """The path is back: no new relay stops, and the stopped ones go on."""
         (self.dir / "path-frozen").unlink(missing_ok=True)

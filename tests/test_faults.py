@@ -25,10 +25,10 @@ import pytest
 
 from tests.fixtures_ssh import Prepared, UpProcess, run_tether, start_up, tether_argv
 from tests.sshd import SSHBed, free_port
-from tether import _ssh
+from tether import _ssh, tunnel
 from tether.replay import ColabClient
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # (setup may wait for the shared test bed, then prepare it)
 
 SILENT_DROP_DEADLINE = 10.0  # the issue's bound for a silent drop
 HEAL_DEADLINE = 30.0
@@ -214,6 +214,20 @@ class TestFaults:
         assert seconds < 15
         _check_state(attached)
 
+    def test_path_frozen_then_a_new_one(self, attached: Attached, testbed: SSHBed) -> None:
+        """Down 15 s, then another network: what hangs on the old one is never coming back."""
+        testbed.freeze_path()
+        try:
+            time.sleep(15)  # the fault itself
+            testbed.new_path()
+            # each attempt is bounded, so one on a new path comes soon, whatever hangs
+            bound = tunnel.RECONNECT_DEADLINE + 2 * tunnel.BACKOFF_MAX + 4
+            seconds = heal_seconds(attached.up, time.monotonic(), deadline=bound)
+        finally:
+            testbed.thaw_path()
+        print(f"new path: URL answers {seconds:.2f} s later")
+        _check_state(attached)
+
     def test_twenty_faults_in_a_row(self, attached: Attached, testbed: SSHBed) -> None:
         faults = [silent_drop, kill_client_ssh, kill_sshd_child, restart_sshd, stop_server(3),
                   kill_server]
@@ -299,6 +313,7 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
     if ready:
         assert proc.returncode == 0, err
         assert lines[-1].startswith("Detached from relayed"), err
+        assert lines[-2].startswith("Ctrl-C detaches"), err  # nothing between
     else:
         assert proc.returncode == 130, err
         assert lines and lines[-1].startswith("Interrupted before relayed was ready"), err

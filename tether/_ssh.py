@@ -124,7 +124,6 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=limit, loop=loop)
-        self._loop_ = loop
         self.exited: asyncio.Future[None] = loop.create_future()
         self._process: asyncio.SubprocessTransport | None = None
 
@@ -138,7 +137,7 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
         if not self.exited.done():
             self.exited.set_result(None)
         # (not cancelled on connection_lost: the stream protocol also calls that when stdin ends)
-        self._loop_.call_later(PIPE_GRACE, self._close_pipes)
+        asyncio.get_running_loop().call_later(PIPE_GRACE, self._close_pipes)
 
     def _close_pipes(self) -> None:
         transport = self._process
