@@ -6,6 +6,7 @@ and ``/usr/sbin/sshd`` (``apt-get install -y openssh-server``). Every process is
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pwd
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,6 +352,23 @@ class Airgap:
             for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
                 os.lchown(name, self.user.pw_uid, self.user.pw_gid)
         self.home.chmod(0o750)
+
+    @contextlib.contextmanager
+    def uv_cannot_run(self) -> Iterator[Path]:
+        """uv's folder under tether's root on a ``noexec`` tmpfs: the kernel refuses to run the
+        uv unpacked there (as on hosts whose home or cache is mounted noexec)."""
+        uv_dir = self.tether_root / "uv"
+        uv_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.home / ".cache", self.tether_root, uv_dir):
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        subprocess.run(["mount", "-t", "tmpfs", "-o",
+                        f"noexec,mode=0700,uid={self.user.pw_uid},gid={self.user.pw_gid}",
+                        "tether-noexec", str(uv_dir)], check=True, timeout=30)
+        try:
+            yield uv_dir
+        finally:
+            kill_user_processes(self.user.pw_uid)  # nothing may hold the mount
+            subprocess.run(["umount", "-l", str(uv_dir)], check=True, timeout=30)
 
     def stop(self) -> None:
         self.sshd.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_ssh import UpProcess
-from tests.sshd import Airgap, SSHBed, free_port, in_netns, kill_user_processes, start_airgap
+from tests.sshd import Airgap, SSHBed, free_port, in_netns, start_airgap
 from tether import __version__, _wheels
 from tether.replay import ColabClient
 
@@ -56,7 +57,7 @@ def tether(gap: Airgap, command: str, *args: str,
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
-def cold_up(gap: Airgap, host: str, *args: str) -> tuple[UpProcess, str]:
+def cold_up(gap: Airgap, host: str, *args: str) -> UpProcess:
     """A cold ``tether up HOST --json`` until its URL line; stopped; (process, its stderr)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv(gap, "up", host, "--json", "--port", str(free_port()), *args),
@@ -65,13 +66,12 @@ def cold_up(gap: Airgap, host: str, *args: str) -> tuple[UpProcess, str]:
     up = UpProcess(proc)
     assert proc.stdout is not None
     line = ""
-    import select
     if select.select([proc.stdout], [], [], COLD_DEADLINE)[0]:
         line = proc.stdout.readline()
     up.seconds = time.monotonic() - t0
     if line:
         up.info = json.loads(line)
-    return up, ""
+    return up
 
 
 def finish(up: UpProcess) -> str:
@@ -112,7 +112,7 @@ PINS: dict[str, dict[str, str]] = {}
 async def test_cold_up_with_uv(airgap: Airgap) -> None:
     airgap.reset_home()
     old = fake_old_env(airgap)
-    up, _ = cold_up(airgap, "airgap-online")
+    up = cold_up(airgap, "airgap-online")
     try:
         assert up.info, finish(up)
         await runs_code(up)
@@ -133,23 +133,13 @@ async def test_cold_up_with_uv(airgap: Airgap) -> None:
 async def test_pip_fallback_where_uv_cannot_run(airgap: Airgap) -> None:
     """uv's folder on a noexec mount: the kernel refuses to run it, so pip installs."""
     airgap.reset_home()
-    uv_dir = airgap.tether_root / "uv"
-    uv_dir.mkdir(parents=True)
-    for path in (airgap.home / ".cache", airgap.tether_root, uv_dir):
-        os.chown(path, airgap.user.pw_uid, airgap.user.pw_gid)
-    subprocess.run(["mount", "-t", "tmpfs", "-o",
-                    f"noexec,mode=0700,uid={airgap.user.pw_uid},gid={airgap.user.pw_gid}",
-                    "tether-noexec", str(uv_dir)], check=True, timeout=30)
-    try:
-        up, _ = cold_up(airgap, "airgap-online")
+    with airgap.uv_cannot_run():
+        up = cold_up(airgap, "airgap-online")
         try:
             assert up.info, finish(up)
         finally:
             err = finish(up)
         assert tether(airgap, "down", "airgap-online").returncode == 0
-    finally:
-        kill_user_processes(airgap.user.pw_uid)
-        subprocess.run(["umount", "-l", str(uv_dir)], check=True, timeout=30)
     assert "with pip from the index" in err, err
     assert "creating the environment (pip)" in err
     m = marker(airgap)
@@ -169,7 +159,7 @@ async def test_airgapped_host_prepared_from_the_laptop(airgap: Airgap) -> None:
                      "import socket; socket.create_connection(('pypi.org', 443), 3)")
     assert reach.returncode != 0
     airgap.reset_home()
-    up, _ = cold_up(airgap, "airgap")
+    up = cold_up(airgap, "airgap")
     try:
         assert up.info, finish(up)
         await runs_code(up)
@@ -192,7 +182,7 @@ async def test_airgapped_host_prepared_from_the_laptop(airgap: Airgap) -> None:
     subprocess.run(["su", "-", airgap.user.pw_name, "-c",
                     f"/usr/bin/python3 -m venv --without-pip {venv}"], check=True, timeout=60)
     assert tether(airgap, "down", "airgap").returncode == 0
-    up, _ = cold_up(airgap, "airgap", "--kernel-python", str(venv / "bin" / "python"),
+    up = cold_up(airgap, "airgap", "--kernel-python", str(venv / "bin" / "python"),
                     "--install-kernel-deps")
     try:
         assert up.info, finish(up)
@@ -218,3 +208,44 @@ def test_status_shows_disk_and_down_purge_removes_envs(airgap: Airgap) -> None:
     assert not (airgap.tether_root / "wheels").exists()
     after = tether(airgap, "status", "airgap", "--json")
     assert json.loads(after.stdout)["envs"] == []
+
+
+def test_platform_tags_follow_the_remotes_libc_and_python() -> None:
+    """What pip is told about a remote: every tag its libc accepts, its Python and ABI."""
+    glibc = _wheels.Platform("Linux", "x86_64", "glibc", "2.28", "3.12")
+    tags = glibc.platform_tags()
+    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_29_x86_64" not in tags
+    assert {"manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"} <= set(tags)
+    args = glibc.pip_args()
+    assert args[args.index("--python-version") + 1] == "3.12" and "cp312" in args
+    old = _wheels.Platform("Linux", "aarch64", "glibc", "2.12", "3.9")
+    assert "manylinux2014_aarch64" not in old.platform_tags()
+    musl = _wheels.Platform("Linux", "x86_64", "musl", "1.2", "3.11").platform_tags()
+    assert musl == ["musllinux_1_2_x86_64", "musllinux_1_1_x86_64", "musllinux_1_0_x86_64"]
+    assert _wheels.lock_key(glibc, ["a"]) != _wheels.lock_key(old, ["a"])
+    with pytest.raises(_wheels.LaptopIndexError):
+        _wheels.Platform("Darwin", "arm64", "", "", "3.11").platform_tags()
+
+
+def test_a_laptop_without_index_or_cache_names_what_to_download(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No index (pip pointed at an empty one, no network allowed) and an empty cache: one
+    error whose hint is the pip download to run elsewhere and the folder for its files."""
+    import asyncio
+    monkeypatch.setenv(_wheels.CACHE_ENV, str(tmp_path / "cache"))
+    empty = tmp_path / "index"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_INDEX_URL", empty.as_uri())
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    platform = _wheels.Platform("Linux", "x86_64", "glibc", "2.36", "3.11")
+    with pytest.raises(_wheels.LaptopIndexError) as e:
+        asyncio.run(_wheels.lock_for(platform, requirements=["click>=8.1", "uv"]))
+    assert "could not resolve the packages for a remote (linux x86_64 glibc 2.36, Python 3.11)" \
+        in e.value.message
+    hint = e.value.hint
+    assert hint.startswith("On a machine that reaches a package index, run `pip download -d ")
+    assert f"put the files in {tmp_path / 'cache' / 'wheels'}" in hint
+    assert "--platform manylinux_2_36_x86_64" in hint and "'click>=8.1' uv`" in hint
+    assert not (tmp_path / "cache" / "locks").exists()  # nothing half-written

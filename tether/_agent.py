@@ -431,25 +431,35 @@ def sha256_file(path):
 def receive_files():
     """Read the files the laptop streams after tether's wheel into the wheel cache, each
     checked against its sha256 and renamed into place only then."""
+    incoming = PARAMS.get("incoming") or []
+    if not incoming:
+        return
     ensure_dir(wheels_dir())
-    for entry in PARAMS.get("incoming") or []:
-        name, size = os.path.basename(entry["file"]), int(entry["size"])
-        dest = os.path.join(wheels_dir(), name)
-        tmp = dest + ".part"
-        digest, left = hashlib.sha256(), size
-        with open(tmp, "wb") as f:
-            while left:
-                chunk = sys.stdin.buffer.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                f.write(chunk)
-                left -= len(chunk)
-        if left or digest.hexdigest() != entry["sha256"]:
-            remove_quietly(tmp)
-            raise Fail("transfer", "%s arrived incomplete or altered (%d of %d bytes)"
-                       % (name, size - left, size), hint="Run `tether up HOST` again.")
-        os.rename(tmp, dest)
+    total = sum(int(e["size"]) for e in incoming)
+    with Step("receive", "receiving %d wheel%s (%.1f MiB), each checked by sha256"
+              % (len(incoming), "s" if len(incoming) != 1 else "", total / 1048576.0)):
+        for entry in incoming:
+            receive_file(entry)
+
+
+def receive_file(entry):
+    name, size = os.path.basename(entry["file"]), int(entry["size"])
+    dest = os.path.join(wheels_dir(), name)
+    tmp = dest + ".part"
+    digest, left = hashlib.sha256(), size
+    with open(tmp, "wb") as f:
+        while left:
+            chunk = sys.stdin.buffer.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    if left or digest.hexdigest() != entry["sha256"]:
+        remove_quietly(tmp)
+        raise Fail("transfer", "%s arrived incomplete or altered (%d of %d bytes)"
+                   % (name, size - left, size), hint="Run `tether up HOST` again.")
+    os.rename(tmp, dest)
 
 
 def check_needed():
@@ -563,7 +573,6 @@ def create_env(wheel):
     check_disk()
     if os.path.exists(ENV):  # half-built by an interrupted run: start again from scratch
         shutil.rmtree(ENV)
-    offline = bool(PARAMS.get("offline"))
     uv = unpack_uv(PARAMS["uv"]) if PARAMS.get("uv") else ""
     installer = "uv" if uv else "pip"
     with Step("venv", "creating the environment (%s)" % installer):
