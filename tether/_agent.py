@@ -298,17 +298,14 @@ PIP_CONFIGS = ("/etc/xdg/pip/pip.conf", "/etc/pip.conf", "~/.pip/pip.conf",
 def pip_settings(environ=None):
     """The index settings pip would use here ({"index_url", "extra", "find_links", "cert"}):
     uv does not read pip's configuration, so the agent hands them to it."""
-    try:
-        import configparser
-    except ImportError:  # pragma: no cover - part of every CPython 3
-        configparser = None
+    import configparser
     environ = os.environ if environ is None else environ
     found = {}
     paths = [os.path.expanduser(p) for p in PIP_CONFIGS]
     if environ.get("PIP_CONFIG_FILE"):
         paths.append(environ["PIP_CONFIG_FILE"])
     for path in paths:
-        if configparser is None or not os.path.isfile(path):
+        if not os.path.isfile(path):
             continue
         parser = configparser.RawConfigParser()
         try:
@@ -344,7 +341,8 @@ def index_check(settings=None, timeout=INDEX_CHECK_TIMEOUT):
     """Can this host reach its package index? A bounded TCP connect to the index (or to the
     HTTPS proxy in the environment): {"url", "reachable", "why", "seconds"}."""
     settings = settings or pip_settings()
-    url = settings["index_url"] or DEFAULT_INDEX
+    url = settings["index_url"] or os.environ.get("UV_DEFAULT_INDEX") \
+        or os.environ.get("UV_INDEX_URL") or DEFAULT_INDEX
     t0 = time.monotonic()
     scheme, host, port = _split_url(url)
     if scheme == "file":
