@@ -249,3 +249,16 @@ def test_a_laptop_without_index_or_cache_names_what_to_download(
     assert f"put the files in {tmp_path / 'cache' / 'wheels'}" in hint
     assert "--platform manylinux_2_36_x86_64" in hint and "'click>=8.1' uv`" in hint
     assert not (tmp_path / "cache" / "locks").exists()  # nothing half-written
+
+
+def test_offline_flag_prepares_a_host_that_has_an_index_from_the_laptop(airgap: Airgap) -> None:
+    airgap.reset_home()
+    up = cold_up(airgap, "airgap-online", "--offline")
+    try:
+        assert up.info, finish(up)
+    finally:
+        err = finish(up)
+    assert "reaches no package index" not in err  # asked for, not detected
+    assert "with uv from the laptop's wheels (offline)" in err, err
+    assert (marker(airgap)["source"], marker(airgap)["installer"]) == ("laptop", "uv")
+    assert tether(airgap, "down", "airgap-online", "--purge").returncode == 0

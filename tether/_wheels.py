@@ -307,6 +307,11 @@ async def lock_for(platform: Platform, on_step: OnStep | None = None,
         return found
     with _Step(on_step, "resolve", f"resolving packages for {platform.describe} (laptop)"):
         status, err, report = await _resolve(platform, reqs, offline=False)
+        if status != 0 and "no such option" in err:
+            raise LaptopIndexError("the pip on this machine is too old to resolve packages for "
+                                   "a remote (it needs `pip install --report`, pip >= 22.2)",
+                                   hint=f"Upgrade it: `{shlex.join(_pip())} install -U pip`.",
+                                   stderr=err)
         if status != 0:
             log.info("resolving from the index failed (%s); trying the cached wheels", err)
             status, err2, report = await _resolve(platform, reqs, offline=True)
