@@ -8,7 +8,10 @@ Figures (shared/docs/performance.md has the anchors and goals):
 - the floor: a hand-written ``ssh HOST 'setsid jupyter server ...'`` + ``ssh -f -N -L`` script
   with the same environment, until ``/api/status`` answers;
 - jupyter-forward against the same sshd, where it can run (``--jupyter-forward VENV``);
-- cold preparation: a wiped environment (the remote's pip cache kept) until the URL;
+- cold preparation to URL on a fresh remote user (a home that never saw tether), side by side:
+  uv from the index, pip from the index (uv's folder on a noexec mount, so uv cannot run), and an
+  air-gapped host (sshd in a network namespace with only ``lo``) prepared from the laptop's
+  warm wheel cache; once more with uv and an empty laptop cache (resolve + download);
 - reconnect: the tunnel's ssh killed, and separately the sshd processes of the connection
   killed, until the URL answers again (goal <= 3 s);
 - request round trip (``GET /api/status``, kept-alive connection) through tether's tunnel vs a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import secrets
 import select
 import shutil
@@ -30,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +43,14 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.sshd import SSHBed, free_port, kill_user_processes, start_testbed  # noqa: E402
+from tests.sshd import (  # noqa: E402
+    Airgap,
+    SSHBed,
+    free_port,
+    kill_user_processes,
+    start_airgap,
+    start_testbed,
+)
 
 DEADLINE = 60.0
 COLD_DEADLINE = 900.0
@@ -209,12 +221,57 @@ def tunnel_vs_plain(bed: SSHBed, n: int) -> dict[str, list[float]]:
         up.stop()
 
 
-def cold(bed: SSHBed) -> float:
-    down(bed)
-    shutil.rmtree(bed.tether_root / "env-0.1.0")
-    up = Up(bed, deadline=COLD_DEADLINE)
-    up.stop()
-    return up.seconds
+def cold_once(gap: Airgap, host: str, env: dict[str, str] | None = None,
+              fresh: bool = True) -> tuple[float, str]:
+    """A fresh home, then `tether up HOST` until its URL line: (seconds, installer line)."""
+    if fresh:
+        gap.reset_home()
+    argv = [sys.executable, "-m", "tether", "up", host, "--json", "--port", str(free_port()),
+            "-F", str(gap.config)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    assert proc.stdout is not None and proc.stderr is not None
+    ready, _, _ = select.select([proc.stdout], [], [], COLD_DEADLINE)
+    line = proc.stdout.readline() if ready else ""
+    seconds = time.perf_counter() - t0
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    err = proc.stderr.read()
+    subprocess.run([sys.executable, "-m", "tether", "down", host, "-F", str(gap.config)],
+                   capture_output=True, timeout=120)
+    if not line:
+        raise RuntimeError(f"cold `tether up {host}` failed: {err[-2000:]}")
+    how = next((x for x in err.splitlines() if "installing tether" in x), "?")
+    return seconds, how
+
+
+def cold_paths(bed: SSHBed, rounds: int) -> dict[str, list[float]]:
+    """uv, pip and offline cold preparations, interleaved, each on a fresh remote home."""
+    gap = start_airgap(bed)
+    times: dict[str, list[float]] = {"uv": [], "pip": [], "offline": [], "uv_empty_laptop": []}
+    try:
+        cold_once(gap, "airgap")  # the laptop's lock and wheel cache warm, as after a first use
+        for _ in range(rounds):
+            times["uv"].append(cold_once(gap, "airgap-online")[0])
+            gap.reset_home()
+            with gap.uv_cannot_run():
+                seconds, how = cold_once(gap, "airgap-online", fresh=False)
+            assert "with pip" in how, how
+            times["pip"].append(seconds)
+            seconds, how = cold_once(gap, "airgap")
+            assert "offline" in how, how
+            times["offline"].append(seconds)
+        with tempfile.TemporaryDirectory(prefix="tether-bench-wheels-") as empty:
+            times["uv_empty_laptop"].append(
+                cold_once(gap, "airgap-online", {"TETHER_WHEEL_CACHE": empty})[0])
+    finally:
+        gap.stop()
+    return times
 
 
 def jupyter_forward(bed: SSHBed, venv: Path, n: int) -> list[float] | str:
@@ -272,6 +329,25 @@ def _jupyter_forward_shims(bed: SSHBed) -> None:
         shutil.chown(path, bed.user.pw_uid, bed.user.pw_gid)
 
 
+def cold_only(bed: SSHBed, rounds: int, lines: list[str], results: dict[str, object]) -> None:
+    times = cold_paths(bed, rounds)
+    results["cold"] = times
+    lines.append(row("cold preparation -> URL, uv from the index", times["uv"]))
+    lines.append(row("cold preparation -> URL, pip from the index (uv cannot run)", times["pip"]))
+    lines.append(row("cold preparation -> URL, air-gapped, from the laptop's cache",
+                     times["offline"]))
+    lines.append(row("cold preparation -> URL, uv, laptop cache empty", times["uv_empty_laptop"]))
+    uv = median(times["uv"])
+    results["cold_ratios"] = {"uv_vs_pip": uv / median(times["pip"]),
+                              "offline_vs_uv": median(times["offline"]) / uv}
+    print("\n".join(lines))
+    for k, v in results["cold_ratios"].items():  # type: ignore[attr-defined]
+        print(f"- {k}: {v:.2f}x (goal: {'<= 0.3x' if k == 'uv_vs_pip' else '<= 1.5x'})")
+    out = HERE / "results" / f"up-cold-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def row(what: str, xs: list[float], unit: float = 1.0, fmt: str = "{:.2f} s") -> str:
@@ -285,7 +361,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("-n", type=int, default=5, help="repetitions of each timing")
     ap.add_argument("--requests", type=int, default=600, help="round trips per path")
-    ap.add_argument("--no-cold", action="store_true", help="skip the cold preparation")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold preparations")
+    ap.add_argument("--cold-rounds", type=int, default=1,
+                    help="rounds of the three cold preparations (uv, pip, offline)")
+    ap.add_argument("--only-cold", action="store_true", help="only the cold preparations")
     ap.add_argument("--jupyter-forward", type=Path, metavar="VENV",
                     help="a venv with jupyter-forward installed")
     args = ap.parse_args()
@@ -295,6 +374,9 @@ def main() -> None:
     results: dict[str, object] = {}
     lines = ["| what | median | range | p90 | n |", "|---|---|---|---|---|"]
     try:
+        if args.only_cold:
+            cold_only(bed, args.cold_rounds, lines, results)
+            return
         # the first up prepares the remote if needed; the cold figure is measured below
         Up(bed, deadline=COLD_DEADLINE).stop()
         ssh_true = []
@@ -324,9 +406,7 @@ def main() -> None:
                          "{:.2f} ms"))
         results.update(reconnect=rec, round_trip=rtt)
         if not args.no_cold:
-            seconds = cold(bed)
-            results["cold"] = seconds
-            lines.append(f"| cold preparation (venv + pip from the index) -> URL | {seconds:.1f} s | | | 1 |")
+            cold_only(bed, args.cold_rounds, lines, results)
     finally:
         subprocess.run(tether(bed, "down", "gpubox"), capture_output=True, timeout=120)
         kill_jupyter(bed)

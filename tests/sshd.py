@@ -11,6 +11,7 @@ relay stop itself at once (the network stays down) until :meth:`SSHBed.thaw_path
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pwd
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,3 +371,149 @@ def _start_testbed(lock_fd: int) -> SSHBed:
             d.stop()
         raise
     return SSHBed(dir, user, config, daemons[0], daemons[1], daemons[2], daemons, lock_fd)
+
+
+# -- an air-gapped host: sshd in a network namespace with only a loopback interface ------------
+
+AIRGAP_USER = "tether-airgap"
+AIRGAP_NETNS = "tether-airgap"
+AIRGAP_KEY_ALIAS = "tether-airgap"
+
+# The ProxyCommand: stdin/stdout <-> TCP, run inside the namespace (nc/socat are not installed)
+RELAY = """\
+import socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def up():
+    while True:
+        data = sys.stdin.buffer.read1(65536)
+        if not data:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(data)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+"""
+
+AIRGAP_CONFIG = """\
+Host airgap
+  HostName 127.0.0.1
+  Port {port}
+  HostKeyAlias {alias}
+  ProxyCommand ip netns exec {netns} {python} {dir}/relay.py %h %p
+Host airgap-online
+  HostName 127.0.0.1
+  Port {online_port}
+Host *
+  User {user}
+  IdentityFile {dir}/id_test
+  IdentitiesOnly yes
+  UserKnownHostsFile {dir}/known_hosts_airgap
+  StrictHostKeyChecking yes
+  ServerAliveInterval 5
+"""
+
+
+def in_netns(netns: str, *argv: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@dataclass
+class Airgap:
+    """``airgap``: an sshd whose network namespace has only ``lo`` (the remote reaches no index,
+    nor anything else); ``airgap-online``: the same user through the bed's ordinary sshd."""
+
+    dir: Path
+    config: Path
+    netns: str
+    sshd: Sshd
+    user: pwd.struct_passwd
+
+    @property
+    def home(self) -> Path:
+        return Path(self.user.pw_dir)
+
+    @property
+    def tether_root(self) -> Path:
+        return self.home / ".cache" / "tether"
+
+    def reset_home(self) -> None:
+        """A home that has never seen tether: the user's processes ended, the home made anew
+        from /etc/skel."""
+        kill_user_processes(self.user.pw_uid)
+        shutil.rmtree(self.home, ignore_errors=True)
+        shutil.copytree("/etc/skel", self.home, symlinks=True)
+        for top, dirs, files in os.walk(self.home):
+            for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
+                os.lchown(name, self.user.pw_uid, self.user.pw_gid)
+        self.home.chmod(0o750)
+
+    @contextlib.contextmanager
+    def uv_cannot_run(self) -> Iterator[Path]:
+        """uv's folder under tether's root on a ``noexec`` tmpfs: the kernel refuses to run the
+        uv unpacked there (as on hosts whose home or cache is mounted noexec)."""
+        uv_dir = self.tether_root / "uv"
+        uv_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.home / ".cache", self.tether_root, uv_dir):
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        subprocess.run(["mount", "-t", "tmpfs", "-o",
+                        f"noexec,mode=0700,uid={self.user.pw_uid},gid={self.user.pw_gid}",
+                        "tether-noexec", str(uv_dir)], check=True, timeout=30)
+        try:
+            yield uv_dir
+        finally:
+            kill_user_processes(self.user.pw_uid)  # nothing may hold the mount
+            subprocess.run(["umount", "-l", str(uv_dir)], check=True, timeout=30)
+
+    def stop(self) -> None:
+        self.sshd.stop()
+        kill_user_processes(self.user.pw_uid)
+        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, timeout=30)
+
+
+def _start_netns_sshd(dir: Path, netns: str, port: int) -> Sshd:
+    cfg = dir / f"sshd_config-{netns}"
+    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir, streamlocal="yes"))
+    log = dir / f"sshd-{netns}.log"
+    # `ip netns exec` execs sshd in place: the pid is sshd's, and all it starts lives there
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, SSHD, "-D", "-e", "-f", str(cfg)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "wb"))
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+    deadline = time.monotonic() + READY_DEADLINE
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd in {netns} exited: {log.read_text()[-500:]}")
+        if in_netns(netns, "python3", "-c", probe).returncode == 0:
+            return Sshd(port, proc)
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"sshd in {netns} did not start in {READY_DEADLINE} s")
+
+
+def start_airgap(bed: SSHBed, netns: str = AIRGAP_NETNS) -> Airgap:
+    """The air-gapped host next to a running bed (its keys, its lock); root and iproute2."""
+    subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+    subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True, timeout=30)
+    try:
+        in_netns(netns, "ip", "link", "set", "lo", "up").check_returncode()
+        user = ensure_user(AIRGAP_USER)
+        (bed.dir / "relay.py").write_text(RELAY)
+        port = free_port()
+        host_key = " ".join((bed.dir / "host_ed25519.pub").read_text().split()[:2])
+        (bed.dir / "known_hosts_airgap").write_text(
+            f"{AIRGAP_KEY_ALIAS} {host_key}\n[127.0.0.1]:{bed.target.port} {host_key}\n")
+        config = bed.dir / "ssh_config_airgap"
+        config.write_text(AIRGAP_CONFIG.format(
+            port=port, alias=AIRGAP_KEY_ALIAS, netns=netns, python=shutil.which("python3"),
+            dir=bed.dir, online_port=bed.target.port, user=user.pw_name))
+        sshd = _start_netns_sshd(bed.dir, netns, port)
+    except BaseException:
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
+        raise
+    return Airgap(bed.dir, config, netns, sshd, user)

@@ -16,6 +16,15 @@ final ``result`` or ``error``. Actions:
             user that carries a server's launch or instance marker; report what could not be.
 ``probe``   what ``tether doctor`` needs: OS, Python, disk, GPU driver, environment, servers.
 
+A cold ``up`` (or ``prepare``) first answers ``need_wheel`` with what the laptop needs to plan
+the install: platform (OS, libc, architecture, Python), whether the package index answers (a
+bounded TCP connect), the wheels already cached here. The second call streams tether's wheel,
+then the files named in ``incoming`` (uv's wheel; on a host with no index every pinned wheel),
+each checked against its sha256. The environment is made with the shipped ``uv`` where it runs,
+else with ``venv`` and ``pip``; both install the same pins (``--constraint``), from the index
+or, offline, from the received wheels only (``--no-index``). The marker records installer,
+source and pins; environments prepared earlier are removed once no live server runs from them.
+
 A process is tether's only by what tether recorded, never by its command line: a server by
 the pid and start time in its state file (``tether-<pid>.json``: a state file whose pid is
 gone or now another process is stale, and removed), or by the launch id the agent puts in its
@@ -46,7 +55,8 @@ DEFAULT_LAYOUT = {"cache_var": "XDG_CACHE_HOME", "cache_default": ".cache", "dir
                   "env": "env-{version}", "runtime": "runtime", "jupyter_path": "jupyter",
                   "token_file": "token", "server_log": "server.log",
                   "install_log": "install.log", "socket": "runtime/tether.sock",
-                  "launch_record": "runtime/launch-{launch}.json"}
+                  "launch_record": "runtime/launch-{launch}.json", "wheels": "wheels",
+                  "uv": "uv"}
 # Every process of a server tether launched carries this (kernels inherit the server's
 # environment); the id is recorded in the launch record, so `down` finds orphans of a crash.
 LAUNCH_ENV = "TETHER_LAUNCH"
@@ -62,6 +72,7 @@ DEFAULT_IDLE_TIMEOUT = 3600
 POLL = 0.02
 
 PARAMS = {}
+LAYOUT = dict(DEFAULT_LAYOUT)
 VERSION = ROOT = ENV = RUNTIME = JUPYTER_PATH = MARKER = TOKEN_FILE = SERVER_LOG = ""
 INSTALL_LOG = SOCKET = ""
 LAUNCH_RECORD = ""
@@ -71,9 +82,9 @@ READY_DEADLINE = 60.0
 def configure(params, environ=None):
     """Set the parameters and the paths of this run (a test may call it with its own)."""
     global PARAMS, VERSION, ROOT, ENV, RUNTIME, JUPYTER_PATH, MARKER, TOKEN_FILE, SERVER_LOG
-    global INSTALL_LOG, SOCKET, LAUNCH_RECORD, READY_DEADLINE
+    global INSTALL_LOG, SOCKET, LAUNCH_RECORD, READY_DEADLINE, LAYOUT
     environ = os.environ if environ is None else environ
-    layout = dict(DEFAULT_LAYOUT, **(params.get("layout") or {}))
+    layout = LAYOUT = dict(DEFAULT_LAYOUT, **(params.get("layout") or {}))
     PARAMS, VERSION = params, params["version"]
     cache = environ.get(layout["cache_var"]) or os.path.join(
         environ.get("HOME") or os.path.expanduser("~"), layout["cache_default"])
@@ -243,7 +254,7 @@ def lock_root():
         time.sleep(0.2)
 
 
-def run_logged(argv, what, kind, hint):
+def run_logged(argv, what, kind, hint, env=None):
     """Run a long step, logging to install.log; end it if the SSH connection goes away.
 
     The laptop keeps our stdin open until it has our result, so EOF on stdin means it is gone
@@ -252,7 +263,7 @@ def run_logged(argv, what, kind, hint):
     with open(INSTALL_LOG, "ab") as log:
         log.write(("\n$ " + " ".join(argv) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
     watch = [sys.stdin] if not sys.stdin.closed else []
     while proc.poll() is None:
         ready = select.select(watch, [], [], 0.5)[0] if watch else time.sleep(0.5)
@@ -272,33 +283,343 @@ def run_logged(argv, what, kind, hint):
 def index_hint():
     return ("The remote cannot install from the package index: give it access (e.g. "
             "`ssh HOST pip config set global.index-url URL` for a mirror, or set "
-            "HTTPS_PROXY in its shell profile), then run `tether up` again.")
+            "HTTPS_PROXY in its shell profile), or run `tether up HOST --offline` to send "
+            "the packages from this machine.")
+
+
+# -- where packages come from: the remote's index, or wheels the laptop sent ----------------------
+
+INDEX_CHECK_TIMEOUT = 3.0
+DEFAULT_INDEX = "https://pypi.org/simple/"
+PIP_CONFIGS = ("/etc/xdg/pip/pip.conf", "/etc/pip.conf", "~/.pip/pip.conf",
+               "~/.config/pip/pip.conf")
+
+
+def pip_settings(environ=None):
+    """The index settings pip would use here ({"index_url", "extra", "find_links", "cert"}):
+    uv does not read pip's configuration, so the agent hands them to it."""
+    import configparser
+    environ = os.environ if environ is None else environ
+    found = {}
+    paths = [os.path.expanduser(p) for p in PIP_CONFIGS]
+    if environ.get("PIP_CONFIG_FILE"):
+        paths.append(environ["PIP_CONFIG_FILE"])
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        for section in ("global", "install"):
+            if parser.has_section(section):
+                for key in ("index-url", "extra-index-url", "find-links", "cert"):
+                    if parser.has_option(section, key):
+                        found[key] = parser.get(section, key)
+    for key in ("index-url", "extra-index-url", "find-links", "cert"):
+        value = environ.get("PIP_" + key.upper().replace("-", "_"))
+        if value:
+            found[key] = value
+    return {"index_url": found.get("index-url", "").strip(),
+            "extra": found.get("extra-index-url", "").split(),
+            "find_links": found.get("find-links", "").split(),
+            "cert": found.get("cert", "").strip()}
+
+
+def _split_url(url):
+    scheme, _, rest = url.partition("://")
+    hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host, sep, port = hostport.rpartition(":") if hostport.count(":") == 1 else ("", "", "")
+    if not sep:
+        host, port = hostport, ""
+    return scheme.lower(), host.strip("[]"), int(port) if port.isdigit() else (
+        443 if scheme.lower() == "https" else 80)
+
+
+def index_check(settings=None, timeout=INDEX_CHECK_TIMEOUT):
+    """Can this host reach its package index? A bounded TCP connect to the index (or to the
+    HTTPS proxy in the environment): {"url", "reachable", "why", "seconds"}."""
+    settings = settings or pip_settings()
+    url = settings["index_url"] or os.environ.get("UV_DEFAULT_INDEX") \
+        or os.environ.get("UV_INDEX_URL") or DEFAULT_INDEX
+    t0 = time.monotonic()
+    scheme, host, port = _split_url(url)
+    if scheme == "file":
+        ok = os.path.isdir(url[len("file://"):])
+        return {"url": url, "reachable": ok, "why": "" if ok else "no such directory",
+                "seconds": 0.0}
+    proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY") or ""
+    if proxy and scheme == "https":
+        _, host, port = _split_url(proxy if "://" in proxy else "http://" + proxy)
+    result = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result["why"] = ""
+        except (OSError, ValueError) as e:
+            result["why"] = str(e) or e.__class__.__name__
+
+    # getaddrinfo has no timeout of its own: the connect runs in a thread we stop waiting for
+    import threading
+    worker = threading.Thread(target=connect)
+    worker.daemon = True
+    worker.start()
+    worker.join(timeout + 0.5)
+    why = result.get("why", "no answer within %.0f s" % timeout)
+    return {"url": url, "reachable": not why, "why": why,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def libc():
+    try:
+        name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
+        if name == "glibc":
+            return "glibc", version
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        if any(n.startswith("ld-musl-") for n in os.listdir("/lib")):
+            return "musl", "1.2"
+    except OSError:
+        pass
+    return "", ""
+
+
+def wheels_dir():
+    return os.path.join(ROOT, LAYOUT.get("wheels", "wheels"))
+
+
+def uv_root():
+    return os.path.join(ROOT, LAYOUT.get("uv", "uv"))
+
+
+def cached_wheels():
+    try:
+        return sorted(n for n in os.listdir(wheels_dir()) if n.endswith(".whl"))
+    except OSError:
+        return []
+
+
+def install_probe(offline):
+    """What the laptop needs to plan a cold preparation: platform, index, cached files."""
+    info = probe()
+    name, version = libc()
+    info.update(libc=name, libc_version=version,
+                implementation={"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name,
+                                                                   sys.implementation.name),
+                have=cached_wheels())
+    info["index"] = {"url": "", "reachable": False, "why": "--offline", "seconds": 0.0} \
+        if offline else index_check()
+    return info
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def receive_files():
+    """Read the files the laptop streams after tether's wheel into the wheel cache, each
+    checked against its sha256 and renamed into place only then."""
+    incoming = PARAMS.get("incoming") or []
+    if not incoming:
+        return
+    ensure_dir(wheels_dir())
+    total = sum(int(e["size"]) for e in incoming)
+    with Step("receive", "receiving %d wheel%s (%.1f MiB), each checked by sha256"
+              % (len(incoming), "s" if len(incoming) != 1 else "", total / 1048576.0)):
+        for entry in incoming:
+            receive_file(entry)
+
+
+def receive_file(entry):
+    name, size = os.path.basename(entry["file"]), int(entry["size"])
+    dest = os.path.join(wheels_dir(), name)
+    tmp = dest + ".part"
+    digest, left = hashlib.sha256(), size
+    with open(tmp, "wb") as f:
+        while left:
+            chunk = sys.stdin.buffer.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    if left or digest.hexdigest() != entry["sha256"]:
+        remove_quietly(tmp)
+        raise Fail("transfer", "%s arrived incomplete or altered (%d of %d bytes)"
+                   % (name, size - left, size), hint="Run `tether up HOST` again.")
+    os.rename(tmp, dest)
+
+
+def check_needed():
+    """Every wheel the install takes from the cache is there and matches the lock."""
+    for entry in PARAMS.get("need") or []:
+        path = os.path.join(wheels_dir(), os.path.basename(entry["file"]))
+        if not os.path.isfile(path) or sha256_file(path) != entry["sha256"]:
+            remove_quietly(path)
+            raise Fail("transfer", "the cached %s on HOST is missing or does not match its "
+                       "sha256 (removed)" % entry["file"], hint="Run `tether up HOST` again.")
+
+
+# -- uv: shipped as a wheel, unpacked into the cache, used where it runs ------------------------
+
+def uv_path(version):
+    return os.path.join(uv_root(), version, "uv")
+
+
+def unpack_uv(spec):
+    """The uv executable from its wheel (cached per version); "" when it cannot run here."""
+    import zipfile
+    path = uv_path(spec["version"])
+    if not os.path.exists(path):
+        ensure_dir(os.path.dirname(path))
+        wheel = os.path.join(wheels_dir(), os.path.basename(spec["file"]))
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(n for n in zf.namelist() if n.endswith(".data/scripts/uv"))
+                tmp = path + ".part"
+                with zf.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, StopIteration, zipfile.BadZipFile) as e:
+            log_line("uv: cannot unpack %s: %s" % (wheel, e))
+            return ""
+        os.chmod(tmp, 0o700)
+        os.rename(tmp, path)
+    return path if uv_runs(path) else ""
+
+
+def uv_runs(path):
+    try:
+        out = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20,
+                             universal_newlines=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log_line("uv cannot run here (%s); using pip" % e)
+        return False
+    if out.returncode != 0:
+        log_line("uv cannot run here (exit %d: %s); using pip"
+                 % (out.returncode, out.stdout.strip()[-300:]))
+        return False
+    return True
+
+
+def log_line(text):
+    with open(INSTALL_LOG, "ab") as log:
+        log.write((text + "\n").encode())
+
+
+def source_flags(installer, offline):
+    """Where the installer takes packages from: the laptop's wheels only, or the index that
+    pip's own configuration names (uv is told, since it does not read pip.conf)."""
+    if offline:
+        flags = ["--no-index", "--find-links", wheels_dir()]
+        return flags + (["--offline", "--no-config"] if installer == "uv" else [])
+    if installer != "uv":
+        return []
+    settings, flags = pip_settings(), []
+    if settings["index_url"]:
+        flags += ["--index-url", settings["index_url"]]
+    for url in settings["extra"]:
+        flags += ["--extra-index-url", url]
+    for link in settings["find_links"]:
+        if "://" in link or os.path.isdir(link):
+            flags += ["--find-links", link]
+    return flags
+
+
+def installer_env(installer, offline):
+    env = dict(os.environ)
+    if installer == "uv":
+        cert = pip_settings()["cert"]
+        if cert and not env.get("SSL_CERT_FILE"):
+            env["SSL_CERT_FILE"] = cert
+        env["UV_NO_PROGRESS"] = "1"
+    elif offline:
+        env["PIP_CONFIG_FILE"] = os.devnull  # only the wheels sent: no find-links from pip.conf
+    return env
+
+
+def where(offline):
+    return "from the laptop's wheels (offline)" if offline else "from the index"
+
+
+def install_argv(installer, uv, python, offline, pins):
+    if installer == "uv":
+        argv = [uv, "pip", "install", "--python", python]
+    else:
+        argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                "--progress-bar", "off"]
+    if pins:
+        argv += ["--constraint", pins]
+    return argv + source_flags(installer, offline)
+
+
+def pins_path():
+    return os.path.join(ENV, "tether-pins.txt")
 
 
 def create_env(wheel):
     check_disk()
     if os.path.exists(ENV):  # half-built by an interrupted run: start again from scratch
         shutil.rmtree(ENV)
-    with Step("venv", "creating the environment"):
-        run_logged([sys.executable, "-m", "venv", ENV], "python3 -m venv", "venv",
-                   "Install the venv module on HOST, e.g. `sudo apt-get install "
-                   "python3-venv` (or pass --remote-python PATH).")
-    install_wheel(wheel, deps=True)
+    uv = unpack_uv(PARAMS["uv"]) if PARAMS.get("uv") else ""
+    installer = "uv" if uv else "pip"
+    with Step("venv", "creating the environment (%s)" % installer):
+        if uv:
+            run_logged([uv, "venv", "--quiet", "--no-config", "--python", sys.executable,
+                        "--python-preference", "only-system", "--no-python-downloads", ENV],
+                       "uv venv", "venv", "Pass --remote-python PATH with a working Python.")
+        else:
+            run_logged([sys.executable, "-m", "venv", ENV], "python3 -m venv", "venv",
+                       "Install the venv module on HOST, e.g. `sudo apt-get install "
+                       "python3-venv` (or pass --remote-python PATH).")
+    pins = PARAMS.get("pins") or []
+    if pins:
+        with open(pins_path(), "w") as f:
+            f.write("\n".join(pins) + "\n")
+    install_wheel(wheel, deps=True, installer=installer, uv=uv)
 
 
-def install_wheel(wheel, deps):
+def install_wheel(wheel, deps, installer="pip", uv=""):
     path = os.path.join(ROOT, PARAMS["wheel_name"])
     write_private(path, wheel)
-    label = "installing tether and its dependencies" if deps else "updating tether"
-    argv = [env_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-            "--progress-bar", "off"]
+    offline = bool(PARAMS.get("offline")) and deps
+    label = ("installing tether and its dependencies with %s %s" % (installer, where(offline))
+             if deps else "updating tether")
+    pins = pins_path() if deps and os.path.exists(pins_path()) else ""
+    argv = install_argv(installer, uv, env_python(), offline, pins)
     if not deps:
-        argv += ["--no-deps", "--force-reinstall"]
+        argv = [env_python(), "-m", "pip", "install", "--disable-pip-version-check",
+                "--no-input", "--no-deps", "--force-reinstall"] if not uv_in_env() else \
+            [uv_in_env(), "pip", "install", "--python", env_python(), "--no-deps", "--reinstall"]
     with Step("install", label):
-        run_logged(argv + [path], "pip install", "index", index_hint())
+        run_logged(argv + [path], "%s install" % installer if deps else "reinstalling tether",
+                   "index", "Look at %s on HOST." % INSTALL_LOG if offline else index_hint(),
+                   env=installer_env(installer, offline))
     os.unlink(path)
-    marker = {"version": VERSION, "wheel_sha256": PARAMS["wheel_sha256"], "created": time.time()}
+    marker = read_marker() or {}
+    if deps:
+        marker = {"installer": installer, "source": "laptop" if offline else "index",
+                  "pins": dict(p.split("==", 1) for p in PARAMS.get("pins") or []),
+                  "lock": PARAMS.get("lock", ""), "uv": uv,
+                  "python": "%d.%d.%d" % sys.version_info[:3]}
+    marker.update(version=VERSION, wheel_sha256=PARAMS["wheel_sha256"], created=time.time())
     write_private(MARKER, json.dumps(marker).encode())
+
+
+def uv_in_env():
+    """The uv that prepared this environment, where it still runs ("" otherwise)."""
+    uv = (read_marker() or {}).get("uv") or ""
+    return uv if uv and os.access(uv, os.X_OK) else ""
 
 
 def read_wheel():
@@ -318,15 +639,83 @@ def prepare_env():
         return False
     fd = lock_root()
     try:
+        receive_files()
         if env_current():  # another run finished it while we waited
             return True
         if read_marker() is not None and os.path.exists(env_python()):
             install_wheel(wheel, deps=False)
         else:
+            check_needed()
             create_env(wheel)
+        remove_old_envs()
     finally:
         os.close(fd)
     return True
+
+
+# -- old environments and disk use ----------------------------------------------------------------
+
+def env_dirs():
+    """{path: marker or None} of every tether environment under the root (any version)."""
+    prefix = LAYOUT["env"].split("{", 1)[0]
+    found = {}
+    try:
+        names = os.listdir(ROOT)
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(ROOT, name)
+        if name.startswith(prefix) and os.path.isdir(path) and not os.path.islink(path):
+            try:
+                with open(os.path.join(path, "tether-env.json")) as f:
+                    found[path] = json.load(f)
+            except (OSError, ValueError):
+                found[path] = None
+    return found
+
+
+def remove_old_envs():
+    """Remove the environments prepared before this one that no live server runs from
+    (a server reports its version; its environment is env-<that version>). Holds the lock."""
+    current = read_marker()
+    if current is None:
+        return []
+    in_use = set(os.path.realpath(os.path.join(ROOT, LAYOUT["env"].format(version=s.get(
+        "version", "")))) for s in servers())
+    removed = []
+    for path, marker in env_dirs().items():
+        if os.path.realpath(path) in in_use or os.path.realpath(path) == os.path.realpath(ENV):
+            continue
+        if marker is not None and float(marker.get("created") or 0) >= float(
+                current.get("created") or 0):
+            continue  # prepared by a newer tether since: not ours to judge
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def disk_bytes(path):
+    total = 0
+    for top, dirs, files in os.walk(path):
+        for name in files + dirs:
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except OSError:
+                continue
+            total += st.st_blocks * 512  # what the quota counts, not the apparent size
+    return total
+
+
+def purge():
+    """Every environment, uv and the wheel cache (after `down` stopped the servers)."""
+    before = disk_bytes(ROOT)
+    fd = lock_root()
+    try:
+        for path in list(env_dirs()) + [uv_root(), wheels_dir()]:
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return {"removed_bytes": max(0, before - disk_bytes(ROOT))}
 
 
 # -- the kernel's Python -----------------------------------------------------------------------
@@ -445,11 +834,7 @@ def kernel_python(warnings):
         return python, None
     consent = PARAMS.get("install_kernel_deps")
     if python and consent:
-        with Step("kernel-deps", "installing %s into %s" % (" and ".join(missing), python)):
-            run_logged([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-                       + missing, "pip install " + " ".join(missing), "kernel",
-                       "Install them yourself (`%s -m pip install %s`) or pass another "
-                       "--kernel-python." % (python, " ".join(missing)))
+        install_kernel_deps(python, missing)
         return python, None
     if python and chosen:
         if consent is None:  # not asked yet: the caller asks the user
@@ -462,6 +847,31 @@ def kernel_python(warnings):
                     "--install-kernel-deps to add it, or --kernel-python / --conda-env)"
                     % (python or "the login shell's python3"))
     return env_python(), None
+
+
+def install_kernel_deps(python, missing):
+    """ipykernel and psutil into the user's Python: the same installer, pins and source as
+    tether's environment (uv where it runs; the laptop's wheels on a host with no index)."""
+    marker = read_marker() or {}
+    offline = marker.get("source") == "laptop" or bool(PARAMS.get("offline"))
+    uv = uv_in_env()
+    installer = "uv" if uv and uv_runs(uv) else "pip"
+    # The pins were resolved for the remote's python3: they fit another Python of that version
+    same = working_python(python) == ".".join(str(marker.get("python", "")).split(".")[:2])
+    pins = pins_path() if same and os.path.exists(pins_path()) else ""
+    if offline and not same:
+        raise Fail("kernel-python", "%s is not the Python version the laptop sent wheels for "
+                   "(%s), and HOST reaches no package index" % (python, marker.get("python")),
+                   hint="Install ipykernel and psutil there yourself, or pass a --kernel-python "
+                        "of Python %s." % marker.get("python"))
+    label = "installing %s into %s with %s %s" % (" and ".join(missing), python, installer,
+                                                   where(offline))
+    with Step("kernel-deps", label):
+        run_logged(install_argv(installer, uv, python, offline, pins) + missing,
+                   "%s install %s" % (installer, " ".join(missing)), "kernel",
+                   "Install them yourself (`%s -m pip install %s`) or pass another "
+                   "--kernel-python." % (python, " ".join(missing)),
+                   env=installer_env(installer, offline))
 
 
 def write_kernelspec(python):
@@ -1048,7 +1458,7 @@ def action_up():
                        hint="Start one with `tether up HOST`.")
         return {"server": public(running[0]), "reused": True, "stale": stale_report()}
     if not prepare_env():
-        return {"need_wheel": True, "probe": probe()}
+        return {"need_wheel": True, "probe": install_probe(bool(PARAMS.get("offline")))}
     running = servers()
     if running:
         return {"server": public(running[0]), "reused": True, "stale": stale_report(),
@@ -1133,7 +1543,9 @@ def action_status():
     scan = scan_servers()
     return {"servers": [describe(s) for s in scan["live"]], "stale": stale_report(),
             "unverified": [{k: e[k] for k in ("file", "pid", "why")} for e in scan["unverified"]],
-            "env_ready": read_marker() is not None, "root": ROOT}
+            "env_ready": read_marker() is not None, "root": ROOT, "disk_bytes": disk_bytes(ROOT),
+            "envs": sorted(os.path.basename(p) for p in env_dirs()),
+            "installed": {k: (read_marker() or {}).get(k) for k in ("installer", "source")}}
 
 
 def stop_servers(live):
@@ -1189,9 +1601,18 @@ def action_down():
         remove_quietly(SOCKET)
     for t in servers_ + strays:
         t.close()
-    return {"stopped": [t.pid for t in servers_], "strays": [t.pid for t in strays],
-            "forced": [t.pid for t in forced + stray_forced], "stale": stale_report(),
-            "left": left}
+    result = {"stopped": [t.pid for t in servers_], "strays": [t.pid for t in strays],
+              "forced": [t.pid for t in forced + stray_forced], "stale": stale_report(),
+              "left": left}
+    if PARAMS.get("purge") and not left:
+        result["purged"] = purge()
+    elif os.path.isdir(ROOT):
+        fd = lock_root()
+        try:
+            result["removed_envs"] = remove_old_envs()
+        finally:
+            os.close(fd)
+    return result
 
 
 def action_probe():
@@ -1213,7 +1634,7 @@ def action_prepare():
     """The environment and kernelspec only, no server: a batch job starts it (Slurm)."""
     check_python()
     if not prepare_env():
-        return {"need_wheel": True, "probe": probe()}
+        return {"need_wheel": True, "probe": install_probe(bool(PARAMS.get("offline")))}
     warnings = []
     python, question = kernel_python(warnings)
     if question is not None:

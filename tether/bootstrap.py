@@ -4,6 +4,11 @@ The remote work is done by :mod:`tether._agent`, a standard-library script run b
 own ``python3`` over one SSH connection per call. On a prepared remote ``up`` is a single call;
 a cold one needs a second call that carries tether's wheel on stdin. The wheel is built here
 from the installed package, so both sides always run the same code.
+
+Between the two calls the laptop plans the install from the remote's answer (platform, index
+reachable or not, wheels it already has): the pinned set for that platform comes from
+:mod:`tether._wheels` (resolved once, cached here), uv's wheel is sent along, and on a host
+with no index (or ``--offline``) every pinned wheel is streamed too, each verified by sha256.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import __version__
-from tether import _ssh
+from tether import _ssh, _wheels
 from tether.config import COLAB_ORIGIN
 from tether.errors import (
     ConfigError,
@@ -75,6 +80,8 @@ class RemoteOptions:
     notebook_dir: str | None = None
     idle_timeout: int = 3600
     serve_args: tuple[str, ...] = ()  # further `tether serve` options, passed on as given
+    offline: bool = False  # prepare from this machine's wheels even if the host has an index
+    purge: bool = False  # `down`: also remove every environment, uv and the wheel cache
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class RemoteLayout:
     install_log: str = "install.log"
     socket: str = "runtime/tether.sock"
     launch_record: str = "runtime/launch-{launch}.json"  # 0600: launch id and options
+    wheels: str = "wheels"  # wheels the laptop sent (uv's; all of them for a host offline)
+    uv: str = "uv"  # uv unpacked from its wheel, one folder per version
 
     def root(self, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
         """The root on this machine, from ``environ`` (default: this process's)."""
@@ -272,7 +281,8 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
         "install_kernel_deps": opts.install_kernel_deps, "remote_port": opts.remote_port,
         "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
         "notebook_dir": opts.notebook_dir, "idle_timeout": opts.idle_timeout,
-        "serve_args": list(opts.serve_args), "layout": REMOTE_LAYOUT.params(), **extra,
+        "serve_args": list(opts.serve_args), "layout": REMOTE_LAYOUT.params(),
+        "offline": opts.offline, "purge": opts.purge, **extra,
     }
 
 
@@ -284,8 +294,11 @@ _WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
 
 async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
                      on_event: OnEvent | None = None, wheel_data: bytes = b"",
-                     timeout: float = CALL_TIMEOUT, **extra: Any) -> dict[str, Any]:
-    """Run one agent action on the remote; stream its events; return its result."""
+                     files: Sequence[Path] = (), timeout: float = CALL_TIMEOUT,
+                     **extra: Any) -> dict[str, Any]:
+    """Run one agent action on the remote; stream its events; return its result.
+
+    ``wheel_data`` (tether's wheel), then each of ``files``, go to the agent's stdin."""
     wheel = build_wheel()
     params = _params(action, opts, wheel, wheel_size=len(wheel_data), **extra)
     command = agent_command(opts.remote_python, params)
@@ -293,7 +306,7 @@ async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *
     proc = await _ssh.spawn(target, target.argv(command=command))
     try:
         return await asyncio.wait_for(
-            _converse(target, proc, wheel_data, on_event or (lambda e: None),
+            _converse(target, proc, wheel_data, files, on_event or (lambda e: None),
                       what=what, python=opts.remote_python), timeout)
     except asyncio.TimeoutError as e:
         raise SSHError(f"{what} took more than {timeout:.0f} s", host=target.host,
@@ -304,21 +317,33 @@ async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *
 
 
 async def _converse(target: _ssh.SSHTarget, proc: asyncio.subprocess.Process, data: bytes,
-                    on_event: OnEvent, *, what: str, python: str) -> dict[str, Any]:
+                    files: Sequence[Path], on_event: OnEvent, *, what: str,
+                    python: str) -> dict[str, Any]:
     assert proc.stdin and proc.stdout and proc.stderr
     async with asyncio.TaskGroup() as tg:  # on cancel, the stderr reader is cancelled too
         stderr_task = tg.create_task(proc.stderr.read())
+        # the events are read while we send: the agent reports progress as files arrive
+        events_task = tg.create_task(_events(proc.stdout, on_event))
         try:
-            if data:
-                proc.stdin.write(data)
-                await proc.stdin.drain()
+            await _send(proc.stdin, data, files)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the remote ended early; its exit status says why
-        final = await _events(proc.stdout, on_event)
+        final = await events_task
         # stdin stays open until the result: the agent takes EOF as "the laptop is gone"
         proc.stdin.close()
         status = await proc.wait()
     return _outcome(target, status, final, stderr_task.result(), what=what, python=python)
+
+
+async def _send(stdin: asyncio.StreamWriter, data: bytes, files: Sequence[Path]) -> None:
+    if data:
+        stdin.write(data)
+        await stdin.drain()
+    for path in files:  # streamed: a few MiB in memory at a time, whatever the total
+        with open(path, "rb") as f:
+            while chunk := f.read(_wheels.CHUNK):
+                stdin.write(chunk)
+                await stdin.drain()
 
 
 async def _events(stdout: asyncio.StreamReader, on_event: OnEvent) -> Event | None:
@@ -454,11 +479,14 @@ async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
     result = await call_agent(target, opts, action, on_event=on_event, **extra)
     if result.get("need_wheel"):
         wheel = build_wheel()
+        plan, files = await install_plan(target.host, result.get("probe") or {}, opts, on_event)
         if on_event:
+            size = len(wheel.data) + sum(p.stat().st_size for p in files)
+            more = f" and {len(files)} wheel{'s' if len(files) != 1 else ''}" if files else ""
             on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
-                      "label": f"sending {wheel.name} ({len(wheel.data) >> 10} KiB)"})
+                      "label": f"sending {wheel.name}{more} ({size / 2**20:.1f} MiB)"})
         result = await call_agent(target, opts, action, on_event=on_event, wheel_data=wheel.data,
-                                  timeout=INSTALL_TIMEOUT, **extra)
+                                  files=files, timeout=INSTALL_TIMEOUT, **plan, **extra)
     question = result.get("need_consent")
     if isinstance(question, dict):
         return ConsentNeeded(target.host, str(question.get("python", "")),
@@ -466,6 +494,47 @@ async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
     result["warnings"] = [str(w).replace("HOST", target.host)
                           for w in result.get("warnings") or ()]
     return result
+
+
+async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
+                       on_event: OnEvent | None) -> tuple[dict[str, Any], list[Path]]:
+    """(agent parameters, files to stream) for a cold preparation of ``host``.
+
+    The pins and uv's wheel always come from this machine's lock; on a host that reaches no
+    index (or with ``--offline``) every pinned wheel is sent as well, except those it has.
+    """
+    index = probe.get("index") or {}
+    offline = opts.offline or not index.get("reachable", True)
+    if offline and not opts.offline and on_event:
+        on_event({"event": "step", "key": "index", "state": "done",
+                  "seconds": float(index.get("seconds") or 0),
+                  "label": f"{host} reaches no package index ({index.get('why') or 'no answer'})"
+                           ": preparing it from this machine"})
+    platform = _wheels.Platform.from_probe(probe)
+    try:
+        lock = await _wheels.lock_for(platform, on_event)
+    except _wheels.LaptopIndexError as e:
+        if offline:
+            raise _wheels.LaptopIndexError(
+                f"{host} reaches no package index, and {e.message[0].lower()}{e.message[1:]}",
+                hint=e.hint, host=host, **e.data) from e
+        log.warning("%s: %s; the remote resolves with pip from its index", host, e)
+        return {"offline": False}, []  # the remote's own pip, unpinned: better than nothing
+    wanted = [*lock.installs] if offline else []
+    if lock.uv is not None:
+        wanted.append(lock.uv)
+    paths = await _wheels.fetch(wanted, on_event)
+    have = set(probe.get("have") or ())
+    send = [p for p in wanted if p.file not in have]
+    uv = lock.uv
+    plan = {
+        "offline": offline, "pins": lock.pins(), "lock": lock.key,
+        "uv": {"file": uv.file, "sha256": uv.sha256, "version": uv.version} if uv else None,
+        "need": [{"file": p.file, "sha256": p.sha256} for p in wanted],
+        "incoming": [{"file": p.file, "size": paths[p.file].stat().st_size, "sha256": p.sha256}
+                  for p in send],
+    }
+    return plan, [paths[p.file] for p in send]
 
 
 # -- where tether lives on a remote, seen from the laptop and from the remote's own CLI ----------

@@ -133,7 +133,7 @@ class ConsoleReporter:
 
 # serve options that `up` handles itself, or that make no sense on the remote
 _NOT_FORWARDED = {"port", "as_json", "sock", "token_file", "ip", "allow_remote", "origins",
-                  "notebook_dir", "idle_timeout"}
+                  "notebook_dir", "idle_timeout", "offline"}
 
 
 def serve_args(values: dict[str, Any]) -> tuple[str, ...]:
@@ -162,7 +162,8 @@ def remote_options(**kw: Any) -> RemoteOptions:
         conda_env=kw.get("conda_env"), install_kernel_deps=kw.get("install_kernel_deps"),
         remote_port=kw.get("remote_port"), origins=tuple(origins),
         notebook_dir=str(notebook_dir) if notebook_dir else None,
-        idle_timeout=kw.get("idle_timeout", 3600), serve_args=serve_args(kw))
+        idle_timeout=kw.get("idle_timeout", 3600), serve_args=serve_args(kw),
+        offline=bool(kw.get("offline")), purge=bool(kw.get("purge")))
 
 
 def slurm_options(f: F) -> F:
@@ -343,6 +344,9 @@ def consent_prompt(reporter: ConsoleReporter) -> Consent | None:
                    "(asked when interactive).")
 @click.option("--remote-port", type=int, default=None, metavar="N",
               help="Serve on 127.0.0.1:N on the remote instead of a Unix socket (0: any).")
+@click.option("--offline", is_flag=True,
+              help="Prepare HOST from wheels this machine sends, as for a host with no package "
+                   "index (detected by itself otherwise).")
 @slurm_options
 @click.pass_context
 def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
@@ -388,6 +392,8 @@ def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:
 @json_option
 @ssh_options
 @click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: cancel our jobs.")
+@click.option("--purge", is_flag=True,
+              help="Also remove tether's environments, uv and the wheels sent to HOST.")
 def down(host: str, as_json: bool, **kw: Any) -> None:
     """Shut down the kernels and the server on HOST; nothing of tether's is left running."""
     backend = make_backend(host, kw, remote_options(**kw))
@@ -408,6 +414,9 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
                   + (f"; {len(strays)} other process(es) of tether's ended." if strays else "."))
     for stale in result.get("stale", []):
         err.print(f"Removed a stale state file (pid {stale.get('pid')}: {stale.get('why')}).")
+    if "purged" in result:
+        freed = int(result["purged"].get("removed_bytes") or 0)
+        err.print(f"Removed tether's environments and caches on {host} ({freed / 2**20:.0f} MiB).")
     left = result.get("left", [])
     for row in left:
         err.print(f"  still running: pid {row.get('pid')} {row.get('name')} "
@@ -435,6 +444,11 @@ def status(host: str, as_json: bool, **kw: Any) -> None:
         _show_slurm_status(host, result)
         return
     servers = result.get("servers", [])
+    if result.get("disk_bytes") is not None:
+        envs = result.get("envs") or []
+        out.print(f"{host}: {int(result['disk_bytes']) / 2**20:.0f} MiB used under "
+                  f"{result.get('root')} ({len(envs)} environment{'s' if len(envs) != 1 else ''}"
+                  f"{': ' + ', '.join(envs) if envs else ''}).")
     if not servers:
         out.print(f"{host}: no tether server running "
                   f"(environment {'ready' if result.get('env_ready') else 'not prepared'}).")
