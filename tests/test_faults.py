@@ -313,6 +313,7 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
     if ready:
         assert proc.returncode == 0, err
         assert lines[-1].startswith("Detached from relayed"), err
+        assert f"tether attach relayed -F {testbed.config}" in lines[-1], err  # the user's -F
         assert lines[-2].startswith("Ctrl-C detaches"), err  # nothing between
     else:
         assert proc.returncode == 130, err
