@@ -380,7 +380,7 @@ AIRGAP_NETNS = "tether-airgap"
 AIRGAP_KEY_ALIAS = "tether-airgap"
 
 # The ProxyCommand: stdin/stdout <-> TCP, run inside the namespace (nc/socat are not installed)
-RELAY = """\
+AIRGAP_RELAY = """\
 import socket, sys, threading
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
 def up():
@@ -404,7 +404,7 @@ Host airgap
   HostName 127.0.0.1
   Port {port}
   HostKeyAlias {alias}
-  ProxyCommand ip netns exec {netns} {python} {dir}/relay.py %h %p
+  ProxyCommand ip netns exec {netns} {python} {dir}/airgap-relay.py %h %p
 Host airgap-online
   HostName 127.0.0.1
   Port {online_port}
@@ -503,7 +503,7 @@ def start_airgap(bed: SSHBed, netns: str = AIRGAP_NETNS) -> Airgap:
     try:
         in_netns(netns, "ip", "link", "set", "lo", "up").check_returncode()
         user = ensure_user(AIRGAP_USER)
-        (bed.dir / "relay.py").write_text(RELAY)
+        (bed.dir / "airgap-relay.py").write_text(AIRGAP_RELAY)
         port = free_port()
         host_key = " ".join((bed.dir / "host_ed25519.pub").read_text().split()[:2])
         (bed.dir / "known_hosts_airgap").write_text(

@@ -74,7 +74,8 @@ def test_agent_runs_on_plain_python_and_reports_json(tmp_path) -> None:  # type:
                          capture_output=True, text=True, env=env, timeout=60)
     result = json.loads(out.stdout.splitlines()[-1])
     assert result == {"event": "result", "servers": [], "stale": [], "unverified": [],
-                      "env_ready": False, "root": f"{tmp_path}/.cache/tether"}
+                      "env_ready": False, "root": f"{tmp_path}/.cache/tether", "envs": [],
+                      "disk_bytes": 0, "installed": {"installer": None, "source": None}}
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
