@@ -260,13 +260,39 @@ def run_logged(argv, what, kind, hint, env=None):
     The laptop keeps our stdin open until it has our result, so EOF on stdin means it is gone
     (Ctrl-C, network): stop instead of finishing work nobody waits for.
     """
+    # The child holds the write end of a pipe: its exit wakes the select below at once (the
+    # timeout only covers a grandchild that keeps the pipe open after the child is gone).
+    done_r, done_w = os.pipe()
     with open(INSTALL_LOG, "ab") as log:
         log.write(("\n$ " + " ".join(argv) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    watch = [sys.stdin] if not sys.stdin.closed else []
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=env, pass_fds=(done_w,))
+        finally:
+            os.close(done_w)
+    try:
+        wait_logged(proc, done_r, what)
+    finally:
+        os.close(done_r)
+    if proc.returncode != 0:
+        raise Fail(kind, "%s failed (exit %d) on HOST" % (what, proc.returncode),
+                   hint=hint, log_tail=tail(INSTALL_LOG))
+
+
+def wait_logged(proc, done_r, what):
+    """Wait for ``proc``; stop it if our stdin ends (the laptop went away)."""
+    watch = [done_r] + ([sys.stdin] if not sys.stdin.closed else [])
     while proc.poll() is None:
-        ready = select.select(watch, [], [], 0.5)[0] if watch else time.sleep(0.5)
+        ready = select.select(watch, [], [], 0.5)[0]
+        if done_r in ready:  # EOF: the child is exiting (or closed the pipe and runs on)
+            os.read(done_r, 1)
+            watch.remove(done_r)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            continue
         if ready and not os.read(sys.stdin.fileno(), 1):
             proc.terminate()
             try:
@@ -275,9 +301,6 @@ def run_logged(argv, what, kind, hint, env=None):
                 proc.kill()
                 proc.wait()
             raise Fail("interrupted", "%s was interrupted: the connection went away" % what)
-    if proc.returncode != 0:
-        raise Fail(kind, "%s failed (exit %d) on HOST" % (what, proc.returncode),
-                   hint=hint, log_tail=tail(INSTALL_LOG))
 
 
 def index_hint():
