@@ -198,6 +198,10 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
             assert (await c.execute(session["kernel"]["id"], "x = 7")).status == "ok"
         assert up.stop() == 0
         assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"], "--keep kept it"
+        doctor = tether(slurm_config, "doctor", "gpubox", "--slurm", "--json")
+        checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert checks["server"]["detail"].startswith("job ") and checks["kernel runs code"]["ok"]
         port = free_port()
         again = SlurmUp(subprocess.Popen(
             [sys.executable, "-m", "tether", "attach", "gpubox", "--slurm", "--json", "--port",

@@ -304,9 +304,13 @@ class Check:
     hint: str = ""
 
 
-async def doctor(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
+async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
                  local_port: int | None) -> list[Check]:
-    """SSH, Python, disk, GPU driver, environment, ports, then Colab's requests via a tunnel."""
+    """SSH, Python, disk, GPU driver, environment, ports, then Colab's requests via a tunnel.
+
+    ``target`` is the host tether logs in to (a VM, or a cluster's login node); ``backend``
+    finds the running runtime there (in attach mode: the doctor starts nothing).
+    """
     checks: list[Check] = []
     t0 = time.monotonic()
     try:
@@ -319,12 +323,14 @@ async def doctor(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
     checks.append(Check("ssh", True, f"{target.host} answered in {time.monotonic() - t0:.2f} s"))
     checks += _probe_checks(target.host, probe)
     checks.append(_port_check(target.host, local_port))
-    servers = probe.get("servers", [])
-    checks.append(Check("server", bool(servers),
-                        f"pid {servers[0]['pid']}" if servers else "no server running",
+    try:
+        running = await backend.running()
+    except TetherError as e:
+        return [*checks, Check("server", False, e.message, e.hint)]
+    checks.append(Check("server", bool(running), running or "no server running",
                         f"Start one with `tether up {target.host}`."))
-    if servers:
-        checks += await _replay_checks(target, opts)
+    if running:
+        checks += await _replay_checks(backend)
     return checks
 
 
@@ -367,12 +373,19 @@ def _port_check(host: str, port: int | None) -> Check:
     return Check("local port", True, f"127.0.0.1:{port} is free for `tether up {host}`")
 
 
-async def _replay_checks(target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions) -> list[Check]:
+async def _replay_checks(backend: Backend) -> list[Check]:
     from tether.replay import replay
 
-    server = (await bootstrap.up(target, opts, attach=True)).server
-    forward = Forward(free_port(), server.sock, server.port)
-    tunnel = Tunnel(target, forward, server.token)
+    def quiet(_: Any) -> None:
+        pass
+
+    try:
+        placement = await backend.start(quiet, quiet)
+    except TetherError as e:
+        return [Check("server", False, e.message, e.hint)]
+    server = placement.result.server
+    forward = _forward(free_port(), placement)
+    tunnel = Tunnel(placement.target, forward, server.token)
     try:
         await tunnel.open()
     except TetherError as e:

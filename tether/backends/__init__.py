@@ -67,6 +67,10 @@ class Backend(Protocol):
     async def status(self) -> dict[str, Any]:
         ...
 
+    async def running(self) -> str:
+        """What runs there, in a few words ("" if nothing): for ``tether doctor``."""
+        ...
+
     def kernels(self) -> Kernels:
         """The life-cycle client for this runtime's server (``ps``, ``release``)."""
         ...

@@ -65,5 +65,9 @@ class DirectHost:
     async def status(self) -> dict[str, Any]:
         return await bootstrap.call_agent(self.target, self.opts, "status")
 
+    async def running(self) -> str:
+        servers = (await self.status()).get("servers") or []
+        return f"pid {servers[0].get('pid')}" if servers else ""
+
     def kernels(self) -> Kernels:
         return RemoteKernels(self.host, ssh_runner(self.target))

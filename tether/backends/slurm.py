@@ -593,6 +593,10 @@ class SlurmJob:
                                                       else {}).items() if k != "token"}})
         return {"jobs": jobs}
 
+    async def running(self) -> str:
+        jobs = [j for j in await self.find_jobs() if j.state == "RUNNING"]
+        return f"job {jobs[0].job_id} running" if jobs else ""
+
     def kernels(self) -> Kernels:
         return RemoteKernels(self.host, self._in_job)
 

@@ -471,10 +471,13 @@ def status(host: str, as_json: bool, **kw: Any) -> None:
                    "else 9999).")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @ssh_options
+@click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: check our job there.")
 def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     """Check SSH, Python, GPU driver, ports, and replay Colab's requests through a tunnel."""
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    checks = run(lambda: session.doctor(target, remote_options(**kw), port))
+    opts = remote_options(**kw)
+    backend = make_backend(host, kw, opts, attach=True)
+    checks = run(lambda: session.doctor(backend, target, opts, port))
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
