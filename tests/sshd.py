@@ -252,6 +252,23 @@ class SSHBed:
         self.target = _start_sshd(self.dir, port)
         self.daemons[index] = self.target
 
+    def kill_connections(self) -> list[int]:
+        """Kill the sshd processes serving every connection to the target (monitor and session
+        child): a dropped network, as seen from the server side."""
+        victims = []
+        for pid in self.target.connection_pids():
+            try:
+                proc = psutil.Process(pid)
+                victims += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return [p.pid for p in victims]
+
     def user_pids(self) -> list[int]:
         uid = self.user.pw_uid
         return [p.pid for p in psutil.process_iter(["uids"])

@@ -93,19 +93,7 @@ def kill_client_ssh(bed: SSHBed, up: UpProcess) -> float:
 
 
 def kill_sshd_child(bed: SSHBed, up: UpProcess) -> float:
-    victims = []
-    for pid in bed.target.connection_pids():
-        try:
-            proc = psutil.Process(pid)
-            victims += [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            pass
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    assert victims
+    assert bed.kill_connections()
     return time.monotonic()
 
 

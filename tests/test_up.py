@@ -41,23 +41,6 @@ async def answers(up: UpProcess, deadline: float = RECONNECT_DEADLINE) -> float:
             await asyncio.sleep(0.05)
 
 
-def kill_connection(testbed: SSHBed) -> list[int]:
-    """Kill the sshd processes serving every connection (monitor and its session child)."""
-    victims = []
-    for pid in testbed.target.connection_pids():
-        try:
-            proc = psutil.Process(pid)
-            victims += [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            pass
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return [p.pid for p in victims]
-
-
 def test_bootstrap_interrupted_then_resumed(prepared: Prepared, testbed: SSHBed) -> None:
     if prepared.interrupted_rc is not None:
         assert prepared.interrupted_at_install, "the first run was not interrupted mid-install"
@@ -86,7 +69,7 @@ async def test_up_kill_tunnel_and_sshd_then_down(prepared: Prepared, testbed: SS
         await answers(up)
         assert up.tunnel_pids() and up.tunnel_pids() != tunnels
 
-        assert kill_connection(testbed)
+        assert testbed.kill_connections()
         await answers(up)
         async with ColabClient(up.url, up.token) as c:
             assert (await c.execute(kernel, "x")).result == "41"
