@@ -127,6 +127,23 @@ except OSError:
 """
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports, below the kernel's ephemeral range (where an
+    outgoing connection could take the second one between the check and its use)."""
+    import random
+
+    for _ in range(200):
+        first = random.randrange(20000, 32000 - n)
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

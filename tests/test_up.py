@@ -19,7 +19,7 @@ from tests.fixtures_ssh import (
     start_up,
     wait_no_user_processes,
 )
-from tests.sshd import SSHBed, free_port
+from tests.sshd import SSHBed, free_port, free_ports
 from tether.replay import ColabClient
 
 pytestmark = pytest.mark.timeout(600)
@@ -145,7 +145,7 @@ def test_down_while_up_runs_ends_up(prepared: Prepared, testbed: SSHBed) -> None
 
 
 def test_proxyjump_and_two_hosts_at_once(prepared: Prepared, testbed: SSHBed) -> None:
-    port = free_port()
+    port = free_ports(2)
     up = start_up(testbed, "behind", "gpubox", "--port", str(port))
     try:
         assert up.info, up.stderr()
