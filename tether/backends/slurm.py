@@ -328,13 +328,7 @@ class SlurmJob:
         text = done.text
         head, _, rest = text.partition("@@tether-state\n")
         states_text, _, log_tail = rest.partition("@@tether-log\n")
-        states = []
-        for chunk in states_text.split("@@\n"):
-            try:
-                states.append(json.loads(chunk))
-            except ValueError:
-                continue
-        return JobInfo.from_scontrol(job_id, head), states, log_tail
+        return JobInfo.from_scontrol(job_id, head), server_states(states_text), log_tail
 
     async def find_jobs(self) -> list[JobInfo]:
         """Our jobs (name and comment) of this user still in the queue, newest first."""
@@ -402,12 +396,7 @@ class SlurmJob:
                 if line.startswith("@@job "):
                     job_line = line[len("@@job "):]
                 elif line.startswith("@@state "):
-                    states = []
-                    for chunk in line[len("@@state "):].split("@@"):
-                        try:
-                            states.append(json.loads(chunk))
-                        except ValueError:
-                            continue
+                    states = server_states(line[len("@@state "):])
                     job = JobInfo.from_scontrol(job_id, job_line)
                     if not job.ended:  # an ended job's report comes with its log, next line
                         yield job, states, ""
@@ -436,7 +425,7 @@ class SlurmJob:
                 if job.ended:
                     raise self._ended(job, log_tail, before_ready=True)
                 if job.state == "RUNNING" and states:
-                    server = ServerInfo.from_agent(self.host, max(states, key=_started))
+                    server = ServerInfo.from_agent(self.host, _newest(states))
                     self.mode = "jump" if server.sock else "forward"
                     on_event({"event": "step", "key": "queue", "state": "done",
                               "label": f"job {job_id} running on {job.node}",
@@ -529,7 +518,7 @@ class SlurmJob:
         if not states:
             raise SlurmJobEndedError(f"the server of job {job.job_id} on {self.host} has "
                                      "stopped; the job is ending", host=self.host)
-        return await self._placement(ServerInfo.from_agent(self.host, max(states, key=_started)),
+        return await self._placement(ServerInfo.from_agent(self.host, _newest(states)),
                                      job)
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
@@ -589,7 +578,7 @@ class SlurmJob:
             jobs.append({"job": job.job_id, "state": job.state, "reason": job.reason,
                          "node": job.node, "time_left": job.time_left, "gres": job.gres,
                          "expected_start": job.start if job.state == "PENDING" else "",
-                         "server": {k: v for k, v in (max(states, key=_started) if states
+                         "server": {k: v for k, v in (_newest(states) if states
                                                       else {}).items() if k != "token"}})
         return {"jobs": jobs}
 
@@ -620,8 +609,22 @@ class SlurmJob:
         return done.returncode, done.text
 
 
-def _started(state: dict[str, Any]) -> float:
-    return float(state.get("started") or 0.0)
+def server_states(text: str) -> list[dict[str, Any]]:
+    """The server state files the remote scripts print, each ended by ``@@`` (a file caught
+    while being written is skipped: the next report has it whole)."""
+    states = []
+    for chunk in text.split("@@"):
+        try:
+            state = json.loads(chunk)
+        except ValueError:
+            continue
+        if isinstance(state, dict):
+            states.append(state)
+    return states
+
+
+def _newest(states: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(states, key=lambda state: float(state.get("started") or 0.0))
 
 
 async def _configured_proxy(target: _ssh.SSHTarget) -> bool:
