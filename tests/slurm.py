@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.sshd import flock_wait
+
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
 MUNGED = "/usr/sbin/munged"
@@ -25,6 +27,7 @@ SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 READY_DEADLINE = 60.0
 GPUS = 2
+LOCK = Path(tempfile.gettempdir()) / "tether-slurm.lock"
 
 SLURM_CONF = """\
 ClusterName=tethertest
@@ -78,6 +81,7 @@ class Cluster:
     gpus: list[Path]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     munged: subprocess.Popen[bytes] | None = None
+    lock_fd: int = -1
 
     @property
     def conf(self) -> Path:
@@ -133,6 +137,9 @@ class Cluster:
                 self.munged.kill()
                 self.munged.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = -1
 
 
 def _start_munge() -> subprocess.Popen[bytes] | None:
@@ -162,6 +169,17 @@ def start_cluster() -> Cluster:
         raise RuntimeError("the Slurm test bed needs root and slurmctld, slurmd, munge")
     if SYSTEM_CONF.exists() and not SYSTEM_CONF.is_symlink():
         raise RuntimeError(f"{SYSTEM_CONF} is a real file: not a test machine's, refusing")
+    # one cluster on a machine (its node is this host, its config at /etc/slurm), whatever the
+    # SSH test bed: runs with their own TETHER_TEST_BED wait here for each other
+    lock_fd = flock_wait(path=LOCK)
+    try:
+        return _start_cluster(lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _start_cluster(lock_fd: int) -> Cluster:
     dir = Path(tempfile.mkdtemp(prefix="tether-slurm-"))
     dir.chmod(0o755)
     for sub in ("state", "spool"):
@@ -172,7 +190,7 @@ def start_cluster() -> Cluster:
         dev = dir / f"nvidia{i}"
         os.mknod(dev, 0o666 | 0o020000, os.makedev(1, 3))
         gpus.append(dev)
-    cluster = Cluster(dir, host, gpus)
+    cluster = Cluster(dir, host, gpus, lock_fd=lock_fd)
     cluster.conf.write_text(SLURM_CONF.format(host=host, ctld_port=_free_port(),
                                               d_port=_free_port(), dir=dir,
                                               cpus=os.cpu_count() or 2, gpus=GPUS))
@@ -189,6 +207,7 @@ def start_cluster() -> Cluster:
                                                   stderr=subprocess.DEVNULL, env=cluster.env()))
         cluster.wait_idle()
     except BaseException:
+        cluster.lock_fd = -1  # the caller releases it
         cluster.stop()
         raise
     return cluster

@@ -29,12 +29,24 @@ from pathlib import Path
 import psutil
 
 SSHD = "/usr/sbin/sshd"
-REMOTE_USER = "tether-remote"
-NOPYTHON_USER = "tether-nopy"
+# ``TETHER_TEST_BED=NAME`` gives a test run its own users, lock and network namespace (a short
+# name: user names are at most 32 characters), so that runs in separate checkouts (or pytest
+# workers) do not wait for each other; Slurm stays one at a time (tests/slurm.py).
+BED = os.environ.get("TETHER_TEST_BED", "")
+
+
+def bed_name(base: str) -> str:
+    """``base`` for this test bed (users, namespaces, locks)."""
+    return f"{base}-{BED}" if BED else base
+
+
+REMOTE_USER = bed_name("tether-remote")
+NOPYTHON_USER = bed_name("tether-nopy")
+OTHER_USER = bed_name("tether-other")  # a second Unix user on the same machine
 READY_DEADLINE = 15.0
-# One test bed at a time on a machine: they share the remote user, whose processes a starting
+# One test bed at a time per name: they share the remote user, whose processes a starting
 # bed ends. Concurrent pytest runs (or a bench) wait here instead of killing each other's work.
-LOCK = Path(tempfile.gettempdir()) / "tether-sshbed.lock"
+LOCK = Path(tempfile.gettempdir()) / f"{bed_name('tether-sshbed')}.lock"
 LOCK_DEADLINE = 900.0
 
 SSHD_CONFIG = """\
@@ -316,8 +328,9 @@ def _signal(procs: list[psutil.Process], sig: int) -> list[int]:
     return done
 
 
-def _lock(deadline: float = LOCK_DEADLINE) -> int:
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+def flock_wait(deadline: float = LOCK_DEADLINE, path: Path = LOCK) -> int:
+    """An exclusive flock on ``path``, waited for (bounded); released by closing the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     end = time.monotonic() + deadline
     while True:
         try:
@@ -326,7 +339,7 @@ def _lock(deadline: float = LOCK_DEADLINE) -> int:
         except BlockingIOError:
             if time.monotonic() > end:
                 os.close(fd)
-                raise RuntimeError(f"another SSH test bed held {LOCK} for {deadline:.0f} s")
+                raise RuntimeError(f"another test bed held {path} for {deadline:.0f} s")
             time.sleep(0.2)
 
 
@@ -367,7 +380,7 @@ def _nopython_user(dir: Path) -> None:
 def start_testbed() -> SSHBed:
     if os.geteuid() != 0 or not os.path.exists(SSHD):
         raise RuntimeError("the SSH test bed needs root and /usr/sbin/sshd (openssh-server)")
-    lock_fd = _lock()
+    lock_fd = flock_wait()
     try:
         return _start_testbed(lock_fd)
     except BaseException:
@@ -409,8 +422,8 @@ def _start_testbed(lock_fd: int) -> SSHBed:
 
 # -- an air-gapped host: sshd in a network namespace with only a loopback interface ------------
 
-AIRGAP_USER = "tether-airgap"
-AIRGAP_NETNS = "tether-airgap"
+AIRGAP_USER = bed_name("tether-airgap")
+AIRGAP_NETNS = bed_name("tether-airgap")
 AIRGAP_KEY_ALIAS = "tether-airgap"
 
 # The ProxyCommand: stdin/stdout <-> TCP, run inside the namespace (nc/socat are not installed)

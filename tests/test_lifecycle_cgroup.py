@@ -19,7 +19,7 @@ from tether.remote import cgroups
 # Drops the marker (env -i) and leaves the process group (setsid): only a cgroup still finds it
 ESCAPE = ("import subprocess, time\n"
           "subprocess.run(['env', '-i', 'setsid', 'sh', '-c', 'sleep 1003 & echo $! > {out}'])\n")
-OTHER_USER = "tether-other"
+from tests.sshd import OTHER_USER  # noqa: E402
 
 
 def escaped_pid(out: Path) -> int:

@@ -158,7 +158,7 @@ def test_own_origin_and_no_origin_and_colab_are_served(logged_server):
     assert status == 200
 
 
-OTHER_USER = "tether-other"
+from tests.sshd import OTHER_USER  # noqa: E402
 PROBE = ("import socket, sys\n"
          "s = socket.socket(socket.AF_UNIX)\n"
          "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(type(e).__name__)\n"
