@@ -93,6 +93,21 @@ def test_a_state_file_is_trusted_by_pid_and_start_time(agent: Any, procs: Start)
     assert verdict == agent.STALE and "is gone" in why
 
 
+def test_a_state_file_is_trusted_by_start_since_boot_whatever_the_wall_clock_did(
+        agent: Any, procs: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether import identity
+
+    child = procs("sleep", "30")
+    state = {"pid": child.pid, "boot_start": identity.started(psutil.Process(child.pid)),
+             "boot_id": identity.boot_id(), "create_time": 1.0}  # create time: far off
+    monkeypatch.setattr(agent, "_BOOT_TIME", [agent.boot_time() + 1])  # NTP moved btime
+    assert agent.judge(state, {})[0] == agent.LIVE
+    verdict, why = agent.judge({**state, "boot_start": state["boot_start"] - 0.01}, {})
+    assert verdict == agent.STALE and f"pid {child.pid} is now another process" in why
+    verdict, why = agent.judge({**state, "boot_id": "another-boot"}, {})
+    assert verdict == agent.STALE and "rebooted" in why
+
+
 def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
         agent: Any, procs: Start) -> None:
     marked = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": "feedf00d"}))

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tether import identity
 from tether.config import ServeConfig
 from tether.errors import ConfigError
 from tether.remote import gpu, lifecycle, sweep
@@ -80,10 +81,22 @@ def test_other_uid_and_deny_list_and_older_than_kernel(procs):
     other = sweep.Guard(uid=os.geteuid() + 12345, protected=frozenset())
     assert sweep.unsafe_reason(proc, other, None) == "another user's process"
     guard = sweep.Guard(uid=os.geteuid(), protected=frozenset())
-    later = proc.create_time() + 10
+    later = identity.started(proc) + 10
     assert "older" in sweep.unsafe_reason(proc, guard, None, not_before=later)
     if os.geteuid() == 0:  # the root case: the marker is required
         assert "marker" in sweep.unsafe_reason(proc, guard, (sweep.MARKER_ENV, "abc"))
+
+
+def test_a_kernel_is_still_found_after_the_wall_clock_moved(procs, monkeypatch):
+    from psutil import _pslinux
+
+    p = procs("sleep", "600", start_new_session=True)
+    kernel = psutil.Process(p.pid)
+    record = sweep.KernelRecord("k1", p.pid, p.pid, "m", identity.started(kernel))
+    btime = _pslinux.boot_time()
+    monkeypatch.setattr(_pslinux, "boot_time", lambda: btime + 1)  # NTP moved btime by 1 s
+    assert [q.pid for q in sweep.kernel_processes(record, sweep.Guard.here())] == [p.pid]
+    assert sweep.signal_kernel(record, sweep.Guard.here(), 0) == [p.pid]
 
 
 def test_marker_makes_it_ours_even_as_root(procs):
@@ -121,7 +134,7 @@ def test_sweep_kernel_spares_unmarked_and_ends_marked(procs):
     marked = ready_python(procs, "", env={sweep.MARKER_ENV: marker}, start_new_session=True)
     unmarked = procs("sleep", "600", start_new_session=True)
     kernel = psutil.Process(marked.pid)
-    record = sweep.KernelRecord("k1", 999_999_999, None, marker, kernel.create_time() - 1)
+    record = sweep.KernelRecord("k1", 999_999_999, None, marker, identity.started(kernel) - 1)
     result = sweep.sweep_kernel(record, sweep.Guard.here(), grace=1.0)
     assert result.terminated == [marked.pid]
     assert marked.wait(5) is not None

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import start_server, stop_server
+from tether import identity
 from tether.replay import ColabClient
 
 
@@ -185,6 +186,25 @@ def test_low_entropy_token_refused(tmp_path, bad):
     assert "too weak" in one_line_error(run_cli("serve", env={"TETHER_TOKEN": bad}))
 
 
+def test_a_wall_clock_moved_by_ntp_leaves_the_server_found(tmp_path, monkeypatch):
+    """btime in /proc/stat (which psutil adds to every create time) moves when NTP slews or
+    steps the clock: the live server must still be found, and its state file kept."""
+    from psutil import _pslinux
+
+    from tether.remote.state import running_servers
+
+    srv = start_server(tmp_path)
+    try:
+        path = srv.runtime_dir / f"tether-{srv.proc.pid}.json"
+        btime = _pslinux.boot_time()
+        for moved in (1.0, -1.0, 3600.0):
+            monkeypatch.setattr(_pslinux, "boot_time", lambda m=moved: btime + m)
+            assert [s.pid for s in running_servers(str(srv.runtime_dir))] == [srv.proc.pid]
+            assert path.exists()
+    finally:
+        assert stop_server(srv) == 0
+
+
 def test_state_file_names_instance_and_start_time_and_a_reused_pid_is_stale(tmp_path):
     from tether.remote.state import ServerState, running_servers, write_state
 
@@ -193,6 +213,8 @@ def test_state_file_names_instance_and_start_time_and_a_reused_pid_is_stale(tmp_
         state = json.loads((srv.runtime_dir / f"tether-{srv.proc.pid}.json").read_text())
         proc = psutil.Process(srv.proc.pid)
         assert state["create_time"] == pytest.approx(proc.create_time(), abs=0.05)
+        assert state["boot_start"] == identity.started(proc)
+        assert state["boot_id"] == identity.boot_id()
         assert state["instance"].startswith(f"{srv.proc.pid}.")
         kernel_env_instance = state["instance"]
         assert "cgroup" in state
@@ -201,12 +223,12 @@ def test_state_file_names_instance_and_start_time_and_a_reused_pid_is_stale(tmp_
         assert stop_server(srv) == 0
     # the pid of a live process that is not the server (this test), with the server's old file
     me = psutil.Process()
-    stale = ServerState.from_json({**state, "pid": me.pid,
-                                   "create_time": me.create_time() - 10})
+    stale = ServerState.from_json({**state, "pid": me.pid})  # the server's start, not mine
     path = write_state(stale, str(srv.runtime_dir))
     assert running_servers(str(srv.runtime_dir)) == [] and not path.exists()
     # an old file without the new keys is still read (its pid alone decides)
-    old = {k: v for k, v in state.items() if k not in ("instance", "create_time", "cgroup")}
+    old = {k: v for k, v in state.items()
+           if k not in ("instance", "create_time", "boot_start", "boot_id", "cgroup")}
     path = write_state(ServerState.from_json({**old, "pid": me.pid}), str(srv.runtime_dir))
     assert [s.pid for s in running_servers(str(srv.runtime_dir))] == [me.pid]
     assert kernel_env_instance

@@ -1217,7 +1217,14 @@ def judge(state, launches):
     pinned = pinned_by_launch(pid, facts, launches)
     if pinned:
         return LIVE, ""
-    want = recorded_start(state)
+    if state.get("boot_start"):  # the server's start since boot: unmoved by the wall clock
+        if state.get("boot_id") != boot_id():
+            return STALE, "the machine rebooted after server %d started" % pid
+        if abs(facts[3] / float(os.sysconf("SC_CLK_TCK")) - float(state["boot_start"])) < 0.005:
+            return LIVE, ""
+        return STALE, "pid %d is now another process (%s, started %s)" \
+            % (pid, proc_name(pid), stamp(facts[1]))
+    want = recorded_start(state)  # an older server: psutil's create time, which btime moves
     if want is not None:
         if abs(facts[1] - want) <= START_TOLERANCE:
             return LIVE, ""

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from tether import _http, _ssh, bootstrap
+from tether import _http, _ssh, bootstrap, identity
 from tether.backends import Backend, Placement
 from tether.bootstrap import ServerInfo
 from tether.config import DEFAULT_PORT
@@ -120,7 +120,7 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
     record = attached_path(host)
     try:
         _write_private(record, {"host": host, "port": cfg.local_port, "pid": os.getpid(),
-                                "create_time": _create_time(os.getpid())})
+                                "start": _start(os.getpid()), "boot_id": identity.boot_id()})
         reporter.ready(runtime)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(tunnel.run())
@@ -152,9 +152,9 @@ def attached_path(host: str) -> Path:
     return local_state_dir() / f"up-{hashlib.sha256(host.encode()).hexdigest()[:16]}.json"
 
 
-def _create_time(pid: int) -> float:
+def _start(pid: int) -> float:
     try:
-        return float(psutil.Process(pid).create_time())
+        return identity.started(psutil.Process(pid))
     except psutil.Error:
         return 0.0
 
@@ -175,7 +175,8 @@ def attached_port(host: str) -> int | None:
         pid, port = int(data["pid"]), int(data["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if abs(_create_time(pid) - float(data.get("create_time") or -1)) > 0.05:
+    if data.get("boot_id") != identity.boot_id() \
+            or not identity.same_start(_start(pid), float(data.get("start") or -1)):
         path.unlink(missing_ok=True)
         return None
     return port

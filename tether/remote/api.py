@@ -37,6 +37,7 @@ from jupyter_core.utils import ensure_async
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
+from tether import identity
 from tether.remote import release as rel
 from tether.remote.idle import IdlePolicy, KernelFacts, KernelMonitor, holds_gpu
 from tether.remote.lifecycle import DEFAULT_GRACE, ServerContext, server_context
@@ -154,7 +155,7 @@ class Lifecycle:
             try:
                 proc = psutil.Process(row["pid"])
                 with proc.oneshot():
-                    created = proc.create_time()
+                    created = identity.started(proc)
                     times = proc.cpu_times()
             except psutil.Error:
                 continue

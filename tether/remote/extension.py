@@ -17,7 +17,7 @@ import psutil
 from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from tether import __version__
+from tether import __version__, identity
 from tether.config import COLAB_ORIGIN, check_origin
 from tether.remote import api, bridge, cgroups, colab, lifecycle, redact
 from tether.remote.idle import IdlePolicy, KernelMonitor
@@ -103,6 +103,8 @@ def server_state(serverapp: Any, origins: list[str]) -> ServerState:
         started=time.time(),
         instance=ctx.instance,
         create_time=psutil.Process().create_time(),
+        boot_start=identity.started(psutil.Process()),
+        boot_id=identity.boot_id(),
         cgroup=ctx.cgroup,
     )
 

@@ -24,6 +24,7 @@ import psutil
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
+from tether import identity
 from tether.errors import ConfigError
 from tether.remote import cgroups, sweep
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
@@ -55,7 +56,7 @@ _context: ServerContext | None = None
 def new_instance_id(pid: int | None = None) -> str:
     """``pid.created.nonce``: lets a later server tell whether the one that wrote it still runs."""
     proc = psutil.Process(pid)
-    return f"{proc.pid}.{int(proc.create_time() * 100)}.{secrets.token_hex(4)}"
+    return f"{proc.pid}.{round(identity.started(proc) * 100)}.{secrets.token_hex(4)}"
 
 
 def server_context() -> ServerContext:
@@ -72,7 +73,7 @@ def instance_alive(instance: str) -> bool:
     created, _, _ = rest.partition(".")
     try:
         proc = psutil.Process(int(pid))
-        return int(proc.create_time() * 100) == int(created)
+        return round(identity.started(proc) * 100) == int(created)
     except (ValueError, psutil.Error):
         return False
 
@@ -179,7 +180,7 @@ class SweepingProvisioner(LocalProvisioner):
             cmd = cgroups.wrap(cmd, cgroup)
         info = await super().launch_kernel(cmd, **kwargs)
         try:
-            started = psutil.Process(self.pid).create_time()
+            started = identity.started(psutil.Process(self.pid))
         except psutil.Error:
             started = 0.0
         self.record = KernelRecord(self.kernel_id, int(self.pid or 0), self.pgid, self._marker,
@@ -256,10 +257,10 @@ def reap(orphans: list[psutil.Process], guard: Guard, grace: float) -> sweep.Swe
     by_instance: dict[str, list[psutil.Process]] = {}
     for proc in orphans:
         by_instance.setdefault(sweep.environ_of(proc).get(INSTANCE_ENV, ""), []).append(proc)
-    for instance, procs in by_instance.items():
+    for instance, group in by_instance.items():
         if not instance:
             continue
-        safe, refused = sweep.split_safe(procs, guard, (INSTANCE_ENV, instance))
+        safe, refused = sweep.split_safe(group, guard, (INSTANCE_ENV, instance))
         part = sweep.terminate(safe, grace)
         part.refused = refused
         result.merge(part)

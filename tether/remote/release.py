@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 from jupyter_core.utils import ensure_async
 
+from tether import identity
 from tether.config import DEFAULT_SHUTDOWN_WAIT
 from tether.remote import cgroups, gpu, sweep
 from tether.remote.lifecycle import DEFAULT_GRACE, ServerContext, server_context
@@ -285,7 +286,7 @@ class Releaser:
         if not pid:
             return None
         try:
-            started = psutil.Process(pid).create_time()
+            started = identity.started(psutil.Process(pid))
         except psutil.Error:
             return None
         return sweep.snapshot_descendants(

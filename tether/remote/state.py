@@ -1,10 +1,11 @@
 """The state file a running server leaves so other tether commands can find it.
 
 ``<jupyter runtime dir>/tether-<pid>.json``, mode 0600, holding the URL, token, port or socket,
-the pid with its start time, the server's instance id (which its kernels carry in their
-environment as ``TETHER_SERVER_INSTANCE``) and the parent directory of its kernels' cgroups.
+the pid with its start (since boot, with the boot's id: see :mod:`tether.identity`), the
+server's instance id (which its kernels carry in their environment as
+``TETHER_SERVER_INSTANCE``) and the parent directory of its kernels' cgroups.
 Readers skip (and delete) files whose process is gone: a pid is only the server's while the
-process with that pid was started when the file says (pids are reused).
+process with that pid started when the file says (pids are reused).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import psutil
 from jupyter_core.paths import jupyter_runtime_dir, secure_write
 
+from tether import identity
 from tether.errors import ServerNotFoundError
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class ServerState:
     started: float = 0.0
     instance: str = ""  # lifecycle.server_context().instance: kernels carry it
     create_time: float = 0.0  # psutil's create time of the server process (0: unknown)
+    boot_start: float = 0.0  # identity.started() of the server process: its identity (0: unknown)
+    boot_id: str = ""  # identity.boot_id() when it started
     cgroup: str = ""  # the cgroup v2 directory holding one cgroup per kernel ("" if none)
 
     @property
@@ -88,7 +92,7 @@ def running_servers(runtime_dir: str | None = None) -> list[ServerState]:
         except (OSError, ValueError, TypeError) as e:
             log.debug("skipping unreadable state file %s: %s", path, e)
             continue
-        if not _alive(state.pid, state.create_time):
+        if not _alive(state):
             log.debug("removing stale state file %s", path)
             path.unlink(missing_ok=True)
             continue
@@ -108,16 +112,20 @@ def find_server(runtime_dir: str | None = None, *, port: int | None = None) -> S
     return servers[0]
 
 
-# psutil's create time is read from /proc at clock-tick resolution: a reused pid differs by more
-CREATE_TIME_SLACK = 0.05
+# an older server records only psutil's create time, which moves with the wall clock
+CREATE_TIME_SLACK = 1.5
 
 
-def _alive(pid: int, create_time: float = 0.0) -> bool:
-    """Whether the server that wrote the file still runs (pid and, when recorded, start time)."""
+def _alive(state: ServerState) -> bool:
+    """Whether the server that wrote the file still runs (pid and, when recorded, start)."""
     try:
-        proc = psutil.Process(pid)
-        if create_time and abs(proc.create_time() - create_time) > CREATE_TIME_SLACK:
-            return False  # the pid was reused by another process
+        proc = psutil.Process(state.pid)
+        if state.boot_start:
+            if state.boot_id != identity.boot_id() \
+                    or not identity.same_start(identity.started(proc), state.boot_start):
+                return False  # the machine rebooted, or the pid was reused by another process
+        elif state.create_time and abs(proc.create_time() - state.create_time) > CREATE_TIME_SLACK:
+            return False
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from tether import identity
 from tether.remote import cgroups
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def snapshot_descendants(record: KernelRecord) -> KernelRecord:
     seen = set(record.descendants)
     for proc in descendants(record.pid):
         try:
-            seen.add((proc.pid, proc.create_time()))
+            seen.add((proc.pid, identity.started(proc)))
         except psutil.Error:
             continue
     return dataclasses.replace(record, descendants=frozenset(seen))
@@ -145,7 +146,7 @@ def _recorded(record: KernelRecord) -> Iterator[psutil.Process]:
     for pid, created in record.descendants:
         try:
             proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 0.01:
+            if identity.same_start(identity.started(proc), created):
                 yield proc
         except psutil.Error:
             continue
@@ -159,7 +160,8 @@ def _group_is_ours(record: KernelRecord) -> bool:
     """
     try:
         leader = psutil.Process(record.pgid)
-        return abs(leader.create_time() - record.started) < 0.01 or record.pgid != record.pid
+        return (identity.same_start(identity.started(leader), record.started)
+                or record.pgid != record.pid)
     except psutil.Error:
         return True
 
@@ -203,7 +205,7 @@ def kernel_processes(record: KernelRecord, guard: Guard,
     candidates: list[psutil.Process] = []
     try:
         root = psutil.Process(record.pid)
-        if abs(root.create_time() - record.started) < 0.01:
+        if identity.same_start(identity.started(root), record.started):
             candidates += [root, *(table.descendants(record.pid) if table
                                    else descendants(record.pid))]
     except psutil.Error:
@@ -245,7 +247,7 @@ def unsafe_reason(proc: psutil.Process, guard: Guard, marker: tuple[str, str] | 
     try:
         name = proc.name()
         uid = proc.uids().real
-        created = proc.create_time()
+        created = identity.started(proc)
     except psutil.Error:
         return "gone"
     if name in DENY_NAMES:
@@ -392,7 +394,7 @@ def signal_kernel(record: KernelRecord, guard: Guard, signum: int) -> list[int]:
     sent = []
     try:
         kernel = psutil.Process(record.pid)
-        if abs(kernel.create_time() - record.started) < 0.01:
+        if identity.same_start(identity.started(kernel), record.started):
             safe.insert(0, kernel)
     except psutil.Error:
         pass
