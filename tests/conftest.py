@@ -15,6 +15,12 @@ from typing import Any
 
 import pytest
 
+# `pytest -n N` (pytest-xdist): each worker gets a test bed of its own (users, lock, network
+# namespace: tests/sshd.py reads the variable when it is first imported, after this file)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["TETHER_TEST_BED"] = os.environ.get("TETHER_TEST_BED", "") \
+        + os.environ["PYTEST_XDIST_WORKER"]
+
 READY_DEADLINE = 60.0
 
 
