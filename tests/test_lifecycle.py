@@ -261,3 +261,68 @@ async def test_release_all_reports_foreign_holders_and_force_ends_them(api, srv,
                             timeout=120)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert foreign.wait(10) is not None
+
+
+async def test_force_release_of_one_kernel_ends_that_kernel_only(api, srv, device, cleanup):
+    """`release KERNEL --force` widens to that kernel's processes, never to another kernel of
+    the server nor (as root) to another user's process holding the GPU."""
+    import pwd
+
+    from tests.sshd import OTHER_USER
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", OTHER_USER], check=True, timeout=30)
+    hold = f"f = open({device!r}, 'rb'); x = 42; import os; print(os.getpid())"
+    kids, pids = [], []
+    for path in ("a.ipynb", "b.ipynb"):
+        kid = (await api.new_session(path))["kernel"]["id"]
+        channel = await api.connect(kid)
+        try:
+            pids.append(int((await channel.execute(hold)).strip().splitlines()[-1]))
+        finally:
+            channel.close()
+        kids.append(kid)
+    fd = os.open(device, os.O_RDONLY)  # the other user's process inherits the open device
+    try:
+        other = subprocess.Popen(["sleep", "600"], user=OTHER_USER, pass_fds=[fd],
+                                 start_new_session=True)
+    finally:
+        os.close(fd)
+    cleanup.extend([*pids, other.pid])
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(srv.runtime_dir)}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "tether", "release", "a.ipynb", "--force",
+                         "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode in (0, 3), done.stderr
+    assert await wait_dead([pids[0]]) == []
+    assert other.poll() is None, "another user's process was ended"
+    channel = await api.connect(kids[1])
+    try:
+        assert (await channel.execute("print(x)")).strip().splitlines()[-1] == "42"
+    finally:
+        channel.close()
+    assert psutil_alive(pids[1])
+    await api.call("DELETE", f"/api/kernels/{kids[1]}")
+
+
+def psutil_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("field", ["force", "background", "stop_server"])
+async def test_release_api_takes_true_or_false_only(api, field):
+    kid = (await api.new_session(f"strict-{field}.ipynb"))["kernel"]["id"]
+    try:
+        for path in (f"/tether/api/kernels/{kid}/release", "/tether/api/release"):
+            for wrong in ("false", 1, None, [True]):
+                with pytest.raises(AssertionError) as refused:
+                    await api.call("POST", path, {field: wrong})
+                assert "HTTP 400" in str(refused.value) and field in str(refused.value)
+        assert kid in {k["id"] for k in await api.call("GET", "/api/kernels")}, "nothing released"
+    finally:
+        await api.call("DELETE", f"/api/kernels/{kid}")

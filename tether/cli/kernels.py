@@ -133,7 +133,9 @@ def show_release(result: dict[str, Any]) -> None:
         for row in o["leftovers"]:
             err.print(_leftover_line(row))
         for row in o.get("foreign", []):
-            err.print("[yellow]foreign GPU holder[/] (not killed; --force ends it):")
+            why = "`tether release --all --force` ends it" if row.get("forcible", True) \
+                else "another user's: tether never ends it"
+            err.print(f"[yellow]foreign GPU holder[/] (not killed; {why}):")
             err.print(_leftover_line({**row, "reason": "not ours"}))
         if o.get("forced"):
             err.print(f"  --force ended {o['forced']}")
@@ -203,8 +205,9 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
 @host_option
 @click.option("--all", "everything", is_flag=True, help="Every kernel, and every other process "
               "the server started.")
-@click.option("--force", is_flag=True, help="Also end GPU holders that are not provably ours "
-              "(never the server, its ancestors or system daemons).")
+@click.option("--force", is_flag=True, help="Also end what survived: with KERNEL, that "
+              "kernel's own processes only; with --all, every GPU holder of this user (never "
+              "another user's, the server, its ancestors or system daemons).")
 @click.option("--stop-server", is_flag=True, help="With --all: stop the server afterwards.")
 @shared_ssh_options
 @json_option
@@ -235,7 +238,8 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
         if as_json:
             raise SystemExit(ReleaseError.exit_code)
         raise ReleaseError("some processes or GPU memory could not be freed (listed above)",
-                           hint="--force ends foreign GPU holders; D/Z processes need a GPU "
+                           hint="--force ends what is left of the kernels you named (with "
+                                "--all, your other GPU holders too); D/Z processes need a GPU "
                                 "reset or a reboot.")
 
 

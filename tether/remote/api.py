@@ -336,6 +336,10 @@ class _Handler(APIHandler):
         data = self.get_json_body() if self.request.body else {}
         if not isinstance(data, dict):
             raise tornado.web.HTTPError(400, "a JSON object is expected")
+        for name in ("force", "background", "stop_server"):  # JSON true/false, nothing truthy
+            if not isinstance(data.get(name, False), bool):
+                raise tornado.web.HTTPError(
+                    400, f"{name!r} must be JSON true or false, not {data[name]!r}")
         return data
 
     def write_json(self, data: Any, status: int = 200) -> None:
@@ -362,7 +366,7 @@ class ReleaseKernelHandler(_Handler):
         body = self.body()
         if kernel_id not in self.lifecycle.km:
             raise tornado.web.HTTPError(404, f"no kernel {kernel_id}")
-        force = bool(body.get("force"))
+        force = body.get("force", False)
         releaser = self.lifecycle.releaser
         if body.get("background"):
             releaser.spawn(self.lifecycle.release_logged(kernel_id, "asked by the kernel", force),
@@ -377,8 +381,8 @@ class ReleaseAllHandler(_Handler):
     @tornado.web.authenticated
     async def post(self) -> None:
         body = self.body()
-        result = await self.lifecycle.release_all_logged("release all", bool(body.get("force")))
-        stop = bool(body.get("stop_server"))
+        result = await self.lifecycle.release_all_logged("release all", body.get("force", False))
+        stop = body.get("stop_server", False)
         result["server_stopping"] = stop
         self.write_json(result)
         if stop:

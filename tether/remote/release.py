@@ -216,16 +216,16 @@ def foreign_holders(exclude: set[int]) -> list[psutil.Process]:
 
 
 def force_kill(procs: list[psutil.Process], guard: Guard, grace: float) -> sweep.SweepResult:
-    """``--force``: end GPU holders that are not provably ours (never the server, its
-    ancestors, pid 1 or deny-listed daemons)."""
+    """``--force``: end what the release's scope named (never another user's process, the
+    server, its ancestors, pid 1 or deny-listed daemons)."""
     safe = []
     for proc in procs:
         try:
-            name = proc.name()
+            name, uid = proc.name(), proc.uids().real
         except psutil.Error:
             continue
-        if proc.pid in guard.protected or name in sweep.DENY_NAMES:
-            log.warning("--force: still not killing pid %d (%s)", proc.pid, name)
+        if uid != guard.uid or proc.pid in guard.protected or name in sweep.DENY_NAMES:
+            log.warning("--force: still not killing pid %d (%s, uid %d)", proc.pid, name, uid)
             continue
         safe.append(proc)
     return sweep.terminate(safe, grace)
@@ -304,8 +304,10 @@ class Releaser:
             refused = await self._release_record(record, outcome)
             await self._verify(record, outcome, refused)
             outcome.unverified = await asyncio.to_thread(_cgroup_verdict, record.cgroup)
-        if force:
-            await self._force(outcome, exclude=set())
+        if force:  # that kernel's processes only: what is left of it, and its marked holders
+            marked = [] if record is None else await asyncio.to_thread(
+                our_holders, set(), (sweep.MARKER_ENV, record.marker))
+            await self._force(outcome, marked)
         outcome.seconds = time.monotonic() - started
         log.info("kernel %s released in %.2f s: %s", kernel_id, outcome.seconds,
                  "clean" if outcome.released else f"{len(outcome.leftovers)} leftover(s)")
@@ -379,11 +381,12 @@ class Releaser:
                 continue
         return leftover_rows([*procs, *extra], refused, holding)
 
-    async def _force(self, outcome: Outcome, exclude: set[int]) -> None:
-        procs = await asyncio.to_thread(foreign_holders, exclude)
-        for row in outcome.leftovers:
+    async def _force(self, outcome: Outcome, extra: list[int]) -> None:
+        """End the outcome's leftovers and ``extra`` (pids), under :func:`force_kill`'s rule."""
+        procs = []
+        for pid in dict.fromkeys([*(row["pid"] for row in outcome.leftovers), *extra]):
             try:
-                procs.append(psutil.Process(row["pid"]))
+                procs.append(psutil.Process(pid))
             except psutil.Error:
                 continue
         result = await asyncio.to_thread(force_kill, procs, self.ctx.guard, self.grace)
@@ -402,8 +405,9 @@ class Releaser:
         stray.terminated, stray.killed = result.terminated, result.killed
         stray.leftovers = await asyncio.to_thread(
             leftover_rows, [*result.survivors, *result.refused], {})
-        if force:
-            await self._force(stray, exclude=set())
+        if force:  # --all: everything of this user on the GPU, never another user's process
+            holders = await asyncio.to_thread(foreign_holders, set())
+            await self._force(stray, [p.pid for p in holders])
         stray.foreign = await asyncio.to_thread(self._foreign_rows)
         # every process a kernel started stays in its cgroup: strays are all found if each
         # kernel had one (and it was emptied)
@@ -434,5 +438,9 @@ class Releaser:
         for proc in foreign_holders(set()):
             row = process_row(proc, holders.get(proc.pid, []))
             if row is not None:
+                try:  # only this user's own holders are for `release --all --force` to end
+                    row["forcible"] = proc.uids().real == self.ctx.guard.uid
+                except psutil.Error:
+                    continue
                 rows.append(row)
         return rows
