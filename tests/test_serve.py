@@ -159,10 +159,17 @@ def test_stale_socket_of_ours_is_replaced(tmp_path):
     path = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))  # closed without listening: what a crashed server leaves
-    old = path.lstat().st_ino
+    with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
+        s.connect(str(path))  # stale: nobody answers on it
     srv = start_server(tmp_path, "--sock", str(path))
     try:
-        assert srv.info["sock"] == str(path) and path.lstat().st_ino != old
+        assert srv.info["sock"] == str(path)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as s:  # the new server answers on the same path
+            s.settimeout(30)
+            s.connect(str(path))
+            s.sendall(b"GET /api HTTP/1.0\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
     finally:
         assert stop_server(srv) == 0
 
