@@ -8,7 +8,9 @@ GRES, so a third one-GPU job waits ``PENDING (Resources)``.
 from __future__ import annotations
 
 import json
+import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,6 +139,7 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         cluster.run("scancel", blockers[0])
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
         assert "running on" in up.text
+        assert up.info["on_ctrl_c"].startswith("Ctrl-C cancels job "), up.info  # no --keep
         async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
             session = await c.create_session("slurm.ipynb")
             kid = session["kernel"]["id"]
@@ -196,16 +199,21 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
             session = await c.create_session("fwd.ipynb")
             assert (await c.execute(session["kernel"]["id"], "x = 7")).status == "ok"
+        assert up.info["on_ctrl_c"].startswith("Ctrl-C detaches: job "), up.info
         assert up.stop() == 0
         assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"], "--keep kept it"
+        detached = up.text + (up.proc.stderr.read() if up.proc.stderr else "")
+        hints = re.findall(r"`(tether (?:attach|down) [^`]*)`", detached)
+        assert len(hints) == 2 and all("--slurm" in h and str(slurm_config) in h
+                                       for h in hints), detached
         doctor = tether(slurm_config, "doctor", "gpubox", "--slurm", "--json")
         checks = {c["name"]: c for c in json.loads(doctor.stdout)}
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert checks["server"]["detail"].startswith("job ") and checks["kernel runs code"]["ok"]
         port = free_port()
-        again = SlurmUp(subprocess.Popen(
-            [sys.executable, "-m", "tether", "attach", "gpubox", "--slurm", "--json", "--port",
-             str(port), "-F", str(slurm_config)], stdin=subprocess.DEVNULL,
+        again = SlurmUp(subprocess.Popen(  # the printed hint, as printed (+ what the test reads)
+            [sys.executable, "-m", *shlex.split(hints[0]), "--json", "--port", str(port)],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         try:
             assert again.read_until(lambda u: bool(u.info), RUN_DEADLINE), again.text

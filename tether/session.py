@@ -55,6 +55,7 @@ class Runtime:
     server: ServerInfo
     reused: bool
     warnings: tuple[str, ...] = ()
+    on_ctrl_c: str = ""  # what Ctrl-C does to it (the backend says)
 
     # kernel id -> notebook, as last seen through the tunnel: who was lost if the server dies
     seen: dict[str, str] = field(default_factory=dict, compare=False)
@@ -82,7 +83,7 @@ class Runtime:
                 "token": self.token, "port": self.local_port, "reused": self.reused,
                 "remote_pid": self.server.pid, "remote_sock": self.server.sock,
                 "remote_port": self.server.port, "version": self.server.version,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "on_ctrl_c": self.on_ctrl_c}
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ async def up(cfg: UpConfig, reporter: Reporter) -> None:
         await _bounded(backend.abandon(), host)
         raise
     result = placement.result
-    runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings)
+    runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings,
+                      backend.on_ctrl_c())
     tunnel.restart_server = lambda: _restart(backend, runtime, reporter)
     record = attached_path(host)
     try:

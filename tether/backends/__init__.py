@@ -60,6 +60,10 @@ class Backend(Protocol):
         """Ctrl-C before the runtime was ready: undo what must not outlive ``up``."""
         ...
 
+    def on_ctrl_c(self) -> str:
+        """What Ctrl-C does to the ready runtime, as one sentence for the ready text."""
+        ...
+
     async def stop(self) -> dict[str, Any]:
         """End the runtime; report what was stopped and what is left."""
         ...

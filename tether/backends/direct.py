@@ -59,6 +59,9 @@ class DirectHost:
     async def abandon(self) -> None:
         pass  # an interrupted preparation resumes on the next `up`; a server stays for attach
 
+    def on_ctrl_c(self) -> str:
+        return "Ctrl-C detaches: the server and kernels keep running on the remote."
+
     async def stop(self) -> dict[str, Any]:
         return await bootstrap.call_agent(self.target, self.opts, "down")
 

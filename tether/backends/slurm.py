@@ -544,6 +544,14 @@ class SlurmJob:
                             f"{self.slurm.walltime_signal // 60 or 1} min before the end).")
             await asyncio.sleep(WATCH_INTERVAL)
 
+    def on_ctrl_c(self) -> str:
+        job = f"job {self.job.job_id}" if self.job else "the job"
+        if self.slurm.keep:
+            return (f"Ctrl-C detaches: {job} keeps running, with the server and kernels, until "
+                    "its walltime (the command that stops it is printed then).")
+        return (f"Ctrl-C cancels {job}: the server and its kernels end with it (--keep "
+                "detaches instead).")
+
     async def abandon(self) -> None:
         """Ctrl-C: the job goes unless --keep (a job kept on purpose outlives the laptop)."""
         if self.slurm.keep or self.job is None or self.job.ended:

@@ -100,7 +100,7 @@ class ConsoleReporter:
         err.print(LNA_HINT)
         err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
                   f"/tether/?token=… (same token), or `tether open {runtime.host}`")
-        err.print("Ctrl-C detaches: the server and kernels keep running on the remote.")
+        err.print(runtime.on_ctrl_c)
 
     def note(self, host: str, text: str) -> None:
         self.close()
@@ -230,7 +230,7 @@ def _leaving(configs: list[session.UpConfig]) -> str:
     if isinstance(backend, slurm.SlurmJob) and not backend.slurm.keep:
         job = backend.job.job_id if backend.job else "the job"
         return (f"Cancelled job {job} on {backend.host} (its kernels ended with it); "
-                "--keep leaves the job running for `tether attach HOST --slurm`.")
+                "with --keep, Ctrl-C detaches and leaves the job running.")
     return ""
 
 
@@ -240,8 +240,8 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
         run(lambda: session.up_many(configs, reporter))
     except (KeyboardInterrupt, Terminated):
         reporter.close()
-        target = _target_of(configs[0].backend)
-        again = command_for("up", target) if len(configs) == 1 else "tether up HOST"
+        backend = configs[0].backend
+        again = shlex.join(["tether", *sys.argv[1:]])  # the command as typed: every option
         cancelled = _leaving(configs)
         if not reporter.ready_hosts:
             err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
@@ -251,8 +251,8 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
             err.print(cancelled)
             sys.exit(0)
         if len(configs) == 1:
-            hint = (f"`{command_for('attach', target)}` reconnects (same URL); "
-                    f"`{command_for('down', target)}` stops them.")
+            hint = (f"`{command_for('attach', backend)}` reconnects (same URL); "
+                    f"`{command_for('down', backend)}` stops them.")
         else:
             hint = "`tether attach HOST` reconnects (same URL); `tether down HOST` stops them."
         err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
@@ -272,9 +272,14 @@ def _target_of(backend: Backend) -> _ssh.SSHTarget:
     return target
 
 
-def command_for(command: str, target: _ssh.SSHTarget) -> str:
-    """The tether command line for ``target``, with the user's own -F and -o options."""
+def command_for(command: str, backend: Backend) -> str:
+    """The tether command line for ``backend``'s runtime, with the user's own -F and -o options
+    (and --slurm for a job: without it, attach and down would look for a server on the login
+    node and find none)."""
+    target = _target_of(backend)
     args = ["tether", command, target.host]
+    if isinstance(backend, slurm.SlurmJob):
+        args.append("--slurm")
     if target.config_file:
         args += ["-F", target.config_file]
     for opt in target.options:
