@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,26 @@ def test_the_job_script_is_valid_sh_and_keeps_the_token_out(mode):
     assert ("--i-know-this-exposes-the-server" in script) == (mode == "forward")
     assert """--notebook-dir "$HOME"/'my notebooks'""" in script
     assert "--token" not in script  # the server makes its own; it reaches us in its 0600 file
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--time", "abc"], "--time abc: not a Slurm time limit"),
+    (["--time", "00:02:00"], "not longer than --walltime-signal 300 s"),
+    (["--time", "5", "--walltime-signal", "300"], "not longer than --walltime-signal 300 s"),
+    (["--sbatch-arg=--job-name=mine"], "tether sets --job-name itself"),
+    (["--sbatch-arg=--comment=mine"], "tether sets --comment itself"),
+    (["--sbatch-arg=-Jmine"], "tether sets -J itself"),
+    (["--sbatch-arg=--signal=B:USR1@10"], "tether sets --signal itself"),
+])
+def test_slurm_options_tether_cannot_honour_are_refused_before_any_ssh(tmp_path, args, says):
+    # a host that cannot resolve: the refusal must come before any SSH is tried
+    done = subprocess.run([sys.executable, "-m", "tether", "up", "nohost.invalid", "--slurm",
+                           *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "HOME": str(tmp_path)}, timeout=60)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_walltime_longer_than_the_signal_and_other_sbatch_args_pass() -> None:
+    opts = slurm.SlurmOptions(time="00:06:00", sbatch_args=("--exclusive", "-N1", "--mem=4G"))
+    assert "--time=00:06:00" in opts.sbatch("tether", "c")

@@ -63,6 +63,18 @@ ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "
 NODE_ACCESS = ("auto", "jump", "forward")
 
 
+# sbatch options tether gives each job itself (--sbatch-arg may not override them)
+OWNED_SBATCH = frozenset({"--job-name", "-J", "--comment", "--signal", "--output", "-o",
+                          "--error", "-e", "--chdir", "-D", "--parsable"})
+OWNED_SHORT = ("-J", "-o", "-e", "-D")  # also written glued to their value: -Jname
+
+
+def duration_arg(seconds: int) -> str:
+    """A --time comfortably past ``seconds`` (an hour more), as Slurm writes it."""
+    total = seconds + 3600
+    return f"{total // 3600}:{total % 3600 // 60:02d}:00"
+
+
 @dataclass(frozen=True)
 class SlurmOptions:
     """What the user asks of the scheduler; resource flags go to sbatch verbatim."""
@@ -86,6 +98,27 @@ class SlurmOptions:
         if not 10 <= self.walltime_signal <= 3600:
             raise ConfigError(f"--walltime-signal {self.walltime_signal}: must be between 10 "
                               "and 3600 seconds")
+        for arg in self.sbatch_args:
+            flag = next((f for f in OWNED_SHORT if arg.startswith(f)), arg.split("=", 1)[0])
+            if flag in OWNED_SBATCH:
+                raise ConfigError(
+                    f"--sbatch-arg={arg}: tether sets {flag} itself (by it, it finds its jobs, "
+                    "their log and their walltime signal)",
+                    hint="Leave it out: the job is tether's by its name and comment, and "
+                         "--walltime-signal sets the signal.")
+        if self.time:
+            try:
+                limit = parse_duration(self.time)
+            except ValueError:
+                raise ConfigError(f"--time {self.time}: not a Slurm time limit",
+                                  hint="Give minutes, MM:SS, HH:MM:SS or D-HH:MM:SS, e.g. "
+                                       "--time 2:00:00.") from None
+            if limit is not None and limit <= self.walltime_signal:
+                raise ConfigError(
+                    f"--time {self.time} is not longer than --walltime-signal "
+                    f"{self.walltime_signal} s: the kernels would be released as the job starts",
+                    hint=f"Ask for more time (e.g. --time {duration_arg(self.walltime_signal)}) "
+                         f"or an earlier signal (--walltime-signal {max(10, int(limit) // 5)}).")
 
     def sbatch(self, name: str, comment: str) -> list[str]:
         args = [f"--job-name={name}", f"--comment={comment}",
