@@ -202,6 +202,9 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         assert up.info["on_ctrl_c"].startswith("Ctrl-C detaches: job "), up.info
         assert up.stop() == 0
         assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"], "--keep kept it"
+        logs = list((testbed.home / ".cache" / "tether" / "slurm").glob("*/*.log"))
+        assert logs and not [p for p in logs if up.info["token"] in p.read_text()], \
+            "the token is in a job's log"
         detached = up.text + (up.proc.stderr.read() if up.proc.stderr else "")
         hints = re.findall(r"`(tether (?:attach|down) [^`]*)`", detached)
         assert len(hints) == 2 and all("--slurm" in h and str(slurm_config) in h

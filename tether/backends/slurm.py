@@ -262,7 +262,8 @@ walltime() {{
 {hook_line}  echo done > "$d/walltime.done"
 }}
 trap walltime USR1
-"$t" serve {listen} {shlex.join(serve)}{where} &
+# stdout would put the URL with its token in job.log: the state file carries it (0600)
+"$t" serve {listen} {shlex.join(serve)}{where} > /dev/null &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
