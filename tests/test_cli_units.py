@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -136,3 +137,20 @@ def test_bad_options_fail_before_any_ssh_with_one_line(args, needle):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert lines[0].startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_no_arguments_prints_the_help_not_an_error() -> None:
+    done = tether()
+    assert done.returncode == 2 and "error" not in (done.stdout + done.stderr).lower()
+    assert done.stdout.startswith("Usage: tether") and "Commands:" in done.stdout
+
+
+@pytest.mark.parametrize("where", [["-v", "ps", "--json"], ["ps", "-v", "--json"],
+                                   ["ps", "--json", "-vv"]])
+def test_verbose_goes_before_or_after_the_subcommand(tmp_path, where) -> None:
+    done = subprocess.run([sys.executable, "-m", "tether", *where], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60,
+                          env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+                               "HOME": str(tmp_path)})
+    assert "No such option" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["error"]["type"] == "ServerNotFoundError", done.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -150,12 +151,25 @@ def make_target(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...],
                           interactive=not batch and _ssh.interactive_default())
 
 
+VERBOSITY = re.compile(r"-v+|--verbose")
+
+
+def _verbosity_first(args: list[str]) -> list[str]:
+    """``-v`` is the group's option: also where users put it, after the subcommand."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if VERBOSITY.fullmatch(a)]
+    return [*flags, *(a for a in args[:end] if not VERBOSITY.fullmatch(a)), *args[end:]]
+
+
 def main() -> None:
     """Console-script entry point."""
     from tether.cli import kernels, remote, serve  # noqa: F401  (they register the commands)
 
     try:
-        cli.main(standalone_mode=False, prog_name="tether")
+        cli.main(args=_verbosity_first(sys.argv[1:]), standalone_mode=False, prog_name="tether")
+    except click.exceptions.NoArgsIsHelpError as e:  # plain `tether`: the help, not an error
+        click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        sys.exit(2)
     except TetherError as e:
         fail(e)
     except click.exceptions.Abort:
