@@ -256,6 +256,10 @@ async def test_release_all_reports_foreign_holders_and_force_ends_them(api, srv,
     assert [f["pid"] for f in result["stray"]["foreign"]] == [foreign.pid]
     assert foreign.poll() is None, "a foreign holder is reported, never killed without --force"
     assert await wait_dead(pids) == []
+    said = subprocess.run(cmd[:-1], capture_output=True, text=True, env=cli_env, timeout=120)
+    assert said.returncode == 3 and "listed above" in said.stderr  # ... and it is listed:
+    assert f"pid {foreign.pid}" in said.stderr or str(foreign.pid) in said.stderr, said.stderr
+    assert "`tether release --all --force` ends it" in said.stderr, said.stderr
 
     forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=cli_env,
                             timeout=120)

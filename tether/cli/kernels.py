@@ -112,6 +112,11 @@ def _leftover_line(row: dict[str, Any]) -> str:
             f"GPU {mib(row.get('gpu_memory'))} MiB: {row.get('reason', '')}{reset}")
 
 
+def _forcible(row: dict[str, Any]) -> str:
+    return ("`tether release --all --force` ends it" if row.get("forcible", True)
+            else "another user's: tether never ends it")
+
+
 def show_release(result: dict[str, Any]) -> None:
     outcomes = [*result.get("kernels", [])]
     if result.get("stray"):
@@ -119,7 +124,7 @@ def show_release(result: dict[str, Any]) -> None:
     for o in outcomes:
         ended = len(o["terminated"]) + len(o["killed"])
         what = f"kernel {o['kernel'][:8]}" if o["kernel"] else "other processes of the server"
-        if o["kernel"] is None and not ended and not o["leftovers"]:
+        if o["kernel"] is None and not ended and not o["leftovers"] and not o.get("foreign"):
             continue
         line = f"{what}: {ended} process(es) ended"
         if o.get("released") and o.get("verified") is False and o["kernel"]:
@@ -133,9 +138,7 @@ def show_release(result: dict[str, Any]) -> None:
         for row in o["leftovers"]:
             err.print(_leftover_line(row))
         for row in o.get("foreign", []):
-            why = "`tether release --all --force` ends it" if row.get("forcible", True) \
-                else "another user's: tether never ends it"
-            err.print(f"[yellow]foreign GPU holder[/] (not killed; {why}):")
+            err.print(f"[yellow]foreign GPU holder[/] (not killed; {_forcible(row)}):")
             err.print(_leftover_line({**row, "reason": "not ours"}))
         if o.get("forced"):
             err.print(f"  --force ended {o['forced']}")
@@ -144,7 +147,9 @@ def show_release(result: dict[str, Any]) -> None:
     if result.get("released") and not _verified(result):
         reason = result.get("unverified_reason") or next(
             (o.get("unverified_reason") for o in outcomes if o.get("unverified_reason")), "")
-        err.print(f"[yellow]not verified:[/] {reason}" if reason else "[yellow]not verified[/]")
+        err.print(f"[yellow]not verified:[/] {reason}" if reason else "[yellow]not verified[/]",
+                  "(docs/kernels-and-gpu.md#verified-release-a-cgroup-per-kernel)"
+                  if reason.startswith("no kernel cgroup") else "")
 
 
 def _verified(result: dict[str, Any]) -> bool:

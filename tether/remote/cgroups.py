@@ -30,8 +30,7 @@ KERNEL_PREFIX = "kernel-"
 # The launch wrapper: into the cgroup first, then exec (same pid), so nothing starts outside it
 WRAPPER = 'echo $$ > "$1" || exit 125; shift; exec "$@"'
 WRAPPER_NAME = "tether-kernel-launch"
-NO_CGROUP = ("no cgroup: processes that dropped tether's environment marker and left the "
-             "kernel's process group cannot be found")
+NO_CGROUP = "no kernel cgroup here (a process that left the kernel's group would go unseen)"
 KILL_ROUNDS = 20
 
 
