@@ -330,3 +330,17 @@ async def test_release_api_takes_true_or_false_only(api, field):
         assert kid in {k["id"] for k in await api.call("GET", "/api/kernels")}, "nothing released"
     finally:
         await api.call("DELETE", f"/api/kernels/{kid}")
+
+
+async def test_a_kernel_with_a_child_ends_on_sigterm_without_waiting_out_the_grace(api, srv):
+    """ipykernel's shutdown waited for its zombie children (a child tether's sweep ended
+    meanwhile) until SIGKILL at the end of the grace; the common case needs no SIGKILL."""
+    kid = (await api.new_session("child.ipynb"))["kernel"]["id"]
+    channel = await api.connect(kid)
+    try:
+        await channel.execute("import subprocess; p = subprocess.Popen(['sleep', '600'])")
+    finally:
+        channel.close()
+    result = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
+    assert result["released"] and result["killed"] == [], result
+    assert len(result["terminated"]) == 2, result
