@@ -240,3 +240,34 @@ def test_state_file_names_instance_and_start_time_and_a_reused_pid_is_stale(tmp_
     assert [s.pid for s in running_servers(str(srv.runtime_dir))] == [me.pid]
     assert kernel_env_instance
     path.unlink()
+
+
+async def test_with_two_servers_a_command_that_acts_asks_which(tmp_path):
+    from tests.kernel_client import Api
+
+    shared = tmp_path / "runtime"
+    a = start_server(tmp_path / "a", env={"JUPYTER_RUNTIME_DIR": str(shared)})
+    b = start_server(tmp_path / "b", env={"JUPYTER_RUNTIME_DIR": str(shared)})
+    env = {"JUPYTER_RUNTIME_DIR": str(shared), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    try:
+        ka = (await Api(a.url, a.token).new_session("a.ipynb"))["kernel"]["id"]
+        kb = (await Api(b.url, b.token).new_session("b.ipynb"))["kernel"]["id"]
+        for acting in (["release", "--all", "--stop-server"], ["open", "--print-url"]):
+            asked = run_cli(*acting, env=env)
+            line = one_line_error(asked)
+            assert asked.returncode == 2 and "2 tether servers" in line, asked.stderr
+            assert f"port {a.port}" in line and f"port {b.port}" in line and "--server" in line
+        assert a.proc.poll() is None and b.proc.poll() is None
+        ids = {k["id"] for s in (a, b) for k in await Api(s.url, s.token).call("GET", "/api/kernels")}
+        assert ids == {ka, kb}, "nothing was released"
+        read = run_cli("ps", env=env)
+        assert read.returncode == 0 and "--server" in read.stderr, read.stderr
+        assert json.loads(run_cli("ps", "--json", env=env).stdout)["read_from"]["others"] == 1
+        chosen = run_cli("release", "--all", "--server", str(a.port), "--json", env=env)
+        assert chosen.returncode == 0, chosen.stderr
+        assert [k["kernel"] for k in json.loads(chosen.stdout)["kernels"]] == [ka]
+        assert [k["id"] for k in await Api(b.url, b.token).call("GET", "/api/kernels")] == [kb]
+        assert run_cli("release", "--all", "--server", "1", env=env).returncode == 1
+    finally:
+        stop_server(a)
+        stop_server(b)

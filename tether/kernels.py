@@ -16,7 +16,8 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from tether import _ssh, bootstrap
-from tether.errors import KernelNotFoundError, ServerError, ServerNotFoundError, from_json
+from tether.errors import (ConfigError, KernelNotFoundError, ServerError, ServerNotFoundError,
+                           from_json)
 
 RELEASE_TIMEOUT = 120.0  # the server bounds each step; this only guards against a hung server
 LISTING_TIMEOUT = 30.0
@@ -31,18 +32,45 @@ class Kernels(Protocol):
                       stop_server: bool) -> dict[str, Any]: ...
 
 
-def find_local_server() -> dict[str, Any]:
-    """The newest tether server of this user on this machine (its state file's contents)."""
-    from tether.remote.state import find_server
+def local_servers() -> list[dict[str, Any]]:
+    """Every live tether server of this user on this machine (state files), newest first."""
+    from tether.remote.state import running_servers
 
-    for runtime_dir in bootstrap.local_runtime_dirs():
-        try:
-            return asdict(find_server(runtime_dir))
-        except ServerNotFoundError:
-            continue
-    raise ServerNotFoundError("no running tether server for this user on this machine",
-                              hint="Start one with `tether serve`, or name the machine it runs "
-                                   "on with -H HOST.")
+    found = [asdict(s) for d in bootstrap.local_runtime_dirs() for s in running_servers(d)]
+    return sorted(found, key=lambda s: s["started"], reverse=True)
+
+
+def describe_server(state: dict[str, Any]) -> str:
+    where = f"socket {state['sock']}" if state.get("sock") else f"port {state['port']}"
+    started = time.strftime("%H:%M", time.localtime(state.get("started") or 0))
+    return f"{where} (pid {state['pid']}, started {started}, {state.get('root_dir', '?')})"
+
+
+def server_key(state: dict[str, Any]) -> str:
+    """What ``--server`` takes to name this server: its port, or its socket's path."""
+    return str(state["sock"] or state["port"])
+
+
+def find_local_server(server: str | None = None, acting: bool = False) -> dict[str, Any]:
+    """The tether server of this user on this machine that a command means: the one named by
+    ``server`` (port or socket), else the only one; with several, the newest for a command that
+    only reads, and for one that acts (``acting``) an error listing them."""
+    servers = local_servers()
+    if server is not None:
+        servers = [s for s in servers if server in (str(s["port"]), s["sock"])]
+        if not servers:
+            raise ServerNotFoundError(f"no tether server of this user here on {server}",
+                                      hint="`tether ps` names the servers that run here.")
+    if not servers:
+        raise ServerNotFoundError("no running tether server for this user on this machine",
+                                  hint="Start one with `tether serve`, or name the machine it "
+                                       "runs on with -H HOST.")
+    if acting and len(servers) > 1:
+        listed = "; ".join(describe_server(s) for s in servers)
+        raise ConfigError(f"{len(servers)} tether servers of this user run here: {listed}",
+                          hint=f"Say which with --server PORT|SOCKET (e.g. --server "
+                               f"{server_key(servers[0])}).")
+    return {**servers[0], "others": len(servers) - 1}
 
 
 def resolve(wanted: Sequence[str], kernels: list[dict[str, Any]]) -> list[str]:
@@ -75,6 +103,9 @@ class LocalKernels:
 
     async def listing(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.call("GET", "kernels", timeout=LISTING_TIMEOUT)
+        # which server this is, where others run too (a command that only reads names it)
+        data["read_from"] = {"server": server_key(self.state), "pid": self.state["pid"],
+                             "others": self.state.get("others", 0)}
         return data
 
     async def release(self, kernels: Sequence[str], everything: bool, force: bool,
@@ -101,12 +132,13 @@ class RemoteKernels:
     :func:`ssh_runner` is the one for real hosts.
     """
 
-    def __init__(self, host: str, runner: Runner) -> None:
+    def __init__(self, host: str, runner: Runner, extra: Sequence[str] = ()) -> None:
         self.host = host
         self.runner = runner
+        self.extra = list(extra)  # options for every remote command (--server)
 
     async def _json(self, args: list[str]) -> dict[str, Any]:
-        status, text = await self.runner(args)
+        status, text = await self.runner([*args, *self.extra])
         try:
             data: dict[str, Any] = json.loads(text.strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
@@ -155,9 +187,12 @@ def ssh_runner(target: _ssh.SSHTarget) -> Runner:
     return run
 
 
-def kernels_for(target: _ssh.SSHTarget | None) -> Kernels:
-    """The kernels on ``target``, or on this machine when it is None."""
+def kernels_for(target: _ssh.SSHTarget | None, server: str | None = None,
+                acting: bool = False) -> Kernels:
+    """The kernels on ``target``, or on this machine when it is None (``server``: which one,
+    by port or socket, where several run)."""
     if target is None:
-        return LocalKernels(find_local_server())
-    return RemoteKernels(target.host, ssh_runner(target))
+        return LocalKernels(find_local_server(server, acting))
+    return RemoteKernels(target.host, ssh_runner(target),
+                         ["--server", server] if server else [])
 

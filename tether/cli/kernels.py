@@ -164,7 +164,14 @@ def _verified(result: dict[str, Any]) -> bool:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def server_option(f: F) -> F:
+    return click.option("--server", metavar="PORT|SOCKET",
+                        help="Which tether server, where several of yours run on that machine "
+                             "(its port, or its socket's path).")(f)
+
+
 def host_option(f: F) -> F:
+    f = server_option(f)
     f = click.option("--slurm", is_flag=True,
                      help="HOST is a Slurm login node: the runtime of our job there.")(f)
     return click.option("-H", "--host", "host_option", metavar="HOST",
@@ -172,19 +179,23 @@ def host_option(f: F) -> F:
                              "default: this machine.")(f)
 
 
-def kernels_at(host: str | None, ssh: dict[str, Any]) -> Kernels:
+def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> Kernels:
     slurm = ssh.pop("slurm", False)
+    server = ssh.pop("server", None)
     if host is None:
         if slurm:
             raise ConfigError("--slurm needs the login node: -H LOGIN")
-        return kernels_for(None)
+        return kernels_for(None, server, acting)
+    if slurm and server:
+        raise ConfigError("--server and --slurm: a job runs one server",
+                          hint="Leave --server out.")
     target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
     if slurm:
         from tether.backends.slurm import SlurmJob
         from tether.bootstrap import RemoteOptions
 
         return SlurmJob(target, RemoteOptions()).kernels()
-    return kernels_for(target)
+    return kernels_for(target, server, acting)
 
 
 @cli.command()
@@ -201,8 +212,12 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
     data = run(lambda: kernels_at(where, ssh).listing())
     if as_json:
         print_json(data)
-    else:
-        show_ps(data)
+        return
+    show_ps(data)
+    read = data.get("read_from") or {}
+    if read.get("others"):
+        err.print(f"(the server on {read['server']}, pid {read['pid']}; {read['others']} other "
+                  f"tether server(s) of yours run here: --server PORT|SOCKET chooses)")
 
 
 @cli.command()
@@ -233,7 +248,8 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
         raise ConfigError("--stop-server goes with --all",
                           hint="`tether release --all --stop-server` frees everything and stops "
                                "the server.")
-    result = run(lambda: kernels_at(host_option, ssh).release(list(kernels), everything, force,
+    result = run(lambda: kernels_at(host_option, ssh, acting=True).release(
+        list(kernels), everything, force,
                                                                 stop_server))
     if as_json:
         print_json(result)
@@ -252,15 +268,21 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
 @click.argument("host", required=False)
 @click.option("--print-url", is_flag=True,
               help="Print the page's address (it holds the token) instead of opening a browser.")
+@server_option
 @shared_ssh_options
 @json_option
-def open_page(host: str | None, print_url: bool, as_json: bool, **ssh: Any) -> None:
+def open_page(host: str | None, print_url: bool, server: str | None, as_json: bool,
+              **ssh: Any) -> None:
     """Open the runtime's page (GPUs, kernels, Release buttons) here, or HOST's through its
     `tether up` tunnel."""
     from tether.kernels import find_local_server
 
+    if host is not None and server is not None:
+        raise ConfigError("--server chooses among this machine's servers, not HOST's",
+                          hint=f"`tether open {host}` opens the page of the `tether up {host}` "
+                               "running here.")
     if host is None:
-        state = find_local_server()
+        state = find_local_server(server, acting=True)
         if state.get("sock"):
             raise ConfigError("this machine's tether server listens on a Unix socket only",
                               hint="Open its page from your laptop: `tether open HOST` while "
