@@ -90,11 +90,11 @@ async def test_without_a_cgroup_the_release_says_it_could_not_verify(tmp_path):
         outcome = await api.call("POST", f"/tether/api/kernels/{kid}/release", {})
         # what could be found was ended; the escapee could not be, and the report says so
         assert outcome["released"] is True and outcome["verified"] is False
-        assert outcome["unverified_reason"].startswith("no cgroup")
+        assert outcome["unverified_reason"].startswith("no kernel cgroup")
         assert alive_pids(pids) == pids
         everything = await api.call("POST", "/tether/api/release", {})
         assert everything["verified"] is False
-        assert everything["unverified_reason"].startswith("no cgroup")
+        assert everything["unverified_reason"].startswith("no kernel cgroup")
     finally:
         kill_pids(alive_pids(pids))
         stop_server(srv)

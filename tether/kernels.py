@@ -36,8 +36,10 @@ def local_servers() -> list[dict[str, Any]]:
     """Every live tether server of this user on this machine (state files), newest first."""
     from tether.remote.state import running_servers
 
-    found = [asdict(s) for d in bootstrap.local_runtime_dirs() for s in running_servers(d)]
-    return sorted(found, key=lambda s: s["started"], reverse=True)
+    # the two folders are one where JUPYTER_RUNTIME_DIR names tether's (as on a host `up` uses)
+    found = {(s.pid, s.instance): asdict(s) for d in bootstrap.local_runtime_dirs()
+             for s in running_servers(d)}
+    return sorted(found.values(), key=lambda s: s["started"], reverse=True)
 
 
 def describe_server(state: dict[str, Any]) -> str:
