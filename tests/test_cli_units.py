@@ -154,3 +154,27 @@ def test_verbose_goes_before_or_after_the_subcommand(tmp_path, where) -> None:
                                "HOME": str(tmp_path)})
     assert "No such option" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["error"]["type"] == "ServerNotFoundError", done.stdout
+
+
+def test_status_line_drops_whole_fields_to_fit_never_digits() -> None:
+    """At 80 columns the line was cut mid-field ("job 1" for job 12): now whole fields go, the
+    least needed first, and the job id and time left stay."""
+    from tether.cli.remote import status_line
+    from tether.session import Live
+    from tether.tunnel import State, Status
+
+    live = Live(Status(State.RECONNECTING, reconnects=12, last_error="ssh: connect to host "
+                       "login.cluster.example.org port 22: Connection timed out"),
+                kernels=3, gpu_used=40_000 << 20, gpu_total=81_920 << 20)
+    info = {"job": "12345678", "time_left": 3 * 3600 + 125}
+    full = status_line("login.cluster.example.org", live, info, 10_000)
+    fields = set(full.split(": ", 1)[1].split(" · "))
+    assert {"job 12345678", "3 h 2 min left", "kernels 3", "reconnects 12"} <= fields, full
+    for width in (120, 78, 66, 40):
+        line = status_line("login.cluster.example.org", live, info, width)
+        assert len(line) <= max(width, len("login.cluster.example.org: tunnel reconnecting"))
+        shown = line.split(": ", 1)[1].split(" · ")
+        assert set(shown) <= fields, line  # whole fields only
+        assert "tunnel reconnecting" in shown, line
+        assert ("job 12345678" in shown) == (width >= 66), line
+    assert status_line("h", live, info, 78) != full  # something had to go at 78

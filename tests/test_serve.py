@@ -271,3 +271,38 @@ async def test_with_two_servers_a_command_that_acts_asks_which(tmp_path):
     finally:
         stop_server(a)
         stop_server(b)
+
+
+def test_open_writes_its_redirect_private_and_removes_it_once_read(tmp_path):
+    """`tether open`'s redirect file holds the token: 0600 in a 0700 folder even where the folder
+    and the file existed with looser modes (and ~/.cache/tether too), never written through a
+    link, and gone once the browser has read it."""
+    home = tmp_path / "home"
+    top = home / ".cache" / "tether"
+    folder = top / "tether-local"
+    folder.mkdir(parents=True)
+    top.chmod(0o755)
+    folder.chmod(0o755)
+    redirect = folder / "open-page.html"
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    redirect.symlink_to(victim)  # whoever planted a link: it is replaced, not followed
+    seen = tmp_path / "seen"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\nf="${{1#file://}}"\n'
+                       f'stat -c "%a %F" "$f" "$(dirname "$f")" > {seen}\ncat "$f" >> {seen}\n')
+    browser.chmod(0o755)
+    srv = start_server(tmp_path)
+    env = {"JUPYTER_RUNTIME_DIR": str(srv.runtime_dir), "HOME": str(home), "BROWSER": str(browser),
+           "XDG_RUNTIME_DIR": "", "XDG_CACHE_HOME": ""}
+    try:
+        opened = run_cli("open", env=env)
+        assert opened.returncode == 0, opened.stderr
+        modes = seen.read_text().splitlines()
+        assert modes[:2] == ["600 regular file", "700 directory"], modes
+        assert srv.token in seen.read_text() and srv.token not in opened.stderr
+        assert not redirect.exists() and not redirect.is_symlink(), "removed once read"
+        assert stat.S_IMODE(top.stat().st_mode) == 0o700
+        assert victim.read_text() == "mine"
+    finally:
+        assert stop_server(srv) == 0

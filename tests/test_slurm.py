@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures_ssh import Prepared, live_user_pids
+from tests.fixtures_ssh import Prepared, live_user_pids, start_up
 from tests.slurm import Cluster, available, start_cluster
 from tests.sshd import SSHBed, free_port
 from tether.replay import ColabClient
@@ -117,7 +117,7 @@ def start(config: Path, *args: str) -> SlurmUp:
 
 def blocker(cluster: Cluster) -> str:
     done = cluster.run("sbatch", "--parsable", "--gres=gpu:1", "--job-name=blocker",
-                       "--output=/dev/null", "--wrap", "sleep 600")
+                       "--time=10", "--output=/dev/null", "--wrap", "sleep 600")
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -136,6 +136,11 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert up.read_until(lambda u: "PENDING (Resources)" in u.text, QUEUE_DEADLINE), \
             up.text + cluster.log_tail()
         assert [state for _, state, _ in our_jobs(cluster, testbed)] == ["PENDING"]
+        # Slurm's estimate (the blockers have a time limit) in the laptop's time, not raw
+        assert up.read_until(lambda u: "expected start in " in u.text, QUEUE_DEADLINE), up.text
+        assert "cluster's clock" not in up.text, up.text
+        pending = tether(slurm_config, "status", "gpubox", "--slurm")
+        assert "expected start in " in pending.stdout, pending.stdout + pending.stderr
         cluster.run("scancel", blockers[0])
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
         assert "running on" in up.text
@@ -151,8 +156,14 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         status = tether(slurm_config, "status", "gpubox", "--slurm", "--json")
         job = json.loads(status.stdout)["jobs"][0]
         assert job["state"] == "RUNNING" and job["node"] == cluster.host, status.stdout
+        # a server of the login node's own (`tether up gpubox`) is not in --slurm's scope
+        direct = start_up(testbed, "gpubox")
+        assert direct.info, direct.stop() and direct.stderr()
+        direct.stop()
         released = tether(slurm_config, "release", "-H", "gpubox", "--slurm", kid[:8])
         assert released.returncode == 0, released.stdout + released.stderr
+        still = tether(slurm_config, "ps", "-H", "gpubox", "--json")
+        assert still.returncode == 0, still.stderr  # the login node's server: untouched
         down = tether(slurm_config, "down", "gpubox", "--slurm")
         assert down.returncode == 0 and "Cancelled job" in down.stderr, down.stderr
         assert our_jobs(cluster, testbed) == []
@@ -289,6 +300,8 @@ def test_refused_submission_and_hosts_without_slurm(prepared: Prepared, testbed:
     assert refused.returncode == 1
     assert "Slurm on gpubox refused the job" in refused.stderr and "partition" in refused.stderr
     assert len(refused.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in refused.stderr
+    assert "SSH to the nodes" not in refused.stderr and "no node" not in refused.stderr, \
+        "a note about node access, although the partition was the problem"
     no_slurm = tether(slurm_config, "up", "nopython", "--slurm", "--port", str(free_port()))
     assert no_slurm.returncode == 1 and "has no `sbatch`" in no_slurm.stderr, no_slurm.stderr
     assert our_jobs(cluster, testbed) == []

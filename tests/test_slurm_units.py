@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import pytest
 
@@ -41,8 +43,8 @@ def test_job_info_of_a_pending_and_a_running_job():
     assert (pending.state, pending.reason, pending.node, pending.nonce) == (
         "PENDING", "Resources", "", "0f3c9a1b2d4e5f60")
     assert not pending.ended and pending.time_left == 14400
-    assert "queued: PENDING (Resources), expected start 2026-12-01T21:21:13, waited 1m05s" in \
-        slurm.describe_wait(pending, 65)
+    assert "queued: PENDING (Resources), expected start 2026-12-01T21:21:13 (the cluster's " \
+        "clock), waited 1m05s" in slurm.describe_wait(pending, 65)
     running = slurm.JobInfo.from_scontrol("4", RUNNING)
     assert running.time_left == 2 * 86400 - 93784
     gone = slurm.JobInfo.from_scontrol("5", "slurm_load_jobs error: Invalid job id specified")
@@ -92,3 +94,22 @@ def test_slurm_options_tether_cannot_honour_are_refused_before_any_ssh(tmp_path,
 def test_a_walltime_longer_than_the_signal_and_other_sbatch_args_pass() -> None:
     opts = slurm.SlurmOptions(time="00:06:00", sbatch_args=("--exclusive", "-N1", "--mem=4G"))
     assert "--time=00:06:00" in opts.sbatch("tether", "c")
+
+
+def test_expected_start_is_shown_in_the_laptops_time_zone():
+    """Our commands ask Slurm for epoch seconds (SLURM_TIME_FORMAT=%s): the laptop shows them as
+    "in 12 min, 14:05" in its own zone, however the cluster's clock is set."""
+    now = 1_796_000_000.0
+    at = int(now + 12 * 60 + 10)
+    pending = slurm.JobInfo.from_scontrol("3", PENDING.replace(
+        "StartTime=2026-12-01T21:21:13", f"StartTime={at}"))
+    local = time.strftime("%H:%M", time.localtime(at))
+    assert f"expected start in 12 min, {local}, waited 5s" in slurm.describe_wait(pending, 5, now)
+    assert slurm.expected_start(str(int(now + 3 * 3600)), now).startswith("in 3 h, ")
+    assert slurm.expected_start(str(int(now + 50 * 3600)), now).startswith("in 2 d 2 h, ")
+    assert slurm.expected_start(str(int(now + 5)), now) == "any moment"
+    assert slurm.expected_start("Unknown", now) == ""
+    iso = slurm.iso_start(str(at))
+    assert datetime.fromisoformat(iso).timestamp() == at  # --json: ISO with the offset
+    assert slurm.expected_start(iso, now) == slurm.expected_start(str(at), now)
+

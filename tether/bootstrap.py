@@ -556,7 +556,16 @@ def remote_tether_argv(*args: str) -> list[str]:
     return ["sh", "-c", script, "tether", *args]
 
 
+# A runtime dir that is the only place to look for servers: the Slurm backend runs the remote
+# tether inside its job with the job's own dir, so that a server of the login node's is not in
+# scope (`release --slurm` means the job's kernels).
+SCOPE_ENV = "TETHER_RUNTIME_SCOPE"
+
+
 def local_runtime_dirs() -> list[str | None]:
     """Where servers of this user on this machine keep their state: Jupyter's default runtime
-    dir (``tether serve``), then the one ``tether up`` gives the servers it starts."""
+    dir (``tether serve``), then the one ``tether up`` gives the servers it starts (only
+    ``$TETHER_RUNTIME_SCOPE`` where that is set)."""
+    if os.environ.get(SCOPE_ENV):
+        return [os.environ[SCOPE_ENV]]
     return [None, str(REMOTE_LAYOUT.path("runtime"))]

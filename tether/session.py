@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import psutil
 
 from tether import _http, _ssh, bootstrap, identity
+from tether._private import private_dir, write_private
 from tether.backends import Backend, Placement
 from tether.bootstrap import ServerInfo
 from tether.config import DEFAULT_PORT
@@ -144,10 +145,14 @@ async def _bounded(step: Awaitable[None], host: str) -> None:
 
 # -- what runs here: the local port each attached `tether up` holds, for `tether doctor` -------
 
-def local_state_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tether")
-    return Path(base) / "tether-local"
+def local_state_dir(create: bool = False) -> Path:
+    """``$XDG_RUNTIME_DIR/tether-local``, else ``~/.cache/tether/tether-local``; ``create``:
+    made (or tightened) 0700, and so is ``~/.cache/tether`` above it."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    top = Path(runtime or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tether"))
+    path = top / "tether-local"
+    return private_dir(path, None if runtime else top) if create else path
 
 
 def attached_path(host: str) -> Path:
@@ -162,10 +167,8 @@ def _start(pid: int) -> float:
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
+    local_state_dir(create=True)
+    write_private(path, json.dumps(data))
 
 
 def attached_port(host: str) -> int | None:

@@ -32,6 +32,7 @@ import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from tether import __version__, _ssh, bootstrap
@@ -204,16 +205,59 @@ class JobInfo:
             else ""
 
 
-def describe_wait(job: JobInfo, waited: float) -> str:
+def expected_start(start: str, now: float | None = None) -> str:
+    """Slurm's expected start as the laptop's local time ("in 12 min, 14:05"); ``start`` is
+    epoch seconds (our commands set ``SLURM_TIME_FORMAT=%s``), or a Slurm that ignored that
+    printed its own clock's time, which is shown as it is; "" where Slurm has no estimate."""
+    at = _epoch(start)
+    if at is None:
+        return "" if start in ("", "Unknown", "N/A", "None") else f"{start} (the cluster's clock)"
+    left = at - (time.time() if now is None else now)
+    if left <= 30:
+        return "any moment"
+    local = time.localtime(at)
+    clock = time.strftime("%H:%M" if left < 20 * 3600 else "%a %d %b %H:%M", local)
+    return f"in {duration(left, coarse=True)}, {clock}"
+
+
+def _epoch(start: str) -> float | None:
+    """Epoch seconds of ``start``: digits, or ISO 8601 with an offset (our --json's form)."""
+    if start.isdigit():
+        return float(start)
+    try:
+        when = datetime.fromisoformat(start)
+    except ValueError:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def iso_start(start: str) -> str:
+    """The expected start for --json: ISO 8601 with the laptop's offset ("" if unknown)."""
+    if not start.isdigit():
+        return "" if start in ("", "Unknown", "N/A", "None") else start
+    return datetime.fromtimestamp(int(start)).astimezone().isoformat(timespec="seconds")
+
+
+def describe_wait(job: JobInfo, waited: float, now: float | None = None) -> str:
     reason = f" ({job.reason})" if job.reason and job.reason != "None" else ""
-    start = f", expected start {job.start}" if job.start and job.start not in (
-        "Unknown", "N/A", "None") else ""
+    when = expected_start(job.start, now)
+    start = f", expected start {when}" if when else ""
     return f"job {job.job_id} queued: {job.state}{reason}{start}, waited {duration(waited)}"
 
 
-def duration(seconds: float) -> str:
+def duration(seconds: float, coarse: bool = False) -> str:
+    """``1m05s``; ``coarse``: what a person plans by ("12 min", "3 h 20 min", "2 d 4 h")."""
     seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    if not coarse:
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    minutes = max(1, round(seconds / 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 # -- the job script ------------------------------------------------------------------------------
@@ -273,7 +317,9 @@ wait "$pid"
 
 # -- remote commands -----------------------------------------------------------------------------
 
-_NEED = ('for c in sbatch squeue scontrol scancel; do command -v "$c" >/dev/null 2>&1 '
+# times as epoch seconds (scontrol's StartTime): the laptop shows them in its own time zone
+_NEED = ('export SLURM_TIME_FORMAT=%s; '
+         'for c in sbatch squeue scontrol scancel; do command -v "$c" >/dev/null 2>&1 '
          f'|| {{ echo "$c" >&2; exit {NO_SLURM}; }}; done')
 
 _SUBMIT = _NEED + """
@@ -389,9 +435,11 @@ class SlurmJob:
             node = await self._first_node()  # not a login node: say so before anything else
             prepared = bootstrap.prepare(self.login, self.opts, on_event=on_event,
                                          consent=self.consent)
-            _, self.mode = await both(prepared, self._choose_mode(node, on_note))
+            _, (self.mode, note) = await both(prepared, self._choose_mode(node))
             nonce = secrets.token_hex(8)
             self.job = await self._submit(nonce, on_event)
+            if note:  # once Slurm took the job: a refused one gets Slurm's error alone
+                on_note(note)
         return await self._wait_running(self.job.job_id, nonce, on_event, on_note)
 
     async def _submit(self, nonce: str, on_event: OnEvent) -> JobInfo:
@@ -483,7 +531,7 @@ class SlurmJob:
                 on_event({"event": "step", "key": "queue", "state": "start", "label": waiting})
                 if (job.state, job.reason) != last_state:
                     on_event({"event": "queue", "job": job_id, "state": job.state,
-                              "reason": job.reason, "expected_start": job.start,
+                              "reason": job.reason, "expected_start": iso_start(job.start),
                               "label": waiting})
                     last_state = (job.state, job.reason)
         raise SlurmError(f"lost track of job {job_id} on {self.host} (the login node stopped "
@@ -531,16 +579,18 @@ class SlurmJob:
         done = await self._sh(_NEED + f"\nsinfo -h -N -o %N{part} | head -n 1")
         return done.text.strip()
 
-    async def _choose_mode(self, node: str, on_note: OnNote) -> str:
+    async def _choose_mode(self, node: str) -> tuple[str, str]:
+        """How the laptop reaches the job's node, and the note to give once the job is in."""
         if self.slurm.node_access != "auto":
-            return self.slurm.node_access
+            return self.slurm.node_access, ""
         if node and await _reachable(await self._node_target(node)):
-            return "jump"
-        on_note(f"SSH to the nodes of {self.host} is refused ({node or 'no node listed'}): the "
-                "runtime listens on a port of its node, reached through the login node; anyone "
-                "on the cluster network can reach that port, and the URL's token is the only "
-                "guard (--node-access jump if the nodes take SSH once you hold a job there).")
-        return "forward"
+            return "jump", ""
+        why = (f"SSH to the nodes of {self.host} is refused ({node})" if node else
+               f"Slurm on {self.host} listed no node to try SSH to")
+        return "forward", (
+            f"{why}: the runtime listens on a port of its node, reached through the login node; "
+            "anyone on the cluster network can reach that port, and the URL's token is the only "
+            "guard (--node-access jump if the nodes take SSH once you hold a job there).")
 
     async def restart(self, token: str, on_event: OnEvent) -> Placement:
         """The server does not answer: if the job ended, supervision ends (with why)."""
@@ -619,7 +669,7 @@ class SlurmJob:
             job, states, _ = await self.poll(found.job_id, found.nonce)
             jobs.append({"job": job.job_id, "state": job.state, "reason": job.reason,
                          "node": job.node, "time_left": job.time_left, "gres": job.gres,
-                         "expected_start": job.start if job.state == "PENDING" else "",
+                         "expected_start": iso_start(job.start) if job.state == "PENDING" else "",
                          "server": {k: v for k, v in (_newest(states) if states
                                                       else {}).items() if k != "token"}})
         return {"jobs": jobs}
@@ -641,7 +691,8 @@ class SlurmJob:
         job = running[0]
         env = REMOTE_LAYOUT.env.format(version=__version__)
         script = (f'r={REMOTE_LAYOUT.root_expr()}; '
-                  f'JUPYTER_RUNTIME_DIR="$r/slurm/{job.nonce}" exec "$r/{env}/bin/tether" "$@"')
+                  f'JUPYTER_RUNTIME_DIR="$r/slurm/{job.nonce}" '
+                  f'{bootstrap.SCOPE_ENV}="$r/slurm/{job.nonce}" exec "$r/{env}/bin/tether" "$@"')
         argv = ["srun", f"--jobid={job.job_id}", "--overlap", "--ntasks=1", "--quiet", "sh",
                 "-c", script, "tether", *args]
         done = await _ssh.run(self.login, argv, timeout=120.0, check=False)

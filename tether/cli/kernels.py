@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -314,23 +315,55 @@ def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:
     return f"http://127.0.0.1:{port}/", str(remote["token"])
 
 
+BROWSER_READ_DEADLINE = 20.0  # a browser that starts cold takes seconds to load the file
+READ_POLL = 0.05
+
+
+def _wait_read(path: Path, before: float, deadline: float) -> bool:
+    """Whether the browser read ``path`` within ``deadline`` s: its access time moves past
+    ``before`` (the file was dated back to then, so that the first read moves it under relatime
+    too). Where access times are off (noatime), False at once: the file stays, 0600, until the
+    next `tether open`."""
+    import os
+    import time
+
+    if os.statvfs(path).f_flag & os.ST_NOATIME:
+        return False
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if path.stat().st_atime > before + 30:
+                return True
+        except FileNotFoundError:
+            return False
+        time.sleep(READ_POLL)  # polling a file's state under a deadline: no inotify in stdlib
+    return False
+
+
 def _browse(page: str) -> None:
     """Open ``page`` through a private redirect file, as Jupyter does: the browser's command
-    line (visible in ``ps``) never holds the token."""
+    line (visible in ``ps``) never holds the token. The file is 0600 in a 0700 folder and is
+    removed once the browser has read it."""
     import html
     import os
+    import time
     import webbrowser
 
+    from tether._private import write_private
     from tether.session import local_state_dir
 
-    folder = local_state_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / "open-page.html"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f'<!doctype html><meta http-equiv="refresh" content="0;url={html.escape(page)}">'
-                '<title>tether</title><p>Opening the tether page…</p>')
-    if not webbrowser.open(path.as_uri()):
-        raise ConfigError("no web browser found to open the page",
-                          hint="`tether open --print-url` prints its address.")
+    path = local_state_dir(create=True) / "open-page.html"
+    write_private(path, f'<!doctype html><meta http-equiv="refresh" content="0;url='
+                        f'{html.escape(page)}"><title>tether</title><p>Opening the tether page…</p>')
+    before = time.time() - 60
+    os.utime(path, (before, before))
+    try:
+        if not webbrowser.open(path.as_uri()):
+            raise ConfigError("no web browser found to open the page",
+                              hint="`tether open --print-url` prints its address.")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if _wait_read(path, before, BROWSER_READ_DEADLINE):
+        path.unlink(missing_ok=True)
     err.print(f"opened the runtime's page in your browser ({page.split('?')[0]})")

@@ -111,24 +111,40 @@ class ConsoleReporter:
 
     def live(self, host: str, live: session.Live) -> None:
         t = live.tunnel
-        parts = [f"tunnel {t.state.value}", f"reconnects {t.reconnects}"]
-        if live.kernels is not None:
-            parts.append(f"kernels {live.kernels}")
-        if live.gpu_total:
-            parts.append(f"GPU {(live.gpu_used or 0) >> 20} / {live.gpu_total >> 20} MiB")
         info = self.runtimes[host].info if host in self.runtimes else {}
-        if info.get("job"):
-            left = info.get("time_left")
-            parts.append(f"job {info['job']}" + (f", {slurm.duration(left)} left"
-                                                  if left is not None else ""))
-        if t.state is State.RECONNECTING and t.last_error:
-            parts.append(t.last_error.splitlines()[-1][:60])
-        self.lines[host] = f"{host}: " + " · ".join(parts)
+        width = err.width - 2 if self.tty else 10_000  # a live line fits the terminal (- spinner)
+        self.lines[host] = status_line(host, live, info, width)
         if self.tty:
             self._show("\n".join(self.lines.values()))
         elif self.states.get(host) is not t.state and not self.as_json:
             err.print(self.lines[host])
         self.states[host] = t.state
+
+
+def status_line(host: str, live: session.Live, info: dict[str, Any], width: int) -> str:
+    """``host: tunnel up · kernels 2 · ...`` in at most ``width`` columns: what does not fit is
+    dropped a whole field at a time, the least needed first, never cut (a job id cut to "job 1"
+    names another job)."""
+    t = live.tunnel
+    parts = [(9, f"tunnel {t.state.value}"), (2, f"reconnects {t.reconnects}")]
+    if live.kernels is not None:
+        parts.append((6, f"kernels {live.kernels}"))
+    if live.gpu_total:
+        parts.append((5, f"GPU {(live.gpu_used or 0) >> 20} / {live.gpu_total >> 20} MiB"))
+    if info.get("job"):
+        left = info.get("time_left")
+        parts.append((8, f"job {info['job']}"))
+        if left is not None:
+            parts.append((7, f"{slurm.duration(left, coarse=True)} left"))
+    if t.state is State.RECONNECTING and t.last_error:
+        parts.append((4, t.last_error.splitlines()[-1][:60]))
+
+    def line() -> str:
+        return f"{host}: " + " · ".join(text for _, text in parts)
+
+    while len(parts) > 1 and len(line()) > width:
+        parts.remove(min(parts, key=lambda part: part[0]))
+    return line()
 
 
 # serve options that `up` handles itself, or that make no sense on the remote
@@ -518,6 +534,8 @@ def _show_slurm_status(host: str, result: dict[str, Any]) -> None:
         where = f" on {job['node']}" if job.get("node") else ""
         reason = f" ({job['reason']})" if job.get("state") == "PENDING" and job.get("reason") \
             else ""
+        if job.get("state") == "PENDING" and slurm.expected_start(job.get("expected_start", "")):
+            reason += f", expected start {slurm.expected_start(job['expected_start'])}"
         server = job.get("server") or {}
         served = (f", server pid {server.get('pid')}" if server.get("pid") else "")
         out.print(f"{host}: job {job['job']} {job['state']}{reason}{where}{walltime}"
