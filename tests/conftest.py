@@ -24,6 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 READY_DEADLINE = 60.0
 
 
+@pytest.fixture(autouse=True)
+def _pids_pinned_per_test() -> None:
+    """A pid a test names is pinned to its process within that test only (kernel_client)."""
+    for name in ("kernel_client", "tests.kernel_client"):  # imported both ways
+        module = sys.modules.get(name)
+        if module is not None:
+            module.PINNED.clear()
+
+
 @dataclass
 class RunningServer:
     proc: subprocess.Popen[str]

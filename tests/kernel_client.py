@@ -110,15 +110,32 @@ class KernelChannel:
 
 # --- process checks shared by the life-cycle tests and the benchmark ---------------------------
 
+# Each pid a test names, pinned to the process it named when first seen (its start time): pids
+# are reused (pid_max is 32768 here), and a reused pid must count as gone, never be killed.
+# tests/conftest.py empties this before each test.
+PINNED: dict[int, object] = {}
+
+
+def _pinned(pid: int):  # -> psutil.Process
+    import psutil
+
+    proc = PINNED.get(pid)
+    if proc is None:
+        proc = PINNED[pid] = psutil.Process(pid)  # raises NoSuchProcess if already gone
+    return proc
+
+
 def alive_pids(pids: dict[str, int] | list[int]) -> list[int]:
-    """The pids that still run (a zombie has let go of everything: it counts as gone)."""
+    """The pids that still run as the process first seen with that pid (a zombie has let go of
+    everything: it counts as gone, and so does a pid now reused by another process)."""
     import psutil
 
     values = list(pids.values()) if isinstance(pids, dict) else list(pids)
     found = []
     for pid in values:
         try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            proc = _pinned(pid)
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(pid)
         except psutil.Error:
             continue
@@ -141,7 +158,9 @@ def kill_pids(pids: list[int]) -> None:
 
     for pid in pids:
         try:
-            psutil.Process(pid).kill()
+            proc = _pinned(pid)
+            if proc.is_running():  # the process the test started, not one that reused its pid
+                proc.kill()
         except psutil.Error:
             continue
 

@@ -311,11 +311,7 @@ async def test_force_release_of_one_kernel_ends_that_kernel_only(api, srv, devic
 
 
 def psutil_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    return alive_pids([pid]) == [pid]
 
 
 @pytest.mark.parametrize("field", ["force", "background", "stop_server"])

@@ -267,6 +267,27 @@ async def test_ctrl_c_while_pending_cancels_the_job(prepared: Prepared, testbed:
             cluster.run("scancel", job)
 
 
+async def test_ctrl_c_when_running_cancels_the_job_with_one_line(
+        prepared: Prepared, testbed: SSHBed, cluster: Cluster, slurm_config: Path) -> None:
+    """Ctrl-C of an attached `up --slurm` (no --keep) cancels the job, as the ready text said, in
+    one line: no traceback of the requests the server's end cut short."""
+    cluster.wait_idle()
+    up = start(slurm_config, "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text + cluster.log_tail()
+        assert up.info["on_ctrl_c"].startswith("Ctrl-C cancels job "), up.info
+        async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
+            kid = (await c.create_session("cut.ipynb"))["kernel"]["id"]
+            assert (await c.execute(kid, "print(6 * 7)")).stdout.strip() == "42"
+        assert up.stop(signal.SIGINT) == 0
+        rest = up.proc.stderr.read() if up.proc.stderr else ""
+        after = [line for line in rest.splitlines() if line.strip()]
+        assert len(after) == 1 and after[0].startswith("Cancelled job"), up.text + rest
+        assert our_jobs(cluster, testbed) == []
+    finally:
+        up.stop()
+
+
 async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, testbed: SSHBed,
                                                           cluster: Cluster,
                                                           slurm_config: Path) -> None:

@@ -24,6 +24,25 @@ from tether.errors import TunnelError
 
 log = logging.getLogger(__name__)
 
+
+class _ResetOnceFilter(logging.Filter):
+    """tornado reports a connection reset by the server twice: as the fetch's exception (which
+    :func:`request` turns into :class:`NoAnswer`) and as an ERROR with a traceback on its
+    application log ("Exception after Future was cancelled", an internal read future). The
+    second says nothing new and, where the server went on purpose (a Slurm job cancelled by
+    Ctrl-C), reads as a crash: it is logged at DEBUG here instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.msg == "Exception after Future was cancelled" \
+                and isinstance(exc, ConnectionError):
+            log.debug("tornado: %s after the fetch ended: %r", record.msg, exc)
+            return False
+        return True
+
+
+logging.getLogger("tornado.application").addFilter(_ResetOnceFilter())
+
 TIMEOUT = 10.0
 XSSI_PREFIX = b")]}'\n"
 MAX_BODY = 16 << 20
