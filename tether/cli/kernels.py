@@ -113,12 +113,16 @@ def _leftover_line(row: dict[str, Any]) -> str:
             f"GPU {mib(row.get('gpu_memory'))} MiB: {row.get('reason', '')}{reset}")
 
 
-def _forcible(row: dict[str, Any]) -> str:
-    return ("`tether release --all --force` ends it" if row.get("forcible", True)
-            else "another user's: tether never ends it")
+def _forcible(row: dict[str, Any], host: str | None) -> str:
+    """What ends a GPU holder that is no kernel's: never tether (it is not in any release's
+    scope), the user, by the command printed, where it is theirs."""
+    if not row.get("forcible", True):
+        return "another user's: tether never ends it"
+    where = f" on {host}" if host else ""
+    return f"yours, but no kernel's: `kill {row['pid']}`{where} ends it"
 
 
-def show_release(result: dict[str, Any]) -> None:
+def show_release(result: dict[str, Any], host: str | None = None) -> None:
     outcomes = [*result.get("kernels", [])]
     if result.get("stray"):
         outcomes.append(result["stray"])
@@ -139,7 +143,7 @@ def show_release(result: dict[str, Any]) -> None:
         for row in o["leftovers"]:
             err.print(_leftover_line(row))
         for row in o.get("foreign", []):
-            err.print(f"[yellow]foreign GPU holder[/] (not killed; {_forcible(row)}):")
+            err.print(f"[yellow]GPU holder of no kernel[/] (not killed; {_forcible(row, host)}):")
             err.print(_leftover_line({**row, "reason": "not ours"}))
         if o.get("forced"):
             err.print(f"  --force ended {o['forced']}")
@@ -226,9 +230,9 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
 @host_option
 @click.option("--all", "everything", is_flag=True, help="Every kernel, and every other process "
               "the server started.")
-@click.option("--force", is_flag=True, help="Also end what survived: with KERNEL, that "
-              "kernel's own processes only; with --all, every GPU holder of this user (never "
-              "another user's, the server, its ancestors or system daemons).")
+@click.option("--force", is_flag=True, help="Also end what survived, within the same scope: "
+              "with KERNEL, that kernel's own processes; with --all, the server's (never a GPU "
+              "holder of no kernel, another user's process, the server or its ancestors).")
 @click.option("--stop-server", is_flag=True, help="With --all: stop the server afterwards.")
 @shared_ssh_options
 @json_option
@@ -250,19 +254,18 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
                           hint="`tether release --all --stop-server` frees everything and stops "
                                "the server.")
     result = run(lambda: kernels_at(host_option, ssh, acting=True).release(
-        list(kernels), everything, force,
-                                                                stop_server))
+        list(kernels), everything, force, stop_server))
     if as_json:
         print_json(result)
     else:
-        show_release(result)
+        show_release(result, host_option)
     if not result.get("released"):
         if as_json:
             raise SystemExit(ReleaseError.exit_code)
         raise ReleaseError("some processes or GPU memory could not be freed (listed above)",
-                           hint="--force ends what is left of the kernels you named (with "
-                                "--all, your other GPU holders too); D/Z processes need a GPU "
-                                "reset or a reboot.")
+                           hint="--force ends what is left of what you named (a GPU holder of "
+                                "no kernel is listed with the command that ends it); D/Z "
+                                "processes need a GPU reset or a reboot.")
 
 
 @cli.command("open")

@@ -405,9 +405,8 @@ class Releaser:
         stray.terminated, stray.killed = result.terminated, result.killed
         stray.leftovers = await asyncio.to_thread(
             leftover_rows, [*result.survivors, *result.refused], {})
-        if force:  # --all: everything of this user on the GPU, never another user's process
-            holders = await asyncio.to_thread(foreign_holders, set())
-            await self._force(stray, [p.pid for p in holders])
+        if force:  # what is left of the server's own processes; never a GPU holder of no kernel
+            await self._force(stray, [])
         stray.foreign = await asyncio.to_thread(self._foreign_rows)
         # every process a kernel started stays in its cgroup: strays are all found if each
         # kernel had one (and it was emptied)
@@ -438,7 +437,7 @@ class Releaser:
         for proc in foreign_holders(set()):
             row = process_row(proc, holders.get(proc.pid, []))
             if row is not None:
-                try:  # only this user's own holders are for `release --all --force` to end
+                try:  # this user's own: the CLI names the command that ends it
                     row["forcible"] = proc.uids().real == self.ctx.guard.uid
                 except psutil.Error:
                     continue
