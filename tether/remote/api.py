@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -279,8 +280,10 @@ def host_facts(root_dir: str) -> dict[str, Any]:
         used, total = disk.used, disk.total
     except OSError:
         used = total = 0
-    return {"memory_total": mem.total, "memory_used": mem.total - mem.available,
-            "disk_path": path, "disk_total": total, "disk_used": used}
+    # the page's title and header: two tabs for two hosts (a Slurm job's node) differ
+    return {"name": socket.gethostname(), "memory_total": mem.total,
+            "memory_used": mem.total - mem.available, "disk_path": path, "disk_total": total,
+            "disk_used": used}
 
 
 def parse_scontrol_end(text: str) -> float | None:
