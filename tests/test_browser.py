@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -195,10 +196,17 @@ async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
             "# gpu pid type sm mem enc dec command\n# Idx # C/G % % % % name\n"
             f"    0 {await kernel_pid(api, a)} C 64 30 - - python3\n")
         page = await open_page(tab, srv)
-        row_a, row_b = (page.locator(f"tr[data-kernel='{k}']") for k in (a, b))
+        row_a, row_b = (page.locator(f"tbody[data-kernel='{k}']") for k in (a, b))
         await row_a.wait_for(timeout=15000)
         await row_b.wait_for(timeout=15000)
         assert "explore.ipynb" in await row_b.inner_text()
+        # the kernel as `tether ps` shows it and `tether release ID` takes it: 8 characters
+        assert await row_a.locator(".kid").inner_text() == a[:8]
+        assert await row_a.locator(".kid").get_attribute("title") == a
+        # two tabs for two hosts differ: the host's name in the title and the header
+        host = socket.gethostname()
+        assert host in await page.title()
+        assert host in await page.locator("h1").inner_text()
         facts = await page.locator("#facts").inner_text()
         assert re.search(r"Slurm job 4242: 1 h 59 min of walltime left", facts), facts
         assert re.search(r"RAM [\d.]+ / [\d.]+ GiB", facts) and "server pid" in facts
@@ -207,9 +215,20 @@ async def test_page_shows_gpus_kernels_and_foreign_holders_light_and_dark(
         text = await gpu0.inner_text()
         assert "NVIDIA H100 80GB HBM3" in text and "81,559 MiB" in text
         assert await page.locator(".gpu").count() == 2
+        # GPU memory as a bar too, with the figures as its value (MiB, as `tether ps` prints)
+        meter = gpu0.get_by_role("meter", name="GPU 0 memory", exact=True)
+        assert await meter.get_attribute("aria-valuenow") == "4539"
+        assert await meter.get_attribute("aria-valuemax") == "81559"
+        assert "4,539 of 81,559 MiB used (6 %)" == await meter.get_attribute("aria-valuetext")
+        assert await page.get_by_role("meter", name="GPU 1 memory", exact=True).count() == 1
         await row_a.locator("td.gpumem", has_text="2,048").wait_for(timeout=15000)
         await row_a.locator("td.gpuutil", has_text="64").wait_for(timeout=15000)
+        # the GPU indices as `tether ps`'s GPUS column: "0", "-" for none
+        assert await row_a.locator("td.gpus").inner_text() == "0"
+        assert await row_b.locator("td.gpus").inner_text() == "-"
         await row_a.locator("td.policy", has_text="using a GPU").wait_for(timeout=15000)
+        uptime = await row_b.locator("td.uptime").inner_text()
+        assert re.fullmatch(r"\d+ (s|min)", uptime), f"started a moment ago, not {uptime!r}"
         policy = await row_b.locator("td.policy").inner_text()
         assert re.fullmatch(r"released in (59 min|1 h 00 min) if still idle", policy), policy
         await page.locator(f"#foreign tr[data-pid='{foreign.pid}']",
@@ -250,7 +269,7 @@ async def test_interrupt_stops_the_cell_and_restart_keeps_the_id(tab, gpu_server
         assert (await channel.execute("x = 41")) == ""
         first = await kernel_pid(api, kid)
         page = await open_page(tab, srv)
-        row = page.locator(f"tr[data-kernel='{kid}']")
+        row = page.locator(f"tbody[data-kernel='{kid}']")
         await row.wait_for(timeout=15000)
         cell = asyncio.ensure_future(channel.execute("import time; time.sleep(60)", timeout=90))
         await row.locator("td.state", has_text="busy").wait_for(timeout=15000)
@@ -261,8 +280,10 @@ async def test_interrupt_stops_the_cell_and_restart_keeps_the_id(tab, gpu_server
         assert (await channel.execute("print(x + 1)")) == "42\n", "and so do its variables"
 
         await row.get_by_role("button", name="Restart", exact=True).click()
-        await page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
-        await page.get_by_text("a new kernel process, same kernel").wait_for(timeout=60000)
+        await page.get_by_role("dialog").get_by_role("button", name="Restart", exact=True).click()
+        # what it did is said under the kernel's row, not at the foot of the page
+        await page.locator(f"#kernels tbody[data-kernel='{kid}'] + tbody.note #message",
+                           has_text="a new kernel process, same kernel").wait_for(timeout=60000)
         second = await kernel_pid(api, kid)
         assert second != first and await wait_dead([first]) == []
         assert kid in {k["id"] for k in await api.call("GET", "/api/kernels")}
@@ -284,7 +305,7 @@ async def test_release_asks_first_then_frees_the_kernel_and_its_processes(tab, g
     (smi / "query-compute-apps.csv").write_text(f"{pids[1]}, {UUID0}, 3072\n")
     try:
         page = await open_page(tab, srv)
-        row = page.locator(f"tr[data-kernel='{kid}']")
+        row = page.locator(f"tbody[data-kernel='{kid}']")
         await row.locator("td.gpumem", has_text="3,072").wait_for(timeout=15000)
         release = row.get_by_role("button", name="Release", exact=True)
         await release.focus()  # the keyboard: Enter opens the confirmation, Escape cancels it
@@ -298,8 +319,10 @@ async def test_release_asks_first_then_frees_the_kernel_and_its_processes(tab, g
         assert alive_pids(pids) == pids and await row.count() == 1, "cancelled: nothing happens"
 
         await release.click()
-        await dialog.get_by_role("button", name="Confirm").click()
-        done = page.locator("#message", has_text="Released page.ipynb")
+        await dialog.get_by_role("button", name="Release", exact=True).click()
+        # where the row was: the row goes, the message under it stays
+        done = page.locator(f"#kernels tbody.note[data-for='{kid}'] #message",
+                            has_text=f"Released page.ipynb (kernel {kid[:8]})")
         await done.wait_for(timeout=60000)
         message = await done.inner_text()
         assert "3,072 MiB of GPU memory" in message and str(pids[1]) in message
@@ -318,15 +341,56 @@ async def test_release_all_and_stop_the_server(tab, tmp_path):
         kid = (await api.new_session("last.ipynb"))["kernel"]["id"]
         pid = await kernel_pid(api, kid)
         page = await open_page(tab, srv)
-        await page.locator(f"tr[data-kernel='{kid}']").wait_for(timeout=15000)
+        await page.locator(f"tbody[data-kernel='{kid}']").wait_for(timeout=15000)
         await page.get_by_role("button", name="Release all and stop the server", exact=True).click()
-        await page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
-        await page.get_by_text("The server is stopping").wait_for(timeout=60000)
+        await page.get_by_role("dialog").get_by_role(
+            "button", name="Release all and stop", exact=True).click()
+        await page.locator("#bulk #message", has_text="The server is stopping").wait_for(
+            timeout=60000)
         assert "Released 1 kernel(s)" in await page.locator("#message").inner_text()
         assert await asyncio.to_thread(srv.proc.wait, 30) == 0
         assert await wait_dead([pid]) == []
     finally:
         stop_server(srv)
+
+
+LONG_PATHS = [f"experiments/2026-12/a-sweep-over-learning-rates-and-batch-sizes/run-{n}-with-a-"
+              f"rather-long-name-lr-3e-4-batch-{n * 64}-warmup-1000-steps.ipynb" for n in (1, 2, 3)]
+
+
+async def test_page_fits_760_px_and_says_each_result_next_to_its_action(
+        browser, gpu_server, tmp_path):
+    srv, _ = gpu_server
+    api = Api(srv.url, srv.token)
+    ids = [(await api.new_session(path))["kernel"]["id"] for path in LONG_PATHS]
+    ctx = await browser.new_context(viewport={"width": 760, "height": 900})
+    try:
+        page = await open_page(await ctx.new_page(), srv)
+        rows = [page.locator(f"tbody[data-kernel='{k}']") for k in ids]
+        for row in rows:  # with every figure: the widths are those of a running kernel
+            await row.locator("td.uptime", has_text=re.compile(r"\d")).wait_for(timeout=15000)
+        await page.locator(".gpu[data-gpu='1']").wait_for(timeout=15000)
+        await rows[1].get_by_role("button", name="Interrupt", exact=True).click()
+        await page.locator("#message", has_text="Interrupted").wait_for(timeout=30000)
+        assert await page.evaluate(
+            "document.getElementById('message').closest('tbody').previousElementSibling"
+            ".dataset.kernel") == ids[1], "under the row of the kernel it acted on"
+        width = await page.evaluate("[document.documentElement.scrollWidth, "
+                                    "document.documentElement.clientWidth]")
+        await page.screenshot(path=str(tmp_path / "page-760.png"), full_page=True)
+        assert width[0] <= width[1], f"horizontal scroll at 760 px: {width}"
+
+        await page.get_by_role("button", name="Release all", exact=True).click()
+        dialog = page.get_by_role("dialog")
+        await dialog.get_by_role("button", name="Release all", exact=True).click()
+        await page.locator("#bulk #message", has_text="Released 3 kernel(s)").wait_for(
+            timeout=60000)
+        assert await page.locator("#kernels #message").count() == 0
+        for row in rows:
+            await row.wait_for(state="detached", timeout=15000)
+    finally:
+        await ctx.close()
+        await api.call("POST", "/tether/api/release", {})
 
 
 async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_line(

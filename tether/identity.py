@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import psutil
 
@@ -34,6 +35,14 @@ def started(proc: psutil.Process) -> float:
 
 def same_start(a: float, b: float) -> bool:
     return abs(a - b) < SAME_START
+
+
+def age(start: float) -> float:
+    """Seconds since ``start``, a value of :func:`started` (the kernel's uptime on the page)."""
+    if sys.platform != "linux":
+        return time.time() - start
+    # /proc/PID/stat counts from boot on CLOCK_BOOTTIME (suspend included)
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start
 
 
 def boot_id() -> str:

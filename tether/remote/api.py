@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -203,13 +204,15 @@ class Lifecycle:
             rss, gpu_bytes = rel.kernel_memory(procs)
             session = sessions.get(kid, {})
             started = inv["started"].get(kid)
+            uptime = round(identity.age(started), 1) if started else None
             verdict = verdicts.get(kid)
             kernels.append({**model, "path": session.get("path"), "session": session.get("id"),
                             "pid": getattr(self.km.get_kernel(kid).provisioner, "pid", None),
                             "rss": rss, "gpu_memory": gpu_bytes, "processes": procs,
                             "gpus": sorted({i for p in procs for i in p["gpus"]}),
-                            "started": started,
-                            "uptime": round(now - started, 1) if started else None,
+                            # epoch (the record's start counts from boot)
+                            "started": round(now - uptime, 1) if uptime is not None else None,
+                            "uptime": uptime,
                             "cpu_percent": inv["cpu"].get(kid),
                             "gpu_utilization": monitor.gpu_utilization(procs) if monitor else None,
                             "idle": verdict.to_json(now) if verdict else None})
@@ -277,8 +280,10 @@ def host_facts(root_dir: str) -> dict[str, Any]:
         used, total = disk.used, disk.total
     except OSError:
         used = total = 0
-    return {"memory_total": mem.total, "memory_used": mem.total - mem.available,
-            "disk_path": path, "disk_total": total, "disk_used": used}
+    # the page's title and header: two tabs for two hosts (a Slurm job's node) differ
+    return {"name": socket.gethostname(), "memory_total": mem.total,
+            "memory_used": mem.total - mem.available, "disk_path": path, "disk_total": total,
+            "disk_used": used}
 
 
 def parse_scontrol_end(text: str) -> float | None:
