@@ -398,7 +398,8 @@ async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_li
     srv, _ = gpu_server
     argv_log = tmp_path / "browser-argv"
     fake_browser = tmp_path / "browser"
-    fake_browser.write_text(f"#!/bin/sh\necho \"$@\" > {argv_log}\n")
+    read = tmp_path / "browser-read"  # what the browser read: the redirect, removed after
+    fake_browser.write_text(f"#!/bin/sh\necho \"$@\" > {argv_log}\ncat \"${{1#file://}}\" > {read}\n")
     fake_browser.chmod(0o755)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(srv.runtime_dir),
            "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "BROWSER": str(fake_browser)}
@@ -418,4 +419,4 @@ async def test_tether_open_shows_the_page_and_keeps_the_token_off_the_command_li
     argv = argv_log.read_text().strip()
     assert argv.startswith("file://") and srv.token not in argv
     redirect = Path(argv.removeprefix("file://"))
-    assert srv.token in redirect.read_text() and redirect.stat().st_mode & 0o077 == 0
+    assert srv.token in read.read_text() and not redirect.exists()
