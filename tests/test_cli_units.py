@@ -154,3 +154,17 @@ def test_verbose_goes_before_or_after_the_subcommand(tmp_path, where) -> None:
                                "HOME": str(tmp_path)})
     assert "No such option" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["error"]["type"] == "ServerNotFoundError", done.stdout
+
+
+@pytest.mark.parametrize("value", ["relative/cache", "~/cache", "/tmp/a\nb"])
+@pytest.mark.parametrize("args", [["up", "gpubox"], ["attach", "gpubox"], ["status", "gpubox"],
+                                  ["down", "gpubox"], ["doctor", "gpubox"],
+                                  ["ps", "-H", "gpubox"], ["up", "login", "--slurm"]])
+def test_a_bad_remote_cache_fails_before_any_ssh(args, value):
+    done = subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60,
+                          env={**os.environ, "TETHER_REMOTE_CACHE": value})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: TETHER_REMOTE_CACHE={value!r}: "
+                                                   "expected an absolute path"), done.stderr

@@ -92,3 +92,17 @@ def test_slurm_options_tether_cannot_honour_are_refused_before_any_ssh(tmp_path,
 def test_a_walltime_longer_than_the_signal_and_other_sbatch_args_pass() -> None:
     opts = slurm.SlurmOptions(time="00:06:00", sbatch_args=("--exclusive", "-N1", "--mem=4G"))
     assert "--time=00:06:00" in opts.sbatch("tether", "c")
+
+
+async def test_the_node_is_reached_with_the_login_nodes_options_and_remote_cache(
+        tmp_path) -> None:
+    from tether import _ssh
+
+    config = tmp_path / "config"
+    config.write_text("Host *\n  User u\n")
+    login = _ssh.SSHTarget("login", str(config), ("Port=2222",), ssh="ssh",
+                           remote_env=(("XDG_CACHE_HOME", "/scratch/u"),))
+    node = await slurm.SlurmJob(login, RemoteOptions())._node_target("node1")
+    assert node.host == "node1" and node.remote_env == login.remote_env
+    assert node.options == ("Port=2222", "ProxyJump=login")
+    assert node.argv(command=["true"])[-1] == "env XDG_CACHE_HOME=/scratch/u true"
