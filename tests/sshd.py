@@ -564,3 +564,54 @@ def start_airgap(bed: SSHBed, netns: str = AIRGAP_NETNS) -> Airgap:
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
         raise
     return Airgap(bed.dir, config, netns, sshd, user)
+
+
+# -- a host whose home is read-only: a user whose home is a read-only bind mount of itself ------
+
+ROHOME_USER = bed_name("tether-rohome")
+
+
+@dataclass
+class ReadOnlyHome:
+    """``rohome``: the bed's sshd, logged in as a user whose home (so ``~/.cache``) is mounted
+    read-only, as on hosts with a shared read-only home. ``config`` holds the bed's hosts too."""
+
+    config: Path
+    user: pwd.struct_passwd
+
+    @property
+    def home(self) -> Path:
+        return Path(self.user.pw_dir)
+
+    @property
+    def tether_root(self) -> Path:
+        return self.home / ".cache" / "tether"
+
+    @property
+    def elsewhere(self) -> Path:
+        """The folder the agent offers instead (no $TMPDIR, no /scratch here)."""
+        return Path(f"/tmp/tether-u{self.user.pw_uid}")
+
+    def stop(self) -> None:
+        kill_user_processes(self.user.pw_uid)  # nothing may hold the mount
+        subprocess.run(["umount", str(self.home)], capture_output=True, timeout=30)
+        shutil.rmtree(self.elsewhere, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def read_only_home(bed: SSHBed) -> Iterator[ReadOnlyHome]:
+    """The ``rohome`` host next to a running bed; unmounted and cleaned up afterwards."""
+    user = ensure_user(ROHOME_USER)
+    home = Path(user.pw_dir)
+    shutil.rmtree(home / ".cache", ignore_errors=True)  # (an earlier run's, if it was writable)
+    config = bed.dir / "ssh_config_rohome"
+    config.write_text(f"Host rohome\n  HostName 127.0.0.1\n  Port {bed.target.port}\n"
+                      f"  User {user.pw_name}\n" + bed.config.read_text())
+    gone = ReadOnlyHome(config, user)
+    gone.stop()  # an earlier run's mount or folder
+    subprocess.run(["mount", "--bind", str(home), str(home)], check=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(home)], check=True, timeout=30)
+        yield gone
+    finally:
+        gone.stop()

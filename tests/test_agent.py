@@ -11,6 +11,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -147,6 +148,47 @@ def test_scan_removes_and_reports_stale_files_only(agent: Any, procs: Start) -> 
     assert [e["pid"] for e in agent.stale_report()] == [reused.pid]
     assert not stale.exists() and good.exists() and unknown.exists()
     assert reused.poll() is None  # judged, never signalled
+
+
+# -- the root: ours, private, writable; room for an environment -----------------------------------
+
+def test_a_root_left_open_is_made_private_and_one_not_ours_is_refused(agent: Any) -> None:
+    for path in (agent.ROOT, agent.RUNTIME):
+        os.chmod(path, 0o755)  # as something else (an admin's script, a tar) may leave them
+    agent.ensure_root()
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in (agent.ROOT, agent.RUNTIME)] == [0o700] * 2
+    os.chown(agent.RUNTIME, 65534, 65534)
+    with pytest.raises(agent.Fail) as e:
+        agent.ensure_root()
+    assert e.value.kind == "cache-owner"
+    assert e.value.message.startswith(f"{agent.RUNTIME} on HOST belongs to uid 65534, not to ")
+    assert "TETHER_REMOTE_CACHE=" in e.value.hint
+
+
+def test_a_folder_elsewhere_is_offered_tmpdir_first(agent: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    assert agent.writable_elsewhere() == f"{tmpdir}/tether-u{os.getuid()}"
+    monkeypatch.delenv("TMPDIR")
+    assert agent.writable_elsewhere() == f"/tmp/tether-u{os.getuid()}"
+    assert agent.writable_elsewhere(need=1 << 60) == ""  # no folder has an exbibyte free
+
+
+def test_too_little_disk_is_said_before_anything_is_sent(agent: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    free = agent.free_bytes(agent.ROOT)
+    monkeypatch.setitem(agent.NEED_BYTES, "offline", free + (1 << 40))
+    agent.PARAMS.update(action="up", requires_python="3.6", wheel_sha256="0" * 64, offline=True)
+    with pytest.raises(agent.Fail) as e:
+        agent.action_up()  # the first call: no wheel on stdin yet, so nothing was sent
+    assert e.value.kind == "disk"
+    need = (free + (1 << 40)) >> 20
+    assert e.value.message.startswith(f"{agent.ROOT} on HOST has ")  # (free: it moves)
+    assert e.value.message.endswith(f" MiB free; a fresh environment needs about {need} MiB there")
+    monkeypatch.setitem(agent.NEED_BYTES, "offline", free // 2)
+    assert agent.action_up()["need_wheel"] is True
 
 
 # -- down --------------------------------------------------------------------------------------
@@ -552,3 +594,91 @@ async def test_consent_is_asked_through_a_callback_then_acted_on(prepared: Any,
         assert result.reused is False and result.server.pid
     finally:
         down_json(testbed)
+
+
+# -- a remote whose home is read-only: said as such, with a fix that works as printed ------------
+
+@pytest.fixture
+def rohome(testbed: Any) -> Iterator[Any]:
+    from tests.sshd import read_only_home
+
+    with read_only_home(testbed) as ro:
+        yield ro
+
+
+def rohome_tether(ro: Any, command: str, *args: str, cache: str = "",
+                  timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TETHER_REMOTE_CACHE"}
+    if cache:
+        env["TETHER_REMOTE_CACHE"] = cache
+    return subprocess.run([sys.executable, "-m", "tether", command, *args, "-F", str(ro.config)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env,
+                          timeout=timeout)
+
+
+@ssh_tests
+def test_a_read_only_home_is_said_with_a_fix_that_works_as_printed(rohome: Any) -> None:
+    import shlex
+
+    from tests.fixtures_ssh import UpProcess
+    from tests.sshd import free_port
+
+    r = rohome_tether(rohome, "up", "rohome", "--port", str(free_port()))
+    assert r.returncode == 1, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: {rohome.tether_root} on rohome is on a read-only file "
+                           "system. Run `"), line
+    fix = line.split("`")[1]
+    assert fix == f"TETHER_REMOTE_CACHE={rohome.elsewhere} tether up rohome -F {rohome.config}"
+    assert "sending" not in r.stderr and "OSError" not in r.stderr and "-V" not in r.stderr
+
+    # the fix as printed (plus a free port and --json for this test): a cold up in that folder
+    assignment, _, *args = shlex.split(fix)
+    cache = assignment.split("=", 1)[1]
+    env = {**os.environ, "TETHER_REMOTE_CACHE": cache}
+    proc = subprocess.Popen([sys.executable, "-m", "tether", *args, "--port", str(free_port()),
+                             "--json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    up = UpProcess(proc)
+    assert proc.stdout is not None
+    if select.select([proc.stdout], [], [], 600)[0]:
+        up.info = json.loads(proc.stdout.readline() or "{}")
+    up.stop()
+    assert up.info.get("url"), up.stderr()
+    root = rohome.elsewhere / "tether"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and root.stat().st_uid == rohome.user.pw_uid
+    status = rohome_tether(rohome, "status", "rohome", "--json", cache=cache)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["root"] == str(root)
+    assert len(json.loads(status.stdout)["servers"]) == 1
+    down = rohome_tether(rohome, "down", "rohome", "--json", cache=cache)
+    assert down.returncode == 0 and len(json.loads(down.stdout)["stopped"]) == 1, down.stderr
+    assert not rohome.tether_root.exists()
+
+
+@ssh_tests
+def test_doctor_says_a_read_only_home_is_read_only(rohome: Any) -> None:
+    r = rohome_tether(rohome, "doctor", "rohome", "--json")
+    assert r.returncode == 1, r.stderr
+    disk = {c["name"]: c for c in json.loads(r.stdout)}["disk"]
+    assert disk["ok"] is False
+    assert disk["detail"] == f"{rohome.tether_root} on rohome is on a read-only file system"
+    assert disk["hint"] == (f"Run `TETHER_REMOTE_CACHE={rohome.elsewhere} tether up rohome -F "
+                            f"{rohome.config}` to keep tether's files in {rohome.elsewhere} on "
+                            "rohome instead.")
+
+
+@ssh_tests
+async def test_a_root_left_open_by_something_else_is_made_private(testbed: Any) -> None:
+    from tether import _ssh
+
+    root, runtime = testbed.tether_root, testbed.tether_root / "runtime"
+    runtime.mkdir(parents=True, exist_ok=True)
+    for path in (root.parent, root, runtime):
+        os.chown(path, testbed.user.pw_uid, testbed.user.pw_gid)
+    root.chmod(0o755)
+    runtime.chmod(0o755)
+    target = _ssh.SSHTarget("gpubox", str(testbed.config))
+    await bootstrap.call_agent(target, bootstrap.RemoteOptions(), "prepare")
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700

@@ -178,3 +178,17 @@ def test_status_line_drops_whole_fields_to_fit_never_digits() -> None:
         assert "tunnel reconnecting" in shown, line
         assert ("job 12345678" in shown) == (width >= 66), line
     assert status_line("h", live, info, 78) != full  # something had to go at 78
+
+
+@pytest.mark.parametrize("value", ["relative/cache", "~/cache", "/tmp/a\nb"])
+@pytest.mark.parametrize("args", [["up", "gpubox"], ["attach", "gpubox"], ["status", "gpubox"],
+                                  ["down", "gpubox"], ["doctor", "gpubox"],
+                                  ["ps", "-H", "gpubox"], ["up", "login", "--slurm"]])
+def test_a_bad_remote_cache_fails_before_any_ssh(args, value):
+    done = subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60,
+                          env={**os.environ, "TETHER_REMOTE_CACHE": value})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: TETHER_REMOTE_CACHE={value!r}: "
+                                                   "expected an absolute path"), done.stderr

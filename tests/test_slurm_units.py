@@ -113,3 +113,17 @@ def test_expected_start_is_shown_in_the_laptops_time_zone():
     assert datetime.fromisoformat(iso).timestamp() == at  # --json: ISO with the offset
     assert slurm.expected_start(iso, now) == slurm.expected_start(str(at), now)
 
+
+
+async def test_the_node_is_reached_with_the_login_nodes_options_and_remote_cache(
+        tmp_path) -> None:
+    from tether import _ssh
+
+    config = tmp_path / "config"
+    config.write_text("Host *\n  User u\n")
+    login = _ssh.SSHTarget("login", str(config), ("Port=2222",), ssh="ssh",
+                           remote_env=(("XDG_CACHE_HOME", "/scratch/u"),))
+    node = await slurm.SlurmJob(login, RemoteOptions())._node_target("node1")
+    assert node.host == "node1" and node.remote_env == login.remote_env
+    assert node.options == ("Port=2222", "ProxyJump=login")
+    assert node.argv(command=["true"])[-1] == "env XDG_CACHE_HOME=/scratch/u true"

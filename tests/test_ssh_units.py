@@ -46,6 +46,18 @@ def test_error_mapping(status: int, stderr: bytes, kind: type) -> None:
     assert stderr.decode().strip() in e.data["stderr"]
 
 
+def test_every_remote_command_carries_the_remote_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.cli import make_target
+
+    monkeypatch.setenv("TETHER_REMOTE_CACHE", "/scratch/u 1")
+    t = make_target("gpubox", None, (), batch=True)
+    assert shlex.split(t.argv(command=["sh", "-c", "x"])[-1]) == [
+        "env", "XDG_CACHE_HOME=/scratch/u 1", "sh", "-c", "x"]
+    assert t.argv("-N")[-1] == "gpubox"  # a tunnel runs no command
+    monkeypatch.delenv("TETHER_REMOTE_CACHE")
+    assert shlex.split(make_target("gpubox", None, (), True).argv(command=["x"])[-1]) == ["x"]
+
+
 def test_remote_tether_argv_runs_the_installed_tether() -> None:
     argv = bootstrap.remote_tether_argv("ps", "--json")
     assert argv[:2] == ["sh", "-c"] and argv[-2:] == ["ps", "--json"]
@@ -121,3 +133,34 @@ def test_serve_options_are_forwarded_to_the_remote_serve() -> None:
              "kill_grace": 5.0, "port": 1234, "as_json": True, "kernel_python": "/x"}
     assert serve_args(given) == ("--stop-after-idle", "600", "--on-idle", "sudo poweroff",
                                  "--reap")
+
+
+def test_doctor_disk_check_says_read_only_or_short_with_a_fix() -> None:
+    from tether import session
+
+    up = "tether up gpubox -F /x/config"
+    ok = session._disk_check("gpubox", {"root": "/h/.cache/tether", "free_bytes": 5 << 30}, up)
+    assert ok.ok and ok.detail == "5.0 GiB free under /h/.cache/tether"
+    ro = session._disk_check("gpubox", {"free_bytes": 5 << 30, "root_problem": {
+        "kind": "read-only", "message": "/h/.cache/tether on HOST is on a read-only file system",
+        "cache_fix": "/tmp/tether-u7"}}, up)
+    assert not ro.ok and ro.detail == "/h/.cache/tether on gpubox is on a read-only file system"
+    assert ro.hint.startswith("Run `TETHER_REMOTE_CACHE=/tmp/tether-u7 tether up gpubox -F "
+                              "/x/config` to keep")
+    short = session._disk_check("gpubox", {"root_problem": {
+        "kind": "disk", "message": "/h/.cache/tether on HOST has 12 MiB free; a fresh environment "
+        "needs about 300 MiB there", "hint": "Free 288 MiB there (e.g. `ssh HOST rm -rf x`)."}}, up)
+    assert not short.ok and "12 MiB free" in short.detail and "300 MiB" in short.detail
+    assert short.hint == "Free 288 MiB there (e.g. `ssh gpubox rm -rf x`)."
+
+
+def test_an_agent_failure_about_its_folder_names_tether_up_with_the_users_options() -> None:
+    target = _ssh.SSHTarget("gpubox", "/x/config", ("Port=2222",), ssh="ssh")
+    e = bootstrap._agent_error(target, {
+        "event": "error", "kind": "not-writable", "hint": "(the agent's)",
+        "message": "/h/.cache/tether on HOST is not writable by u (permission denied)",
+        "folder": "/h/.cache/tether", "cache_fix": "/scratch/u"})
+    assert str(e) == ("/h/.cache/tether on gpubox is not writable by u (permission denied). Run "
+                      "`TETHER_REMOTE_CACHE=/scratch/u tether up gpubox -F /x/config -o "
+                      "Port=2222` to keep tether's files in /scratch/u on gpubox instead.")
+    assert e.data["cache_fix"] == "/scratch/u" and e.exit_code == 1

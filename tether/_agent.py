@@ -16,9 +16,12 @@ final ``result`` or ``error``. Actions:
             user that carries a server's launch or instance marker; report what could not be.
 ``probe``   what ``tether doctor`` needs: OS, Python, disk, GPU driver, environment, servers.
 
-A cold ``up`` (or ``prepare``) first answers ``need_wheel`` with what the laptop needs to plan
-the install: platform (OS, libc, architecture, Python), whether the package index answers (a
-bounded TCP connect), the wheels already cached here. The second call streams tether's wheel,
+``up`` and ``prepare`` first make sure the root is this user's, writable and 0700 (else a
+``read-only``, ``not-writable`` or ``cache-owner`` failure naming the folder, and a writable
+folder elsewhere for the laptop's TETHER_REMOTE_CACHE). A cold one then checks the free space a
+fresh environment needs and answers ``need_wheel`` with what the laptop needs to plan the
+install, before anything is sent: platform (OS, libc, architecture, Python), whether the
+package index answers (a bounded TCP connect), the wheels already cached here. The second call streams tether's wheel,
 then the files named in ``incoming`` (uv's wheel; on a host with no index every pinned wheel),
 each checked against its sha256. The environment is made with the shipped ``uv`` where it runs,
 else with ``venv`` and ``pip``; both install the same pins (``--constraint``), from the index
@@ -61,7 +64,13 @@ DEFAULT_LAYOUT = {"cache_var": "XDG_CACHE_HOME", "cache_default": ".cache", "dir
 # environment); the id is recorded in the launch record, so `down` finds orphans of a crash.
 LAUNCH_ENV = "TETHER_LAUNCH"
 INSTANCE_ENV = "TETHER_SERVER_INSTANCE"  # set by the server on each of its kernels
-MIN_FREE_BYTES = 1 << 30
+# Free space a fresh environment needs where the root is (checked before the laptop sends
+# anything). Measured 2026-12 (tether 0.1.0, CPython 3.11, x86_64, `du -s` after a cold `tether
+# up` into an empty XDG_CACHE_HOME): from the index, env-* 105 MiB + uv's cache 102 + uv's
+# wheel 17 + uv unpacked 37 = 261 MiB; offline, 105 + 95 + the wheels sent 35 + 37 = 272 MiB.
+# (uv hard-links its cache into the env, so on one file system du counts 173 / 184 MiB; pip
+# instead of uv: env-* 162 MiB, about 234 in all.) Asked: the unshared sums plus about 15 %.
+NEED_BYTES = {"index": 300 << 20, "offline": 315 << 20}
 LOCK_DEADLINE = 900.0
 STOP_DEADLINE = 25.0
 STRAY_DEADLINE = 5.0
@@ -163,19 +172,152 @@ def check_python():
                         "python3-venv`) or pass --remote-python PATH.")
 
 
-def free_bytes(path):
-    while not os.path.exists(path):
+def existing(path):
+    """``path``, or its nearest folder above that exists (what a mkdir -p would write into)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    return shutil.disk_usage(path).free
+    return path
 
 
-def check_disk():
-    free = free_bytes(ROOT)
-    if free < MIN_FREE_BYTES:
-        raise Fail("disk", "only %d MiB free under %s; tether's environment needs about 1 GiB"
-                   % (free >> 20, ROOT),
-                   hint="Free some space (e.g. `rm -rf ~/.cache/pip`) or point XDG_CACHE_HOME "
-                        "at a larger disk in the shell profile on HOST.")
+def free_bytes(path):
+    return shutil.disk_usage(existing(path)).free
+
+
+def need_bytes(offline):
+    return NEED_BYTES["offline" if offline else "index"]
+
+
+def disk_problem(offline):
+    """Too little free space for a fresh environment, as a Fail (None: enough)."""
+    free, need = free_bytes(ROOT), need_bytes(offline)
+    if free >= need:
+        return None
+    return Fail("disk", "%s on HOST has %d MiB free; a fresh environment needs about %d MiB there"
+                % (ROOT, free >> 20, need >> 20),
+                hint="Free %d MiB there (e.g. `ssh HOST rm -rf ~/.cache/pip`)."
+                % ((need - free + (1 << 20) - 1) >> 20),
+                folder=ROOT, cache_fix=writable_elsewhere(need))
+
+
+def check_disk(offline):
+    """Checked before the laptop sends anything (uv alone is 17 MiB)."""
+    problem = disk_problem(offline)
+    if problem is not None:
+        raise problem
+
+
+# -- the root: writable, ours, private ----------------------------------------------------------
+
+# Where a root can go when the usual one cannot be written (TETHER_REMOTE_CACHE on the laptop).
+ELSEWHERE = ("$TMPDIR/tether-u{uid}", "/scratch/{user}", "/tmp/tether-u{uid}")
+WHY = {"read-only": "is on a read-only file system",
+       "not-writable": "is not writable by {user} (permission denied)"}
+
+
+def user_name():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER") or str(os.getuid())
+
+
+def unwritable(path):
+    """Why this user cannot create or write ``path``: "read-only", "not-writable" or ""."""
+    base = existing(path)
+    try:
+        if os.statvfs(base).f_flag & os.ST_RDONLY:
+            return "read-only"
+    except (OSError, AttributeError):
+        pass
+    return "" if os.access(base, os.W_OK | os.X_OK) else "not-writable"
+
+
+def cache_fail(kind, folder):
+    """The root cannot be written: say which folder and why, and where tether could go."""
+    return Fail(kind, "%s on HOST %s" % (folder, WHY[kind].format(user=user_name())),
+                hint="Point tether at a folder you can write there: run `TETHER_REMOTE_CACHE=DIR "
+                     "tether up HOST` on this machine.",
+                folder=folder, cache_fix=writable_elsewhere())
+
+
+def probe_write(folder):
+    """Whether a file can really be made in ``folder`` (os.access does not see every mount)."""
+    import tempfile
+    try:
+        fd, path = tempfile.mkstemp(prefix=".tether-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(path)
+    return True
+
+
+def writable_elsewhere(need=0):
+    """A folder this user can write with ``need`` bytes free, for TETHER_REMOTE_CACHE ("" if
+    none): $TMPDIR, then /scratch/$USER, then /tmp (a folder of the user's own in each)."""
+    tmpdir = os.environ.get("TMPDIR") or ""
+    for pattern in ELSEWHERE:
+        if pattern.startswith("$TMPDIR") and not tmpdir.startswith("/"):
+            continue
+        folder = os.path.normpath(pattern.replace("$TMPDIR", tmpdir).format(
+            uid=os.getuid(), user=user_name()))
+        if os.path.realpath(os.path.join(folder, LAYOUT["dirname"])) == os.path.realpath(ROOT):
+            continue
+        if pattern.startswith("/scratch") and not os.path.isdir(folder):
+            continue  # a scratch folder is the site's to make, not ours
+        if os.path.isdir(folder):
+            st = os.stat(folder)
+            usable = st.st_uid == os.getuid() and probe_write(folder)
+        else:
+            parent = os.path.dirname(folder)
+            usable = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK) \
+                and probe_write(parent)
+        if usable and free_bytes(folder) >= need:
+            return folder
+    return ""
+
+
+def root_problem():
+    """What stands in the way of tether's files at ROOT, as a Fail (None: nothing). Reads only:
+    ``tether doctor`` asks it too."""
+    for path in (ROOT, RUNTIME):
+        if not os.path.exists(path):
+            continue
+        st = os.stat(path)
+        if st.st_uid != os.getuid():
+            return Fail("cache-owner", "%s on HOST belongs to uid %d, not to %s"
+                        % (path, st.st_uid, user_name()),
+                        hint="Point tether at a folder of your own there: run "
+                             "`TETHER_REMOTE_CACHE=DIR tether up HOST` on this machine.",
+                        folder=path, cache_fix=writable_elsewhere())
+    kind = unwritable(ROOT)
+    return cache_fail(kind, ROOT) if kind else None
+
+
+def ensure_root():
+    """The root and its runtime folder exist, are this user's, are writable and are 0700
+    (tightened where something else left them open: they hold the token and launch records)."""
+    problem = root_problem()
+    if problem is not None:
+        raise problem
+    try:
+        ensure_dir(ROOT)
+        for path in (ROOT, RUNTIME):
+            if os.path.isdir(path) and os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o700)
+        if not probe_write(ROOT):
+            raise OSError(errno.EACCES, "cannot write", ROOT)
+    except OSError as e:
+        raise cache_error(e) or e
+
+
+def cache_error(e):
+    """A write under the root that the file system refused, as the Fail that says so."""
+    kinds = {errno.EROFS: "read-only", errno.EACCES: "not-writable", errno.EPERM: "not-writable"}
+    if e.errno not in kinds:
+        return None
+    return cache_fail(kinds[e.errno], ROOT)
 
 
 def gpu_info(query):
@@ -205,10 +347,14 @@ def probe(query_gpu=False):
     info = {
         "os": platform.system(), "release": platform.release(), "machine": platform.machine(),
         "python": sys.executable, "python_version": "%d.%d.%d" % sys.version_info[:3],
-        "root": ROOT, "env": ENV, "free_bytes": free_bytes(ROOT),
+        "root": ROOT, "env": ENV, "free_bytes": free_bytes(ROOT), "need_bytes": need_bytes(False),
         "env_ready": read_marker() is not None,
         "systemd_run": bool(shutil.which("systemd-run")),
     }
+    problem = root_problem() or disk_problem(offline=False)
+    if problem is not None:  # for `tether doctor`: why tether cannot keep its files there
+        info["root_problem"] = dict(problem.data, kind=problem.kind, message=problem.message,
+                                    hint=problem.hint)
     info.update(gpu_info(query_gpu))
     return info
 
@@ -591,7 +737,6 @@ def pins_path():
 
 
 def create_env(wheel):
-    check_disk()
     if os.path.exists(ENV):  # half-built by an interrupted run: start again from scratch
         shutil.rmtree(ENV)
     uv = unpack_uv(PARAMS["uv"]) if PARAMS.get("uv") else ""
@@ -653,6 +798,19 @@ def read_wheel():
     return data
 
 
+def env_updatable():
+    """An environment of this version exists: a new wheel of tether goes into it (no deps)."""
+    return read_marker() is not None and os.path.exists(env_python())
+
+
+def need_wheel():
+    """What the laptop needs to plan the install; checked first: the disk has room for it."""
+    info = install_probe(bool(PARAMS.get("offline")))
+    if not env_updatable():
+        check_disk(offline=bool(PARAMS.get("offline")) or not info["index"]["reachable"])
+    return {"need_wheel": True, "probe": info}
+
+
 def prepare_env():
     """True when the environment is ready; False when the laptop must send the wheel."""
     if env_current():
@@ -665,7 +823,7 @@ def prepare_env():
         receive_files()
         if env_current():  # another run finished it while we waited
             return True
-        if read_marker() is not None and os.path.exists(env_python()):
+        if env_updatable():
             install_wheel(wheel, deps=False)
         else:
             check_needed()
@@ -1487,8 +1645,9 @@ def action_up():
             raise Fail("no-server", "no tether server is running on HOST",
                        hint="Start one with `tether up HOST`.")
         return {"server": public(running[0]), "reused": True, "stale": stale_report()}
+    ensure_root()
     if not prepare_env():
-        return {"need_wheel": True, "probe": install_probe(bool(PARAMS.get("offline")))}
+        return need_wheel()
     running = servers()
     if running:
         return {"server": public(running[0]), "reused": True, "stale": stale_report(),
@@ -1663,8 +1822,9 @@ def action_probe():
 def action_prepare():
     """The environment and kernelspec only, no server: a batch job starts it (Slurm)."""
     check_python()
+    ensure_root()
     if not prepare_env():
-        return {"need_wheel": True, "probe": install_probe(bool(PARAMS.get("offline")))}
+        return need_wheel()
     warnings = []
     python, question = kernel_python(warnings)
     if question is not None:
@@ -1681,7 +1841,11 @@ ACTIONS = {"up": action_up, "status": action_status, "down": action_down, "probe
 def main():
     configure(json.loads(sys.argv[1]))
     try:
-        emit("result", **ACTIONS[PARAMS["action"]]())
+        try:
+            emit("result", **ACTIONS[PARAMS["action"]]())
+        except OSError as e:  # checked up front; a file system can still turn read-only later
+            inside = str(e.filename or "").startswith(ROOT + os.sep) or e.filename == ROOT
+            raise (cache_error(e) if inside else None) or e
     except Fail as e:
         emit("error", kind=e.kind, message=e.message, hint=e.hint, **e.data)
         sys.exit(3)

@@ -59,6 +59,9 @@ class SSHTarget:
     options: tuple[str, ...] = ()
     interactive: bool = False
     ssh: str = field(default_factory=lambda: shutil.which("ssh") or "ssh")
+    # NAME=VALUE pairs every remote command runs with (``env NAME=VALUE command``): the one place
+    # that sets e.g. XDG_CACHE_HOME for tether's files there, since sshd seldom accepts SendEnv
+    remote_env: tuple[tuple[str, str], ...] = ()
 
     def argv(self, *extra: str, command: Sequence[str] | None = None) -> list[str]:
         """The local ``ssh`` argv; ``command`` is a remote argv, quoted for the remote shell."""
@@ -72,6 +75,8 @@ class SSHTarget:
             args += ["-o", "BatchMode=yes"]
         args += [*extra, "--", self.host]
         if command is not None:
+            if self.remote_env:
+                command = ["env", *(f"{k}={v}" for k, v in self.remote_env), *command]
             args.append(shlex.join(command))
         return args
 

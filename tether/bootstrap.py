@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 from tether import __version__
 from tether import _ssh, _wheels
-from tether.config import COLAB_ORIGIN
+from tether.config import COLAB_ORIGIN, REMOTE_CACHE_ENV
 from tether.errors import (
     ConfigError,
     RemoteEnvironmentError,
@@ -92,7 +93,8 @@ class RemoteLayout:
     host itself (:meth:`root`) derive their paths from it. The root is
     ``$XDG_CACHE_HOME/tether``, else ``~/.cache/tether``: it is resolved where it is used, so
     every other entry is relative to it (``{version}`` is tether's version, ``{launch}`` a
-    launch id).
+    launch id). ``TETHER_REMOTE_CACHE`` on the laptop sets that variable for every remote
+    command (:attr:`tether._ssh.SSHTarget.remote_env`).
     """
 
     cache_var: str = "XDG_CACHE_HOME"
@@ -428,7 +430,35 @@ def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
         return ServerNotFoundError(message, hint=f"`tether up {host}` starts one.", **data)
     if kind == "kernel-python":  # a --kernel-python or --conda-env that cannot be used
         return ConfigError(message, hint=hint, **data)
+    fix = str(event.get("cache_fix") or "")
+    if kind in CACHE_KINDS or (kind == "disk" and fix):
+        hint = cache_hint(tether_command(target, "up"), host, fix)
+        data.update(folder=str(event.get("folder") or ""), cache_fix=fix)
     return RemoteEnvironmentError(message, hint=hint, **data)
+
+
+# The agent's failures that another folder for tether's files fixes (TETHER_REMOTE_CACHE).
+CACHE_KINDS = ("read-only", "not-writable", "cache-owner")
+
+
+def tether_command(target: _ssh.SSHTarget, command: str, *extra: str) -> str:
+    """``tether COMMAND HOST ...`` as the user runs it for ``target``: with its -F and -o."""
+    args = ["tether", command, target.host, *extra]
+    if target.config_file:
+        args += ["-F", target.config_file]
+    for opt in target.options:
+        args += ["-o", opt]
+    return shlex.join(args)
+
+
+def cache_hint(command: str, host: str, folder: str) -> str:
+    """The fix for a remote where tether's folder cannot be used: ``command`` (a ``tether up``
+    line) again with TETHER_REMOTE_CACHE set to ``folder``, one the agent found writable."""
+    if folder:
+        return (f"Run `{REMOTE_CACHE_ENV}={shlex.quote(folder)} {command}` to keep tether's "
+                f"files in {folder} on {host} instead.")
+    return (f"Run `{REMOTE_CACHE_ENV}=DIR {command}` with DIR a folder you can write on {host} "
+            "(none of $TMPDIR, /scratch/$USER, /tmp was).")
 
 
 def _sentence(text: str) -> str:

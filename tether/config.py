@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from tether.errors import ConfigError
 COLAB_ORIGIN = "https://colab.research.google.com"
 DEFAULT_PORT = 9999
 TOKEN_ENV = "TETHER_TOKEN"
+# Where tether keeps its files on a remote, given on the laptop: every remote command carries it
+# as XDG_CACHE_HOME (a read-only home; sshd seldom accepts XDG_CACHE_HOME from the client).
+REMOTE_CACHE_ENV = "TETHER_REMOTE_CACHE"
 MIN_TOKEN_BITS = 128
 MIN_DISTINCT_CHARS = 8
 
@@ -44,6 +48,20 @@ def check_origin(origin: str) -> str:
             hint="Give an exact origin such as https://colab.research.google.com (no path, no wildcard).",
         )
     return origin
+
+
+def remote_cache(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$TETHER_REMOTE_CACHE``: the folder every remote command gets as ``XDG_CACHE_HOME``
+    (tether's files then live in ``DIR/tether`` there); None when unset."""
+    value = (os.environ if environ is None else environ).get(REMOTE_CACHE_ENV, "")
+    if not value:
+        return None
+    if not value.startswith("/") or any(c in value for c in "\n\r\0"):
+        raise ConfigError(f"{REMOTE_CACHE_ENV}={value!r}: expected an absolute path on the "
+                          "remote, on one line",
+                          hint=f"Set it to a folder on the remote such as /tmp/tether-cache, "
+                               f"or unset it (`unset {REMOTE_CACHE_ENV}`) for ~/.cache there.")
+    return value
 
 
 def read_token(token_file: Path | None) -> str:

@@ -311,11 +311,12 @@ class Check:
 
 
 async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
-                 local_port: int | None) -> list[Check]:
+                 local_port: int | None, up_command: str = "") -> list[Check]:
     """SSH, Python, disk, GPU driver, environment, ports, then Colab's requests via a tunnel.
 
     ``target`` is the host tether logs in to (a VM, or a cluster's login node); ``backend``
     finds the running runtime there (in attach mode: the doctor starts nothing).
+    ``up_command`` is the `tether up` line for this host that fixes can name.
     """
     checks: list[Check] = []
     t0 = time.monotonic()
@@ -327,7 +328,8 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
         return [Check("ssh", True, f"{time.monotonic() - t0:.2f} s"),
                 Check("python", False, e.message, e.hint)]
     checks.append(Check("ssh", True, f"{target.host} answered in {time.monotonic() - t0:.2f} s"))
-    checks += _probe_checks(target.host, probe)
+    checks += _probe_checks(target.host, probe,
+                            up_command or bootstrap.tether_command(target, "up"))
     checks.append(_port_check(target.host, local_port))
     try:
         running = await backend.running()
@@ -340,8 +342,22 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
     return checks
 
 
-def _probe_checks(host: str, probe: dict[str, Any]) -> list[Check]:
-    free_gib = probe.get("free_bytes", 0) / (1 << 30)
+def _disk_check(host: str, probe: dict[str, Any], up_command: str) -> Check:
+    """Room for tether's files, and a folder it can write: a read-only home has free space."""
+    problem = probe.get("root_problem")
+    if not isinstance(problem, dict):
+        free = int(probe.get("free_bytes") or 0)
+        return Check("disk", True, f"{free / (1 << 30):.1f} GiB free under {probe.get('root')}")
+    fix = str(problem.get("cache_fix") or "")
+    if problem.get("kind") in bootstrap.CACHE_KINDS or fix:
+        hint = bootstrap.cache_hint(up_command, host, fix)
+    else:
+        hint = str(problem.get("hint") or "")
+    return Check("disk", False, str(problem.get("message", "")).replace("HOST", host),
+                 hint.replace("HOST", host))
+
+
+def _probe_checks(host: str, probe: dict[str, Any], up_command: str) -> list[Check]:
     gpus = probe.get("gpus") or []
     if not probe.get("nvidia_smi"):
         gpu = Check("gpu driver", True, "no nvidia-smi: no NVIDIA GPU or driver (CPU only)")
@@ -355,8 +371,7 @@ def _probe_checks(host: str, probe: dict[str, Any]) -> list[Check]:
         Check("python", bool(probe.get("python_ok")),
               f"{probe.get('python')} {probe.get('python_version')} on {probe.get('os')} "
               f"{probe.get('machine')}", probe.get("python_error", "")),
-        Check("disk", free_gib >= 1, f"{free_gib:.1f} GiB free under {probe.get('root')}",
-              "Free at least 1 GiB on the remote."),
+        _disk_check(host, probe, up_command),
         gpu,
         Check("environment", bool(probe.get("env_ready")), str(probe.get("env")),
               f"`tether up {host}` prepares it."),

@@ -24,6 +24,7 @@ user's ``--on-walltime`` hook once, before Slurm kills the job.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -565,13 +566,11 @@ class SlurmJob:
     async def _node_target(self, node: str) -> _ssh.SSHTarget:
         """``ssh NODE`` as the user's config has it if it says how to get there, else via
         ``-J LOGIN``."""
-        base = _ssh.SSHTarget(node, self.login.config_file, self.login.options,
-                              self.login.interactive, self.login.ssh)
+        base = dataclasses.replace(self.login, host=node)  # same options and remote_env
         if await _configured_proxy(base):
             return base
-        return _ssh.SSHTarget(node, self.login.config_file,
-                              (*self.login.options, f"ProxyJump={self.login.host}"),
-                              self.login.interactive, self.login.ssh)
+        return dataclasses.replace(base, options=(*self.login.options,
+                                                  f"ProxyJump={self.login.host}"))
 
     async def _first_node(self) -> str:
         """A node of the partition (to try SSH to); checks that this is a login node."""

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tether import __version__, _ssh
+from tether.config import remote_cache
 from tether.errors import ConfigError, TetherError, sentence
 
 T = TypeVar("T")
@@ -147,8 +148,10 @@ def make_target(host: str, ssh_config: str | None, ssh_opts: tuple[str, ...],
     for opt in ssh_opts:
         if "=" not in opt and " " not in opt:
             raise ConfigError(f"-o {opt}: expected KEY=VALUE")
+    cache = remote_cache()  # checked before any ssh runs (exit 2)
     return _ssh.SSHTarget(host, ssh_config, ssh_opts,
-                          interactive=not batch and _ssh.interactive_default())
+                          interactive=not batch and _ssh.interactive_default(),
+                          remote_env=(("XDG_CACHE_HOME", cache),) if cache else ())
 
 
 VERBOSITY = re.compile(r"-v+|--verbose")

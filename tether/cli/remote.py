@@ -16,7 +16,7 @@ from rich.status import Status as Spinner
 from tether import _ssh, session
 from tether.backends import Backend, slurm
 from tether.backends.direct import DirectHost
-from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions
+from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
 from tether.cli import (
     F,
     Terminated,
@@ -273,11 +273,13 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
             hint = "`tether attach HOST` reconnects (same URL); `tether down HOST` stops them."
         err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
         sys.exit(0)
+    except TetherError as e:
+        raise _cache_hint(e, configs)
     except BaseExceptionGroup as group:  # TaskGroup: report the first real error
         reporter.close()
         first = _first_error(group)
         if first is not None:
-            raise first from None
+            raise _cache_hint(first, configs) from None
         raise
     finally:
         reporter.close()
@@ -292,15 +294,18 @@ def command_for(command: str, backend: Backend) -> str:
     """The tether command line for ``backend``'s runtime, with the user's own -F and -o options
     (and --slurm for a job: without it, attach and down would look for a server on the login
     node and find none)."""
-    target = _target_of(backend)
-    args = ["tether", command, target.host]
-    if isinstance(backend, slurm.SlurmJob):
-        args.append("--slurm")
-    if target.config_file:
-        args += ["-F", target.config_file]
-    for opt in target.options:
-        args += ["-o", opt]
-    return shlex.join(args)
+    extra = ("--slurm",) if isinstance(backend, slurm.SlurmJob) else ()
+    return tether_command(_target_of(backend), command, *extra)
+
+
+def _cache_hint(error: TetherError, configs: list[session.UpConfig]) -> TetherError:
+    """A fix that names TETHER_REMOTE_CACHE: with the `tether up` line the host's backend needs
+    (--slurm for a job)."""
+    for c in configs:
+        if "cache_fix" in error.data and c.backend.host == error.data.get("host"):
+            error.hint = cache_hint(command_for("up", c.backend), c.backend.host,
+                                    str(error.data["cache_fix"]))
+    return error
 
 
 def check_up_options(hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
@@ -498,7 +503,8 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
     opts = remote_options(**kw)
     backend = make_backend(host, kw, opts, attach=True)
-    checks = run(lambda: session.doctor(backend, target, opts, port))
+    checks = run(lambda: session.doctor(backend, target, opts, port,
+                                        up_command=command_for("up", backend)))
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
