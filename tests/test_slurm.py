@@ -294,6 +294,10 @@ async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, t
     cluster.wait_idle()
     hook = testbed.home / "walltime-hook"
     hook.unlink(missing_ok=True)
+    # a server of the login node's own runs too: the job's `release --all` is not about it
+    direct = start_up(testbed, "gpubox")
+    assert direct.info, direct.stop() and direct.stderr()
+    direct.stop()
     up = start(slurm_config, "--time", "1", "--walltime-signal", "30",
                "--on-walltime", f"echo saved > {hook}", "--port", str(free_port()))
     try:

@@ -182,6 +182,12 @@ def test_status_and_doctor(prepared: Prepared, testbed: SSHBed) -> None:
     for name in ("ssh", "python", "disk", "gpu driver", "environment", "server", "tunnel",
                  "token accepted", "kernelspec python3", "kernel runs code"):
         assert checks[name]["ok"], checks[name]
+    # the server runs as a user with no delegated cgroup: said, with the fix, not a failure
+    verified = checks["verified release"]
+    assert verified["ok"] and verified["warn"] and "no kernel cgroup" in verified["detail"]
+    assert "Delegate=yes" in verified["hint"], verified
+    text = run_tether(testbed, "doctor", "gpubox", "--port", str(free_port()))
+    assert text.returncode == 0 and "! verified release: no kernel cgroup" in text.stdout, text.stdout
 
 
 def test_serve_options_reach_the_remote_server(prepared: Prepared, testbed: SSHBed) -> None:

@@ -308,6 +308,7 @@ class Check:
     ok: bool
     detail: str = ""
     hint: str = ""
+    warn: bool = False  # works, with a limit the user may want to lift (the hint says how)
 
 
 async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
@@ -413,7 +414,24 @@ async def _replay_checks(backend: Backend) -> list[Check]:
         return [Check("tunnel", False, e.message, e.hint)]
     try:
         found = await replay(f"http://127.0.0.1:{forward.local_port}", server.token)
+        verified = await _verified_release_check(forward.local_port, server.token)
     finally:
         await tunnel.aclose()
-    return [Check("tunnel", True, forward.spec)] + [Check(c.name, c.ok, c.detail, c.hint)
-                                                    for c in found]
+    return [Check("tunnel", True, forward.spec),
+            *(Check(c.name, c.ok, c.detail, c.hint) for c in found), verified]
+
+
+async def _verified_release_check(port: int, token: str) -> Check:
+    """Whether a release can be verified there: a cgroup per kernel (else a process that left
+    its kernel's group with `env -i setsid` goes unseen), and how to get one."""
+    try:
+        reply = await _http.get(port, "/tether/api/kernels", token)
+    except _http.NoAnswer as e:
+        return Check("verified release", False, e.message)
+    cgroup = (reply.body or {}).get("server", {}).get("cgroup") if reply.ok else None
+    if cgroup:
+        return Check("verified release", True, f"a cgroup per kernel under {cgroup}")
+    return Check("verified release", True, "no kernel cgroup here: releases end what they find "
+                 "but cannot prove nothing escaped", "Start the server in a delegated cgroup: "
+                 "`systemd-run --user --scope -p Delegate=yes tether serve` on the host "
+                 "(docs/kernels-and-gpu.md#verified-release-a-cgroup-per-kernel).", warn=True)

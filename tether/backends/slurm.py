@@ -294,7 +294,9 @@ def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
 r={REMOTE_LAYOUT.root_expr()}
 d="$r/slurm/{nonce}"
 t="$r/{env}/bin/tether"
-export JUPYTER_RUNTIME_DIR="$d" JUPYTER_PATH="$r/{REMOTE_LAYOUT.jupyter_path}"
+# the job's server is the only one in its commands' scope (a login node's own is not)
+export JUPYTER_RUNTIME_DIR="$d" {bootstrap.SCOPE_ENV}="$d"
+export JUPYTER_PATH="$r/{REMOTE_LAYOUT.jupyter_path}"
 unset XDG_RUNTIME_DIR JUPYTER_TOKEN TETHER_TOKEN
 if [ ! -x "$t" ]; then
   echo "tether-error: $t is not on $(hostname): the job does not see the login node's home" \\

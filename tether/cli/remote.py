@@ -509,9 +509,9 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
         print_json([c.__dict__ for c in checks])
     else:
         for c in checks:
-            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
-            out.print(f"{mark} {c.name}: {c.detail}" + (f"\n    → {c.hint}" if not c.ok and c.hint
-                                                       else ""))
+            mark = "[red]✗[/]" if not c.ok else "[yellow]![/]" if c.warn else "[green]✓[/]"
+            out.print(f"{mark} {c.name}: {c.detail}" + (
+                f"\n    → {c.hint}" if (not c.ok or c.warn) and c.hint else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)
 

@@ -218,6 +218,7 @@ class Lifecycle:
                             "idle": verdict.to_json(now) if verdict else None})
         policy = monitor.policy if monitor else None
         return {"server": {"pid": os.getpid(), "instance": self.ctx.instance,
+                           "cgroup": self.ctx.cgroup,  # "" where releases cannot be verified
                            "started": self.started, "uptime": round(now - self.started, 1),
                            "idle_timeout": policy.idle_timeout if policy else 0,
                            "gpu_idle_timeout": policy.gpu_idle_timeout if policy else 0,
