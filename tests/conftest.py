@@ -24,6 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 READY_DEADLINE = 60.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests by kind: a module named ``test_*_units.py`` needs nothing but this checkout; every
+    other one is ``integration`` (a real sshd, Slurm, Chromium, jupyter_server or kernels), so
+    ``pytest -m "not integration"`` runs the fast ones alone."""
+    for item in items:
+        if not item.path.name.endswith("_units.py"):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _pids_pinned_per_test() -> None:
     """A pid a test names is pinned to its process within that test only (kernel_client)."""
