@@ -227,12 +227,14 @@ def test_platform_tags_follow_the_remotes_libc_and_python() -> None:
         _wheels.Platform("Darwin", "arm64", "", "", "3.11").platform_tags()
 
 
+@pytest.mark.parametrize("resolver", ["uv", "pip"])
 def test_a_laptop_without_index_or_cache_names_what_to_download(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resolver: str) -> None:
     """No index (pip pointed at an empty one, no network allowed) and an empty cache: one
     error whose hint is the pip download to run elsewhere and the folder for its files."""
     import asyncio
     monkeypatch.setenv(_wheels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(_wheels.RESOLVER_ENV, resolver)
     empty = tmp_path / "index"
     empty.mkdir()
     monkeypatch.setenv("PIP_INDEX_URL", empty.as_uri())

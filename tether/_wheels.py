@@ -3,10 +3,16 @@
 Preparing a remote installs one pinned set of packages, whichever installer runs there (``uv``,
 or ``pip`` where uv cannot run) and wherever the files come from (the remote's index, or this
 laptop for a host with no index). The set is resolved here, once per requirement set and remote
-platform, by pip's own resolver for the remote's tags (``pip install --dry-run --report``
-with ``--platform/--python-version/--implementation/--abi``), and kept as a lock: name, version,
-file, URL and sha256 of every wheel, ``uv`` included (tether ships uv's wheel itself, so the
-remote needs neither sudo nor a recent pip).
+platform, and kept as a lock: name, version, file, URL and sha256 of every wheel, ``uv``
+included (tether ships uv's wheel itself, so the remote needs neither sudo nor a recent pip).
+
+The resolver is uv (``uv pip compile --format pylock.toml --python-platform ... --python-version
+...``; the ``uv`` package is a dependency of tether, else one on PATH): it evaluates environment
+markers for the remote, not for this laptop, and takes well under a second. Where no uv runs here,
+or the remote is one uv has no platform name for (glibc < 2.17, musl 1.1, ppc64le, ...), pip's
+resolver does it (``pip install --dry-run --report`` with ``--platform/--python-version/
+--implementation/--abi``), which is slower and evaluates markers with this laptop's values.
+Both read the index settings pip would use here (pip.conf, ``PIP_*``), so both ask one index.
 
 The cache (``$TETHER_WHEEL_CACHE``, else ``<user cache>/tether/wheel-cache``) holds
 ``locks/<key>.json`` and ``wheels/<file>``; every file is written to a temporary name and
@@ -19,6 +25,8 @@ the ``pip download`` to run elsewhere and the folder to put its files in.
 from __future__ import annotations
 
 import asyncio
+import configparser
+import functools
 import hashlib
 import importlib.util
 import json
@@ -28,7 +36,9 @@ import shlex
 import shutil
 import sys
 import tempfile
+import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +52,7 @@ from tether.errors import RemoteEnvironmentError
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TETHER_WHEEL_CACHE"
+RESOLVER_ENV = "TETHER_RESOLVER"  # "uv" or "pip"; unset: uv where one runs here, else pip
 LOCK_SCHEMA = 1
 RESOLVE_TIMEOUT = 300.0
 DOWNLOAD_TIMEOUT = 120.0  # per file, per read
@@ -49,6 +60,10 @@ DOWNLOADS_AT_ONCE = 4
 UV = "uv"
 CHUNK = 1 << 20
 OLDEST_GLIBC = 5  # manylinux1 is glibc 2.5
+# the glibc minors uv names in --python-platform (uv 0.8 to 0.13: x86_64/aarch64-manylinux_2_N)
+UV_GLIBC = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
+UV_ARCHES = ("x86_64", "aarch64")
+UV_OLDEST = (0, 8)  # pylock.toml output, the manylinux_2_3x platforms
 
 OnStep = Callable[[dict[str, Any]], None]
 
@@ -95,6 +110,34 @@ class Platform:
         tags = [f"manylinux_2_{m}_{arch}" for m in range(minor, OLDEST_GLIBC - 1, -1)]
         legacy = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
         return tags + [f"{name}_{arch}" for name, need in legacy.items() if minor >= need]
+
+    def uv_platform(self) -> str | None:
+        """uv's ``--python-platform`` for this remote: the newest it names that the remote's
+        libc accepts, or None where uv names none (pip's resolver takes over there)."""
+        if self.system != "Linux" or self.implementation != "cp" or self.machine not in UV_ARCHES:
+            return None
+        major, _, minor_s = (self.libc_version or "").partition(".")
+        minor = int(minor_s.split(".")[0]) if minor_s.split(".")[0].isdigit() else -1
+        if self.libc == "musl":  # uv's musl targets take musllinux_1_2 wheels
+            return f"{self.machine}-unknown-linux-musl" if major == "1" and minor >= 2 else None
+        if self.libc != "glibc" or major != "2":
+            return None
+        named = [m for m in UV_GLIBC if m <= minor]
+        return f"{self.machine}-manylinux_2_{named[-1]}" if named else None
+
+    def tag_ranks(self) -> dict[tuple[str, str, str], int]:
+        """(python, abi, platform) tags the remote installs, most specific first (the order
+        pip and uv prefer them in), each with its rank."""
+        nodot = self.python.replace(".", "")
+        minor = int(self.python.split(".")[1])
+        cp, plats = f"cp{nodot}", [*self.platform_tags(), "any"]
+        tags = [(cp, cp, p) for p in plats[:-1]]
+        tags += [(f"cp3{m}", "abi3", p) for m in range(minor, 1, -1) for p in plats[:-1]]
+        tags += [(cp, "none", p) for p in plats[:-1]]
+        pys = [f"py{nodot}", "py3", *(f"py3{m}" for m in range(minor - 1, -1, -1))]
+        tags += [(py, "none", p) for p in plats[:-1] for py in pys]
+        tags += [(cp, "none", "any")] + [(py, "none", "any") for py in pys]
+        return {tag: rank for rank, tag in enumerate(tags)}
 
     def pip_args(self) -> list[str]:
         nodot = self.python.replace(".", "")
@@ -240,10 +283,11 @@ def _pip() -> list[str]:
                            "remote's packages", hint="Install pip (`python3 -m ensurepip`).")
 
 
-async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
+async def _run(argv: list[str], timeout: float, env: Mapping[str, str] | None = None,
+               cwd: str | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
+                                                stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
@@ -274,8 +318,7 @@ async def _resolve(platform: Platform, requirements: Sequence[str], offline: boo
     return status, err, data
 
 
-def _lock_from_report(key: str, platform: Platform, requirements: Sequence[str],
-                      report: Mapping[str, Any]) -> Lock:
+def _pins_from_report(report: Mapping[str, Any]) -> list[Pinned]:
     packages = []
     for item in report.get("install", []):
         info = item.get("download_info") or {}
@@ -284,11 +327,38 @@ def _lock_from_report(key: str, platform: Platform, requirements: Sequence[str],
         meta = item.get("metadata") or {}
         packages.append(Pinned(str(meta.get("name")), str(meta.get("version")),
                                url.rsplit("/", 1)[-1].split("#")[0], url, sha))
-    missing = [p.name for p in packages if not p.sha256 or not p.file.endswith(".whl")]
+    return _checked(packages)
+
+
+def _checked(packages: list[Pinned], missing: Sequence[str] = ()) -> list[Pinned]:
+    missing = [*missing, *(p.name for p in packages
+                           if not p.sha256 or not p.file.endswith(".whl"))]
     if missing:
         raise LaptopIndexError(f"the index gave no wheel with a sha256 for {', '.join(missing)}",
                                hint="Point pip at an index that serves hashes (PyPI does).")
-    return Lock(key, platform.describe, tuple(requirements), tuple(packages), time.time())
+    return packages
+
+
+async def _resolve_with_pip(platform: Platform, reqs: Sequence[str]) -> list[Pinned]:
+    status, err, report = await _resolve(platform, reqs, offline=False)
+    if status != 0 and "no such option" in err:
+        raise LaptopIndexError("the pip on this machine is too old to resolve packages for "
+                               "a remote (it needs `pip install --report`, pip >= 22.2)",
+                               hint=f"Upgrade it: `{shlex.join(_pip())} install -U pip`.",
+                               stderr=err)
+    if status != 0:
+        log.info("resolving from the index failed (%s); trying the cached wheels", err)
+        status, _, report = await _resolve(platform, reqs, offline=True)
+    if status != 0:
+        raise _unresolved(platform, reqs, err)
+    return _pins_from_report(report)
+
+
+def _unresolved(platform: Platform, reqs: Sequence[str], err: str) -> LaptopIndexError:
+    return LaptopIndexError(
+        f"this machine could not resolve the packages for a remote ({platform.describe})"
+        f" from a package index or from its wheel cache: {_last(err)}",
+        hint=download_hint(platform, reqs), stderr=err)
 
 
 def download_hint(platform: Platform, requirements: Sequence[str]) -> str:
@@ -297,30 +367,197 @@ def download_hint(platform: Platform, requirements: Sequence[str]) -> str:
             f"files in {wheels_dir()} on this one; or connect this one to an index once.")
 
 
+# -- resolving with uv -------------------------------------------------------------------------
+
+PIP_KEYS = ("index-url", "extra-index-url", "find-links", "trusted-host", "cert", "client-cert",
+            "proxy", "no-index")
+
+
+def _pip_config_files(environ: Mapping[str, str]) -> list[Path]:
+    """pip's configuration files, in the order pip reads them (later ones win)."""
+    xdg_dirs = (environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(os.pathsep)
+    home = Path(environ.get("HOME") or Path.home())
+    xdg_home = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+    paths = [*(Path(d) / "pip" / "pip.conf" for d in reversed(xdg_dirs)), Path("/etc/pip.conf"),
+             Path("/Library/Application Support/pip/pip.conf"),
+             Path(environ.get("ProgramData") or "C:/ProgramData") / "pip" / "pip.ini",
+             home / ".pip" / "pip.conf", xdg_home / "pip" / "pip.conf",
+             home / "Library" / "Application Support" / "pip" / "pip.conf",
+             Path(environ.get("APPDATA") or home) / "pip" / "pip.ini",
+             Path(sys.prefix) / "pip.conf"]
+    extra = environ.get("PIP_CONFIG_FILE")
+    return [*paths, Path(extra)] if extra else paths
+
+
+def pip_index_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The index settings pip would use on this machine (its configuration files, then
+    ``PIP_*``), so that uv, which does not read pip's configuration, asks the same index."""
+    env = os.environ if environ is None else environ
+    found: dict[str, str] = {}
+    if env.get("PIP_CONFIG_FILE") != os.devnull:  # pip: no configuration files at all
+        for path in _pip_config_files(env):
+            parser = configparser.RawConfigParser()
+            try:
+                if not path.is_file() or not parser.read(path):
+                    continue
+            except (configparser.Error, OSError, UnicodeDecodeError) as e:
+                log.info("ignoring %s: %s", path, e)
+                continue
+            for section in ("global", "install"):
+                for key in PIP_KEYS:
+                    if parser.has_option(section, key):
+                        found[key] = parser.get(section, key)
+    for key in PIP_KEYS:
+        name = "PIP_" + key.upper().replace("-", "_")
+        if name in env:  # set, even empty, overrides the files (as in pip)
+            found[key] = env[name]
+    return found
+
+
+def uv_index_args(settings: Mapping[str, str]) -> list[str]:
+    """uv's flags for pip's index settings; every index is searched for the best version, as
+    pip does (uv's default takes each package from the first index that has it)."""
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        args = ["--no-index"]
+    else:
+        args = ["--index-strategy", "unsafe-best-match"]
+        if settings.get("index-url", "").strip():
+            args += ["--index-url", settings["index-url"].strip()]
+        for url in settings.get("extra-index-url", "").split():
+            args += ["--extra-index-url", url]
+    for link in settings.get("find-links", "").split():
+        if "://" in link or os.path.isdir(link):
+            args += ["--find-links", link]
+    for host in settings.get("trusted-host", "").split():
+        args += ["--allow-insecure-host", host]
+    return args
+
+
+def uv_env(settings: Mapping[str, str]) -> dict[str, str]:
+    env = dict(os.environ, UV_NO_PROGRESS="1")
+    for key, var in (("cert", "SSL_CERT_FILE"), ("client-cert", "SSL_CLIENT_CERT")):
+        if settings.get(key, "").strip() and var not in env:
+            env[var] = settings[key].strip()
+    if settings.get("proxy", "").strip():
+        for var in ("HTTPS_PROXY", "HTTP_PROXY"):
+            env.setdefault(var, settings["proxy"].strip())
+    return env
+
+
+@functools.cache
+def uv_binary() -> tuple[str, str]:
+    """(path, "") of a uv that runs here and writes pylock files, else ("", why not)."""
+    try:
+        from uv import find_uv_bin
+        found = find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        found = shutil.which(UV) or ""
+    if not found:
+        return "", "no uv on this machine"
+    try:
+        out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout.split()
+        version = tuple(int(x) for x in out[1].split(".")[:2])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return "", f"{found} does not run ({e})"
+    if version < UV_OLDEST:
+        return "", f"{found} is uv {out[1]}, older than {'.'.join(map(str, UV_OLDEST))}"
+    return found, ""
+
+
+def _uv_or_why(platform: Platform) -> tuple[str, str]:
+    choice = os.environ.get(RESOLVER_ENV, "").strip().lower()
+    if choice == "pip":
+        return "", f"{RESOLVER_ENV}=pip"
+    if platform.uv_platform() is None:
+        return "", f"uv names no platform for {platform.describe}"
+    return uv_binary()
+
+
+async def _uv_compile(uv: str, platform: Platform, reqs: Sequence[str], offline: bool
+                      ) -> tuple[int, str, dict[str, Any]]:
+    settings = {} if offline else pip_index_settings()
+    with tempfile.TemporaryDirectory(prefix="tether-resolve-") as tmp:
+        (Path(tmp) / "requirements.in").write_text("\n".join(reqs) + "\n")
+        out = Path(tmp) / "pylock.toml"
+        argv = [uv, "pip", "compile", "requirements.in", "--output-file", str(out),
+                "--format", "pylock.toml", "--python-platform", str(platform.uv_platform()),
+                "--python-version", platform.python, "--python", sys.executable,
+                "--only-binary", ":all:", "--no-header", "--no-annotate", "--quiet"]
+        if offline:
+            argv += ["--no-index", "--find-links", str(wheels_dir()), "--offline"]
+        else:
+            argv += uv_index_args(settings)
+        # the temporary folder as cwd: no pyproject.toml or uv.toml of the user's project applies
+        status, err = await _run(argv, RESOLVE_TIMEOUT, env=uv_env(settings), cwd=tmp)
+        data = tomllib.loads(out.read_text()) if status == 0 and out.is_file() else {}
+    return status, err, data
+
+
+def wheel_tags(file: str) -> set[tuple[str, str, str]]:
+    """The (python, abi, platform) tags a wheel's file name declares (expanded)."""
+    py, abi, plat = file.removesuffix(".whl").split("-")[-3:]
+    return {(p, a, t) for p in py.split(".") for a in abi.split(".") for t in plat.split(".")}
+
+
+def best_wheel(platform: Platform, wheels: Sequence[Mapping[str, Any]]
+               ) -> Mapping[str, Any] | None:
+    """The wheel the remote's installer would prefer of those uv listed (all install there)."""
+    ranks = platform.tag_ranks()
+
+    def rank(wheel: Mapping[str, Any]) -> int:
+        file = str(wheel.get("url") or wheel.get("path") or "").rsplit("/", 1)[-1]
+        return min((ranks[t] for t in wheel_tags(file) if t in ranks), default=len(ranks))
+
+    return min(wheels, key=rank, default=None)
+
+
+def _pins_from_pylock(platform: Platform, pylock: Mapping[str, Any]) -> list[Pinned]:
+    packages, missing = [], []
+    for item in pylock.get("packages", []):
+        wheel = best_wheel(platform, item.get("wheels") or [])
+        if wheel is None:
+            missing.append(str(item.get("name")))
+            continue
+        url = str(wheel.get("url") or "")
+        if not url and wheel.get("path"):
+            url = Path(str(wheel["path"])).resolve().as_uri()
+        sha = str((wheel.get("hashes") or {}).get("sha256") or "")
+        packages.append(Pinned(str(item.get("name")), str(item.get("version")),
+                               url.rsplit("/", 1)[-1].split("#")[0], url, sha))
+    return _checked(packages, missing)
+
+
+async def _resolve_with_uv(uv: str, platform: Platform, reqs: Sequence[str]) -> list[Pinned]:
+    status, err, pylock = await _uv_compile(uv, platform, reqs, offline=False)
+    if status != 0:
+        log.info("resolving from the index with uv failed (%s); trying the cached wheels", err)
+        status, _, pylock = await _uv_compile(uv, platform, reqs, offline=True)
+    if status != 0:
+        raise _unresolved(platform, reqs, err)
+    return _pins_from_pylock(platform, pylock)
+
+
+# -- the lock ----------------------------------------------------------------------------------
+
 async def lock_for(platform: Platform, on_step: OnStep | None = None,
                    requirements: Sequence[str] | None = None) -> Lock:
-    """The lock for ``platform``: from the cache, else resolved (index, then cached wheels)."""
+    """The lock for ``platform``: from the cache, else resolved (index, then cached wheels),
+    with uv where one runs here, else with pip (one line says so)."""
     reqs = list(requirements or tether_requirements())
     key = lock_key(platform, reqs)
     found = read_lock(key)
     if found is not None:
         return found
-    with _Step(on_step, "resolve", f"resolving packages for {platform.describe} (laptop)"):
-        status, err, report = await _resolve(platform, reqs, offline=False)
-        if status != 0 and "no such option" in err:
-            raise LaptopIndexError("the pip on this machine is too old to resolve packages for "
-                                   "a remote (it needs `pip install --report`, pip >= 22.2)",
-                                   hint=f"Upgrade it: `{shlex.join(_pip())} install -U pip`.",
-                                   stderr=err)
-        if status != 0:
-            log.info("resolving from the index failed (%s); trying the cached wheels", err)
-            status, err2, report = await _resolve(platform, reqs, offline=True)
-        if status != 0:
-            raise LaptopIndexError(
-                f"this machine could not resolve the packages for a remote ({platform.describe})"
-                f" from a package index or from its wheel cache: {_last(err)}",
-                hint=download_hint(platform, reqs), stderr=err)
-        lock = _lock_from_report(key, platform, reqs, report)
+    uv, why = _uv_or_why(platform)
+    if not uv and on_step is not None:
+        on_step({"event": "step", "key": "resolver", "state": "done", "seconds": 0.0,
+                 "label": f"resolving with pip, slower: {why}"})
+    label = f"resolving packages for {platform.describe} (laptop, {'uv' if uv else 'pip'})"
+    with _Step(on_step, "resolve", label):
+        packages = await (_resolve_with_uv(uv, platform, reqs) if uv
+                          else _resolve_with_pip(platform, reqs))
+        lock = Lock(key, platform.describe, tuple(reqs), tuple(packages), time.time())
     _write_atomic(cache_dir() / "locks" / f"{key}.json",
                   json.dumps(lock.to_json(), indent=1).encode())
     return lock
