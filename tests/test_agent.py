@@ -682,3 +682,14 @@ async def test_a_root_left_open_by_something_else_is_made_private(testbed: Any) 
     await bootstrap.call_agent(target, bootstrap.RemoteOptions(), "prepare")
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+
+
+def test_uv_searches_every_index_as_pip_and_the_lock_did(agent: Any) -> None:
+    """The laptop's lock is resolved over every index (pip's way); uv on the remote stops at the
+    first index that has a package unless told otherwise, and a pin only a later index has
+    (tornado 6.6.1 beside a mirror with 6.5.10 here) would not be found."""
+    online = agent.install_argv("uv", "/uv", "/py", False, "/pins")
+    at = online.index("--index-strategy")
+    assert online[at + 1] == "unsafe-best-match"
+    assert "--index-strategy" not in agent.install_argv("uv", "/uv", "/py", True, "/pins")
+    assert "--index-strategy" not in agent.install_argv("pip", "", "/py", False, "/pins")

@@ -694,7 +694,9 @@ def source_flags(installer, offline):
         return flags + (["--offline", "--no-config"] if installer == "uv" else [])
     if installer != "uv":
         return []
-    settings, flags = pip_settings(), []
+    # pip takes each package from whichever index has the best version, as the laptop's lock
+    # was resolved; uv by default stops at the first index that has the package at all
+    settings, flags = pip_settings(), ["--index-strategy", "unsafe-best-match"]
     if settings["index_url"]:
         flags += ["--index-url", settings["index_url"]]
     for url in settings["extra"]:
