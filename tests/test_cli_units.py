@@ -192,3 +192,23 @@ def test_a_bad_remote_cache_fails_before_any_ssh(args, value):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: TETHER_REMOTE_CACHE={value!r}: "
                                                    "expected an absolute path"), done.stderr
+
+
+def test_serve_imports_neither_the_ssh_side_nor_rich() -> None:
+    """Commands load lazily: every command is in the map, and `serve` pulls in only its own."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from tether.cli import COMMANDS, cli, load_commands\n"
+            "cli.get_command(None, 'serve')\n"
+            "loaded = sorted(sys.modules)\n"
+            "load_commands()\n"
+            "print(json.dumps([loaded, sorted(cli.commands), sorted(COMMANDS)]))\n")
+    loaded, registered, mapped = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert registered == mapped
+    heavy = ("rich", "tether.session", "tether.bootstrap", "tether._ssh", "tether.tunnel",
+             "tether._wheels", "tether.backends", "tether.cli.remote", "tether.cli.kernels")
+    assert not [m for m in loaded if m.split(".")[0] == "rich" or m.startswith(heavy)]

@@ -106,6 +106,22 @@ def fake_old_env(gap: Airgap) -> Path:
     return old
 
 
+def assert_uv_cache_is_tethers(gap: Airgap) -> None:
+    """uv's cache is tether's own, under its root; the user's ~/.cache/uv is never made."""
+    cache = gap.tether_root / "uv-cache"
+    assert cache.is_dir() and any(cache.iterdir()), "uv's cache is not under tether's root"
+    assert not (gap.home / ".cache" / "uv").exists(), "tether wrote to the user's uv cache"
+    log = (gap.tether_root / "install.log").read_text()
+    assert "--compile-bytecode" in log or len(os.sched_getaffinity(0)) < 4
+
+
+def left_in_home(gap: Airgap) -> list[str]:
+    """Every path under the home that /etc/skel did not put there."""
+    skel = {str(p.relative_to("/etc/skel")) for p in Path("/etc/skel").rglob("*")}
+    return sorted(str(p.relative_to(gap.home)) for p in gap.home.rglob("*")
+                  if str(p.relative_to(gap.home)) not in skel)
+
+
 PINS: dict[str, dict[str, str]] = {}
 
 
@@ -125,6 +141,7 @@ async def test_cold_up_with_uv(airgap: Airgap) -> None:
     assert m["pins"] == lock_pins(m["lock"]) and "jupyter_server" in {k.replace("-", "_")
                                                                       for k in m["pins"]}
     assert not old.exists(), "the older environment was not removed"
+    assert_uv_cache_is_tethers(airgap)
     PINS["uv"] = m["pins"]
     print(f"cold up with uv: {up.seconds:.1f} s")
     assert up.seconds < 120
@@ -175,6 +192,7 @@ async def test_airgapped_host_prepared_from_the_laptop(airgap: Airgap) -> None:
     log = (airgap.tether_root / "install.log").read_text()
     installs = [line for line in log.splitlines() if line.startswith("$ ") and " install " in line]
     assert installs and all("--no-index" in line and "--offline" in line for line in installs)
+    assert_uv_cache_is_tethers(airgap)
     print(f"cold up, air-gapped: {up.seconds:.1f} s")
 
     # the kernel's own Python gets ipykernel and psutil the same way (offline, pinned)
@@ -197,15 +215,42 @@ async def test_airgapped_host_prepared_from_the_laptop(airgap: Airgap) -> None:
     assert check.stdout.strip() == m["pins"]["ipykernel"]
 
 
+def test_doctor_says_whether_the_host_reaches_the_index(airgap: Airgap) -> None:
+    """The same bounded connect a cold `up` makes: the air-gapped host is told apart."""
+    for host, want in (("airgap", "no index: the laptop will send the wheels (offline "
+                                  "preparation); airgap cannot reach "),
+                       ("airgap-online", "airgap-online reaches the index (")):
+        doctor = tether(airgap, "doctor", host, "--json", "--port", str(free_port()))
+        checks = [c for c in json.loads(doctor.stdout)]
+        names = [c["name"] for c in checks]
+        assert names.index("environment") < names.index("index") < names.index("local port")
+        index = checks[names.index("index")]
+        assert index["ok"] and index["detail"].startswith(want), (host, index)
+    text = tether(airgap, "doctor", "airgap", "--port", str(free_port())).stdout
+    assert "✓ index: no index: the laptop will send the wheels (offline preparation)" in text
+
+
 def test_status_shows_disk_and_down_purge_removes_envs(airgap: Airgap) -> None:
     status = tether(airgap, "status", "airgap")
     assert status.returncode == 0, status.stderr
     assert f"MiB used under {airgap.tether_root} (1 environment: {ENV})" in status.stdout
     down = tether(airgap, "down", "airgap", "--purge")
     assert down.returncode == 0, down.stderr
-    assert "Removed tether's environments and caches" in down.stderr
-    assert not (airgap.tether_root / ENV).exists()
-    assert not (airgap.tether_root / "wheels").exists()
+    assert "nothing of tether's is left there" in down.stderr, down.stderr
+    # nothing of tether's under the home: its root (envs, uv, uv's cache, wheels, logs,
+    # runtime, kernelspecs) is gone, and the user's own uv cache was never made
+    assert not airgap.tether_root.exists()
+    left = left_in_home(airgap)
+    print("left in the home after down --purge:", sorted({p.split("/")[0] for p in left}))
+    assert not [p for p in left if "tether" in p or p.startswith(".cache/uv")], left
+    # what is left is the user's: ~/.cache (now empty), IPython's history of the kernels run
+    # (~/.ipython), and the venv this test made for --kernel-python (tether installed ipykernel
+    # there only on request), and jupyter_core's marker that it found no old IPython config
+    # to migrate (~/.jupyter/migrated, written by any Jupyter app once ~/.ipython exists)
+    assert not any((airgap.home / ".cache").iterdir())
+    assert {p.split("/")[0] for p in left} <= {".cache", ".ipython", ".jupyter", "kenv"}, \
+        sorted({p.split("/")[0] for p in left})
+    assert [p for p in left if p.startswith(".jupyter")] in ([], [".jupyter", ".jupyter/migrated"])
     after = tether(airgap, "status", "airgap", "--json")
     assert json.loads(after.stdout)["envs"] == []
 

@@ -164,6 +164,13 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert released.returncode == 0, released.stdout + released.stderr
         still = tether(slurm_config, "ps", "-H", "gpubox", "--json")
         assert still.returncode == 0, still.stderr  # the login node's server: untouched
+        # purging the login node's runtime keeps what the running job runs from
+        purged = tether(slurm_config, "down", "gpubox", "--purge")
+        assert purged.returncode == 0 and "kept the environment" in purged.stderr, purged.stderr
+        assert f"`tether down gpubox --slurm -F {slurm_config}` ends them" in purged.stderr
+        assert list(testbed.tether_root.glob("env-*")), "the job's environment was removed"
+        alive = tether(slurm_config, "ps", "-H", "gpubox", "--slurm", "--json")
+        assert alive.returncode == 0, alive.stderr  # the job's server still answers
         down = tether(slurm_config, "down", "gpubox", "--slurm")
         assert down.returncode == 0 and "Cancelled job" in down.stderr, down.stderr
         assert our_jobs(cluster, testbed) == []

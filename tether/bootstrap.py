@@ -110,6 +110,7 @@ class RemoteLayout:
     launch_record: str = "runtime/launch-{launch}.json"  # 0600: launch id and options
     wheels: str = "wheels"  # wheels the laptop sent (uv's; all of them for a host offline)
     uv: str = "uv"  # uv unpacked from its wheel, one folder per version
+    uv_cache: str = "uv-cache"  # UV_CACHE_DIR of tether's installs: ~/.cache/uv is never used
 
     def root(self, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
         """The root on this machine, from ``environ`` (default: this process's)."""
@@ -275,6 +276,12 @@ def agent_command(python: str, params: dict[str, Any]) -> list[str]:
     return ["sh", "-c", _PREFIX, "sh", python, agent_source(), json.dumps(params)]
 
 
+# How a runtime's Slurm job is named and marked: the backend submits it so, and the agent
+# (`down --purge` on a login node) recognises our jobs by it.
+SLURM_JOB_NAME = "tether-runtime"
+SLURM_COMMENT = "tether:"
+
+
 def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dict[str, Any]:
     return {
         "action": action, "version": __version__, "requires_python": requires_python(),
@@ -284,14 +291,25 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
         "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
         "notebook_dir": opts.notebook_dir, "idle_timeout": opts.idle_timeout,
         "serve_args": list(opts.serve_args), "layout": REMOTE_LAYOUT.params(),
-        "offline": opts.offline, "purge": opts.purge, **extra,
+        "offline": opts.offline, "purge": opts.purge,
+        "slurm": {"job_name": SLURM_JOB_NAME, "comment": SLURM_COMMENT}, **extra,
     }
 
 
 # What each agent action does, in the user's words (for messages).
 _WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
          "down": "stopping tether on {host}", "status": "reading the status of {host}",
-         "probe": "checking {host}"}
+         "probe": "checking {host}", "index": "checking whether {host} reaches a package index"}
+
+
+def index_reach(host: str, index: Mapping[str, Any]) -> str:
+    """What the agent's index check (``index`` action, the same bounded connect a cold ``up``
+    makes) means for ``host``, in one line for ``tether doctor``."""
+    url = str(index.get("url") or "the package index")
+    if index.get("reachable"):
+        return f"{host} reaches the index ({url}, {float(index.get('seconds') or 0):.2f} s)"
+    return (f"no index: the laptop will send the wheels (offline preparation); {host} cannot "
+            f"reach {url}: {index.get('why') or 'no answer'}")
 
 
 async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,

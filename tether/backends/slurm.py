@@ -52,8 +52,8 @@ from tether.kernels import Kernels, RemoteKernels
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JOB_NAME = "tether-runtime"
-COMMENT_PREFIX = "tether:"
+JOB_NAME = bootstrap.SLURM_JOB_NAME
+COMMENT_PREFIX = bootstrap.SLURM_COMMENT
 NO_SLURM = 95  # the login node has no sbatch/squeue/scontrol on its PATH
 WATCH_INTERVAL = 10.0
 READY_DEADLINE = 180.0  # from RUNNING to the server's state file

@@ -13,7 +13,7 @@ import click
 from rich.markup import escape
 from rich.status import Status as Spinner
 
-from tether import _ssh, session
+from tether import _ssh, bootstrap, session
 from tether.backends import Backend, slurm
 from tether.backends.direct import DirectHost
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
@@ -442,7 +442,16 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
         err.print(f"Removed a stale state file (pid {stale.get('pid')}: {stale.get('why')}).")
     if "purged" in result:
         freed = int(result["purged"].get("removed_bytes") or 0)
-        err.print(f"Removed tether's environments and caches on {host} ({freed / 2**20:.0f} MiB).")
+        kept = result["purged"].get("kept_for_jobs") or []
+        if kept:
+            err.print(f"Removed tether's caches and logs on {host} ({freed / 2**20:.0f} MiB); "
+                      f"kept the environment and the folders of {len(kept)} Slurm job(s) of "
+                      f"yours still queued or running there "
+                      f"(`{tether_command(_target_of(backend), 'down', '--slurm')}` ends them; "
+                      "`--purge` again then removes the rest).")
+        else:
+            err.print(f"Removed tether's environments, caches and logs on {host} "
+                      f"({freed / 2**20:.0f} MiB): nothing of tether's is left there.")
     left = result.get("left", [])
     for row in left:
         err.print(f"  still running: pid {row.get('pid')} {row.get('name')} "
@@ -503,8 +512,7 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
     opts = remote_options(**kw)
     backend = make_backend(host, kw, opts, attach=True)
-    checks = run(lambda: session.doctor(backend, target, opts, port,
-                                        up_command=command_for("up", backend)))
+    checks = run(lambda: _doctor(backend, target, opts, port))
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
@@ -514,6 +522,23 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
                 f"\n    → {c.hint}" if (not c.ok or c.warn) and c.hint else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)
+
+
+async def _doctor(backend: Backend, target: _ssh.SSHTarget, opts: RemoteOptions,
+                  port: int | None) -> list[session.Check]:
+    """session.doctor's checks, with whether the host reaches its package index before the
+    local port's (either answer is fine: without one, `up` sends the laptop's wheels)."""
+    checks = await session.doctor(backend, target, opts, port,
+                                  up_command=command_for("up", backend))
+    if not checks or checks[0].name != "ssh" or not checks[0].ok or len(checks) < 3:
+        return checks
+    try:
+        result = await bootstrap.call_agent(target, opts, "index")
+        index = session.Check("index", True, bootstrap.index_reach(target.host, result["index"]))
+    except TetherError as e:
+        index = session.Check("index", False, e.message, e.hint)
+    at = next((i for i, c in enumerate(checks) if c.name == "local port"), len(checks))
+    return [*checks[:at], index, *checks[at:]]
 
 
 def _show_slurm_down(host: str, result: dict[str, Any]) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from tether.cli import F, cli, err, out, print_json
+from tether.cli import F, cli, print_json
 from tether.config import (
     COLAB_ORIGIN,
     DEFAULT_GPU_IDLE_TIMEOUT,
@@ -18,12 +19,19 @@ from tether.config import (
     ServeConfig,
     read_token,
 )
-from tether.remote.state import ServerState
+
+if TYPE_CHECKING:
+    from tether.remote.state import ServerState
 
 LNA_HINT = (
     "Chrome may ask to let colab.research.google.com access devices on your local network: "
     "allow it, or the connection fails."
 )
+
+
+def say(line: str) -> None:
+    """One line for humans, on stderr."""
+    click.echo(line, err=True)
 
 
 def serve_options(f: F) -> F:
@@ -108,8 +116,9 @@ def serve(
         log_level=ctx.obj["log_level"],
     )
     os.environ.pop(TOKEN_ENV, None)  # kernels inherit the environment: keep the token out of it
+    # click, not rich, prints here: ready() runs on the server's loop before its first request
     if os.geteuid() == 0:
-        err.print("[yellow]warning:[/] running as root; kernels will run as root too.")
+        say(click.style("warning:", fg="yellow") + " running as root; kernels will run as root too.")
 
     def ready(state: ServerState) -> None:
         if as_json:
@@ -117,15 +126,15 @@ def serve(
                         "status_url": state.status_url})
             return
         if state.sock:
-            err.print(f"Jupyter server ready on socket {state.sock} (pid {state.pid}).")
-            err.print("Forward it to a local port, e.g. with `tether up HOST` from your laptop.")
+            say(f"Jupyter server ready on socket {state.sock} (pid {state.pid}).")
+            say("Forward it to a local port, e.g. with `tether up HOST` from your laptop.")
             return
-        err.print(f"[green]Colab runtime ready[/] (pid {state.pid}). In Colab: Connect > "
-                  "Connect to a local runtime, and paste:")
-        out.print(state.colab_url)
-        err.print(LNA_HINT)
-        err.print(f"Kernels, GPU memory and Release buttons: {state.url.rstrip('/')}/tether/"
-                  "?token=… (same token)")
-        err.print("Ctrl-C stops the server and shuts its kernels down.")
+        say(click.style("Colab runtime ready", fg="green") + f" (pid {state.pid}). In Colab: "
+            "Connect > Connect to a local runtime, and paste:")
+        click.echo(state.colab_url)
+        say(LNA_HINT)
+        say(f"Kernels, GPU memory and Release buttons: {state.url.rstrip('/')}/tether/"
+            "?token=… (same token)")
+        say("Ctrl-C stops the server and shuts its kernels down.")
 
     run_server(cfg, ready)
