@@ -1871,7 +1871,10 @@ def action_down():
 
 
 def action_probe():
+    """For `tether doctor`: the host's facts, and whether it reaches its package index (else a
+    cold `up` prepares it from wheels the laptop sends)."""
     info = probe(query_gpu=True)
+    info["index"] = index_check()
     info["python_ok"] = True
     try:
         check_python()
@@ -1900,14 +1903,8 @@ def action_prepare():
             "warnings": warnings}
 
 
-def action_index():
-    """For `tether doctor`: whether this host reaches its package index (else a cold `up`
-    prepares it from wheels the laptop sends)."""
-    return {"index": index_check()}
-
-
 ACTIONS = {"up": action_up, "status": action_status, "down": action_down, "probe": action_probe,
-           "prepare": action_prepare, "index": action_index}
+           "prepare": action_prepare}
 
 
 def main():

@@ -299,7 +299,7 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
 # What each agent action does, in the user's words (for messages).
 _WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
          "down": "stopping tether on {host}", "status": "reading the status of {host}",
-         "probe": "checking {host}", "index": "checking whether {host} reaches a package index"}
+         "probe": "checking {host}"}
 
 
 def index_reach(host: str, index: Mapping[str, Any]) -> str:

@@ -376,6 +376,8 @@ def _probe_checks(host: str, probe: dict[str, Any], up_command: str) -> list[Che
         gpu,
         Check("environment", bool(probe.get("env_ready")), str(probe.get("env")),
               f"`tether up {host}` prepares it."),
+        # either answer is fine: without an index, `up` sends the laptop's wheels
+        Check("index", True, bootstrap.index_reach(host, probe.get("index") or {})),
     ]
 
 

@@ -13,7 +13,7 @@ import click
 from rich.markup import escape
 from rich.status import Status as Spinner
 
-from tether import _ssh, bootstrap, session
+from tether import _ssh, session
 from tether.backends import Backend, slurm
 from tether.backends.direct import DirectHost
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
@@ -512,7 +512,8 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
     opts = remote_options(**kw)
     backend = make_backend(host, kw, opts, attach=True)
-    checks = run(lambda: _doctor(backend, target, opts, port))
+    checks = run(lambda: session.doctor(backend, target, opts, port,
+                                        up_command=command_for("up", backend)))
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
@@ -522,23 +523,6 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
                 f"\n    → {c.hint}" if (not c.ok or c.warn) and c.hint else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)
-
-
-async def _doctor(backend: Backend, target: _ssh.SSHTarget, opts: RemoteOptions,
-                  port: int | None) -> list[session.Check]:
-    """session.doctor's checks, with whether the host reaches its package index before the
-    local port's (either answer is fine: without one, `up` sends the laptop's wheels)."""
-    checks = await session.doctor(backend, target, opts, port,
-                                  up_command=command_for("up", backend))
-    if not checks or checks[0].name != "ssh" or not checks[0].ok or len(checks) < 3:
-        return checks
-    try:
-        result = await bootstrap.call_agent(target, opts, "index")
-        index = session.Check("index", True, bootstrap.index_reach(target.host, result["index"]))
-    except TetherError as e:
-        index = session.Check("index", False, e.message, e.hint)
-    at = next((i for i, c in enumerate(checks) if c.name == "local port"), len(checks))
-    return [*checks[:at], index, *checks[at:]]
 
 
 def _show_slurm_down(host: str, result: dict[str, Any]) -> None:
