@@ -99,6 +99,7 @@ class ConsoleReporter:
 
     def ready(self, runtime: session.Runtime) -> None:
         self.close()
+        self.shown = ""  # (the steps are done: a prompt after this brings back no step's line)
         self.ready_hosts.append(runtime.host)
         self.runtimes[runtime.host] = runtime
         for warning in runtime.warnings:
