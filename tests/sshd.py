@@ -43,6 +43,7 @@ def bed_name(base: str) -> str:
 REMOTE_USER = bed_name("tether-remote")
 NOPYTHON_USER = bed_name("tether-nopy")
 OTHER_USER = bed_name("tether-other")  # a second Unix user on the same machine
+PASSWORD_USER = bed_name("tether-pw")  # logs in with a password only (host ``pwhost``)
 READY_DEADLINE = 15.0
 # One test bed at a time per name: they share the remote user, whose processes a starting
 # bed ends. Concurrent pytest runs (or a bench) wait here instead of killing each other's work.
@@ -64,6 +65,9 @@ AllowTcpForwarding yes
 AllowStreamLocalForwarding {streamlocal}
 PermitRootLogin prohibit-password
 LogLevel VERBOSE
+Match User {password_user}
+  PasswordAuthentication yes
+  PubkeyAuthentication no
 """
 
 CLIENT_CONFIG = """\
@@ -84,6 +88,12 @@ Host badauth
   HostName 127.0.0.1
   Port {port}
   User tether-nobody
+Host pwhost
+  HostName 127.0.0.1
+  Port {port}
+  User {password_user}
+  PubkeyAuthentication no
+  PreferredAuthentications password,keyboard-interactive
 Host nopython
   HostName 127.0.0.1
   Port {port}
@@ -170,6 +180,14 @@ def ensure_user(name: str = REMOTE_USER) -> pwd.struct_passwd:
     # useradd leaves the account locked ("!"), which sshd refuses even for keys without PAM
     subprocess.run(["usermod", "-p", "*", name], check=True, timeout=30)
     return pwd.getpwnam(name)
+
+
+def password_user(password: str) -> pwd.struct_passwd:
+    """The user of ``pwhost``, whose only way in is ``password`` (sshd: ``Match User``)."""
+    user = ensure_user(PASSWORD_USER)
+    subprocess.run(["chpasswd"], input=f"{PASSWORD_USER}:{password}".encode(), check=True,
+                   timeout=30)
+    return user
 
 
 def kill_user_processes(uid: int, timeout: float = 10.0) -> list[int]:
@@ -345,7 +363,7 @@ def flock_wait(deadline: float = LOCK_DEADLINE, path: Path = LOCK) -> int:
 
 def _start_sshd(dir: Path, port: int, streamlocal: bool = True) -> Sshd:
     cfg = dir / f"sshd_config-{port}"
-    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir,
+    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir, password_user=PASSWORD_USER,
                                       streamlocal="yes" if streamlocal else "no"))
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(dir / f"sshd-{port}.log", "wb"))
@@ -407,7 +425,8 @@ def _start_testbed(lock_fd: int) -> SSHBed:
     (dir / "relay.py").write_text(RELAY)
     config.write_text(CLIENT_CONFIG.format(
         port=ports[0], bastion_port=ports[1], nosock_port=ports[2], closed_port=free_port(),
-        dir=dir, user=user.pw_name, nopython_user=NOPYTHON_USER, python=sys.executable))
+        dir=dir, user=user.pw_name, nopython_user=NOPYTHON_USER, python=sys.executable,
+        password_user=PASSWORD_USER))
     daemons: list[Sshd] = []
     try:
         daemons.append(_start_sshd(dir, ports[0]))
@@ -525,7 +544,8 @@ class Airgap:
 
 def _start_netns_sshd(dir: Path, netns: str, port: int) -> Sshd:
     cfg = dir / f"sshd_config-{netns}"
-    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir, streamlocal="yes"))
+    cfg.write_text(SSHD_CONFIG.format(port=port, dir=dir, streamlocal="yes",
+                                      password_user=PASSWORD_USER))
     log = dir / f"sshd-{netns}.log"
     # `ip netns exec` execs sshd in place: the pid is sshd's, and all it starts lives there
     proc = subprocess.Popen(["ip", "netns", "exec", netns, SSHD, "-D", "-e", "-f", str(cfg)],

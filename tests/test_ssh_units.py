@@ -11,6 +11,7 @@ import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,81 @@ def test_an_agent_failure_about_its_folder_names_tether_up_with_the_users_option
                       "`TETHER_REMOTE_CACHE=/scratch/u tether up gpubox -F /x/config -o "
                       "Port=2222` to keep tether's files in /scratch/u on gpubox instead.")
     assert e.data["cache_fix"] == "/scratch/u" and e.exit_code == 1
+
+
+# -- tether's ControlMaster (tether._master), without a connection ------------------------------
+
+def test_through_the_master_nothing_prompts_and_nothing_becomes_a_master() -> None:
+    from tether import _master
+
+    t = _ssh.SSHTarget("h", "/x/cfg", ("Port=2",), interactive=True, ssh="ssh")
+    shared = _ssh.SSHTarget("h", "/x/cfg", ("Port=2",), interactive=True, ssh="ssh",
+                            control_path="/run/user/0/tether-1-ab/m")
+    argv = shared.argv(command=["true"])
+    assert argv[argv.index("ControlMaster=no") - 1] == "-o"
+    assert "ControlPath=/run/user/0/tether-1-ab/m" in argv
+    assert "BatchMode=yes" in argv  # a mux client whose master is gone must not ask into a line
+    assert t.prompts and not shared.prompts
+    # the command lines tether prints name the user's options, never tether's socket
+    assert bootstrap.tether_command(shared, "up") == "tether up h -F /x/cfg -o Port=2"
+    assert _master.copy_id_command(shared) == "ssh-copy-id -F /x/cfg -o Port=2 h"
+    note = _master.password_note(shared, "password")
+    assert "ssh-copy-id -F /x/cfg -o Port=2 h" in note and "key" in note
+
+
+def test_the_tunnel_through_a_master_spawns_no_ssh_of_its_own() -> None:
+    from tether import _master
+
+    master = _master.Master(_ssh.SSHTarget("h", ssh="ssh"))
+    master.dir = Path("/tmp/tether-1-ab")
+    master.mode = _master.Mode.OWN
+    fwd = tunnel.Forward(9999, remote_sock="/r/s")
+    assert tunnel.Tunnel(master.target, fwd, "t", master=master).master is master
+    # another host's target (a Slurm node) keeps a connection of its own
+    other = tunnel.Tunnel(_ssh.SSHTarget("node", ssh="ssh"), fwd, "t", master=master)
+    assert other.master is None
+    assert "ControlPath=none" in other.argv()
+
+
+def test_the_socket_folder_is_private_and_short(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    import os
+
+    from tether import _master
+
+    long = tmp_path / ("x" * 120)
+    long.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(long))  # too long for a socket: not used
+    path = _master.runtime_dir()
+    try:
+        assert not path.startswith(str(long))
+        assert len(os.fsencode(path + "/m")) + 17 <= _master.SOCKET_MAX
+        assert os.stat(path).st_mode & 0o777 == 0o700
+        assert f"tether-{os.getpid()}-" in path
+    finally:
+        os.rmdir(path)
+
+
+@pytest.mark.parametrize(("config", "mode"), [
+    ("", "own"),
+    ("  ControlMaster auto\n  ControlPath /tmp/%C\n", "user"),
+    ("  ControlPath /tmp/cm-%C\n", "user"),
+    ("  ControlMaster no\n", "own"),
+])
+def test_the_users_own_controlmaster_is_theirs(tmp_path: Path,
+                                               config: str, mode: str) -> None:
+    from tether import _master
+
+    cfg = tmp_path / "config"
+    cfg.write_text("Host h\n  HostName 127.0.0.1\n" + config)
+    target = _ssh.SSHTarget("h", str(cfg))
+    assert asyncio.run(_master.choose_mode(target)).value == mode
+
+
+def test_the_login_method_is_read_from_the_masters_log() -> None:
+    from tether import _master
+
+    log = (b"Warning: Permanently added '[127.0.0.1]:2222' (ED25519) to the list of known hosts.\n"
+           b'Authenticated to 127.0.0.1 ([127.0.0.1]:2222) using "keyboard-interactive".\n')
+    assert _master._AUTHENTICATED.findall(log) == [b"keyboard-interactive"]
+    assert "keyboard-interactive" in _master.TYPED and "publickey" not in _master.TYPED

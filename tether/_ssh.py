@@ -1,8 +1,9 @@
 """The user's own OpenSSH client, driven as subprocesses.
 
 Everything in the user's SSH setup keeps working because tether never speaks SSH itself: config
-files and ``Include``, ``ProxyJump``/``ProxyCommand``, agents, certificates, ``ControlMaster``
-where the user has it (never required: the Windows client has none). ``-F FILE`` and
+files and ``Include``, ``ProxyJump``/``ProxyCommand``, agents, certificates, the user's own
+``ControlMaster`` where they have one. Otherwise ``tether up`` holds a ControlMaster of its own
+for its lifetime (:mod:`tether._master`; never required: the Windows client has none). ``-F FILE`` and
 ``-o KEY=VALUE`` pass through. Host keys are checked as the user's config says; tether never
 turns checking off.
 
@@ -62,6 +63,14 @@ class SSHTarget:
     # NAME=VALUE pairs every remote command runs with (``env NAME=VALUE command``): the one place
     # that sets e.g. XDG_CACHE_HOME for tether's files there, since sshd seldom accepts SendEnv
     remote_env: tuple[tuple[str, str], ...] = ()
+    # the ControlPath of tether's own ControlMaster to this host (tether._master): every ssh
+    # then runs over that one authenticated connection and never prompts itself
+    control_path: str = ""
+
+    @property
+    def prompts(self) -> bool:
+        """Whether an ssh of this target may ask the user (a passphrase, a password, 2FA)."""
+        return self.interactive and not self.control_path
 
     def argv(self, *extra: str, command: Sequence[str] | None = None) -> list[str]:
         """The local ``ssh`` argv; ``command`` is a remote argv, quoted for the remote shell."""
@@ -70,8 +79,12 @@ class SSHTarget:
             args += ["-F", self.config_file]
         for opt in self.options:
             args += ["-o", opt]
-        if not self.interactive:
-            # no prompt can be answered: fail at once instead of hanging on a hidden one
+        if self.control_path:
+            args += ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
+        if not self.prompts:
+            # no prompt can be answered (or, through the master, none is needed): fail at once
+            # instead of hanging on a hidden one (a mux client whose master is gone connects
+            # directly, and must not ask for a password into the spinner's line)
             args += ["-o", "BatchMode=yes"]
         args += [*extra, "--", self.host]
         if command is not None:
@@ -157,7 +170,8 @@ _children: set[asyncio.subprocess.Process] = set()
 
 async def spawn(target: SSHTarget, argv: list[str], *,
                 stdin: int | None = asyncio.subprocess.PIPE,
-                stdout: int | None = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+                stdout: int | None = asyncio.subprocess.PIPE,
+                stderr: int | None = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
     """Start a local ssh process; a missing ``ssh`` binary is an :class:`SSHError`.
 
     ``wait()`` on the result returns within ``PIPE_GRACE`` of ssh's exit, whoever else holds
@@ -168,10 +182,10 @@ async def spawn(target: SSHTarget, argv: list[str], *,
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(STREAM_LIMIT, loop), *argv,
-            stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+            stdin=stdin, stdout=stdout, stderr=stderr,
             # Non-interactive: Ctrl-C reaches only tether, which ends its children itself.
             # Interactive: ssh keeps the terminal so passphrase and 2FA prompts reach the user.
-            start_new_session=sys.platform != "win32" and not target.interactive,
+            start_new_session=sys.platform != "win32" and not target.prompts,
         )
     except OSError as e:
         raise SSHError(f"cannot run {argv[0]}: {e.strerror}",

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from tether import _http, _ssh, bootstrap, identity
+from tether import _http, _master, _ssh, bootstrap, identity
 from tether._private import private_dir, write_private
 from tether.backends import Backend, Placement
 from tether.bootstrap import ServerInfo
@@ -105,14 +105,41 @@ class Reporter(Protocol):
 
 
 async def up(cfg: UpConfig, reporter: Reporter) -> None:
-    """Prepare, start or find the server, open the tunnel, report, and supervise until cancelled."""
+    """Prepare, start or find the server, open the tunnel, report, and supervise until cancelled.
+
+    One connection to the host for all of it (:mod:`tether._master`), ended with ``up``.
+    """
     check_local_port(cfg.local_port)  # fail before any SSH round trip
+    host = cfg.backend.host
+    master = connection(cfg.backend.target, reporter)
+    try:
+        await master.start()
+        if master.auth_method in _master.TYPED:
+            reporter.note(host, _master.password_note(cfg.backend.target, master.auth_method))
+        cfg.backend.share(master.target)
+        await _up(cfg, reporter, master)
+    finally:
+        await master.aclose()  # bounded; the last, after the forward and a job are gone
+
+
+def connection(target: _ssh.SSHTarget, reporter: Reporter | None = None) -> _master.Master:
+    """The one connection ``up`` (or ``doctor``) holds to the host; the reporter's progress
+    line pauses while ssh asks the user something."""
+    def on_prompt(waiting: bool) -> None:
+        if reporter is not None:
+            reporter.event(target.host, {"event": "prompt",
+                                         "state": "start" if waiting else "done"})
+
+    return _master.Master(target, on_prompt)
+
+
+async def _up(cfg: UpConfig, reporter: Reporter, master: _master.Master) -> None:
     backend = cfg.backend
     host = backend.host
     try:
         placement = await backend.start(lambda e: reporter.event(host, e),
                                         lambda text: reporter.note(host, text))
-        tunnel, placement = await _open(cfg, placement, reporter)
+        tunnel, placement = await _open(cfg, placement, reporter, master)
     except BaseException:
         await _bounded(backend.abandon(), host)
         raise
@@ -187,12 +214,12 @@ def attached_port(host: str) -> int | None:
     return port
 
 
-async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter
-                ) -> tuple[Tunnel, Placement]:
+async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter,
+                master: _master.Master) -> tuple[Tunnel, Placement]:
     """The first tunnel; where sshd refuses socket forwarding, the backend may move the server
     to a loopback port."""
     host = cfg.backend.host
-    tunnel = _tunnel(cfg, placement, reporter)
+    tunnel = _tunnel(cfg, placement, reporter, master)
     t0 = time.monotonic()
     label = f"opening the tunnel on 127.0.0.1:{cfg.local_port}"
     reporter.event(host, {"event": "step", "key": "tunnel", "state": "start", "label": label})
@@ -205,7 +232,7 @@ async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter
         if moved is None:
             raise
         placement = moved
-        tunnel = _tunnel(cfg, placement, reporter)
+        tunnel = _tunnel(cfg, placement, reporter, master)
         await tunnel.open()
     reporter.event(host, {"event": "step", "key": "tunnel", "state": "done", "label": label,
                           "seconds": round(time.monotonic() - t0, 2)})
@@ -238,11 +265,12 @@ def _forward(local_port: int, placement: Placement) -> Forward:
     return Forward(local_port, server.sock, server.port, placement.remote_host)
 
 
-def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter) -> Tunnel:
+def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter,
+            master: _master.Master) -> Tunnel:
     host = cfg.backend.host
     return Tunnel(placement.target, _forward(cfg.local_port, placement),
                   placement.result.server.token,
-                  on_status=lambda s: reporter.live(host, Live(s)))
+                  on_status=lambda s: reporter.live(host, Live(s)), master=master)
 
 
 async def _watch(runtime: Runtime, tunnel: Tunnel, reporter: Reporter) -> None:
@@ -319,8 +347,40 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
     finds the running runtime there (in attach mode: the doctor starts nothing).
     ``up_command`` is the `tether up` line for this host that fixes can name.
     """
+    master = connection(target)
+    try:
+        t0 = time.monotonic()
+        try:
+            await master.start()
+        except SSHError as e:
+            return [Check("ssh", False, e.message, e.hint)]
+        backend.share(master.target)
+        return await _doctor(backend, master, opts, local_port, up_command, t0)
+    finally:
+        await master.aclose()
+
+
+async def _auth_check(master: _master.Master) -> Check:
+    """How ssh logs in: a typed password is named, with the command that ends the typing."""
+    method = master.auth_method
+    if master.mode is not _master.Mode.OWN:
+        method = await _master.auth_method(master.base)
+    if not method:
+        return Check("auth", True, "a connection of your own ControlMaster carried it"
+                     if master.mode is _master.Mode.USER else "not known")
+    shared = {_master.Mode.OWN: "one connection of tether's for all commands",
+              _master.Mode.USER: "your ControlMaster settings",
+              _master.Mode.NONE: "one connection per command (this ssh has no ControlMaster)"}
+    detail = f"{method} ({shared[master.mode]})"
+    if method in _master.TYPED:
+        detail += ": " + _master.password_note(master.base, method)
+    return Check("auth", True, detail)
+
+
+async def _doctor(backend: Backend, master: _master.Master, opts: bootstrap.RemoteOptions,
+                  local_port: int | None, up_command: str, t0: float) -> list[Check]:
+    target = master.target
     checks: list[Check] = []
-    t0 = time.monotonic()
     try:
         probe = await bootstrap.call_agent(target, opts, "probe")
     except SSHError as e:
@@ -329,6 +389,7 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
         return [Check("ssh", True, f"{time.monotonic() - t0:.2f} s"),
                 Check("python", False, e.message, e.hint)]
     checks.append(Check("ssh", True, f"{target.host} answered in {time.monotonic() - t0:.2f} s"))
+    checks.append(await _auth_check(master))
     checks += _probe_checks(target.host, probe,
                             up_command or bootstrap.tether_command(target, "up"))
     checks.append(_port_check(target.host, local_port))
@@ -339,7 +400,7 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
     checks.append(Check("server", bool(running), running or "no server running",
                         f"Start one with `tether up {target.host}`."))
     if running:
-        checks += await _replay_checks(backend)
+        checks += await _replay_checks(backend, master)
     return checks
 
 
@@ -397,7 +458,7 @@ def _port_check(host: str, port: int | None) -> Check:
     return Check("local port", True, f"127.0.0.1:{port} is free for `tether up {host}`")
 
 
-async def _replay_checks(backend: Backend) -> list[Check]:
+async def _replay_checks(backend: Backend, master: _master.Master) -> list[Check]:
     from tether.replay import replay
 
     def quiet(_: Any) -> None:
@@ -409,7 +470,7 @@ async def _replay_checks(backend: Backend) -> list[Check]:
         return [Check("server", False, e.message, e.hint)]
     server = placement.result.server
     forward = _forward(free_port(), placement)
-    tunnel = Tunnel(placement.target, forward, server.token)
+    tunnel = Tunnel(placement.target, forward, server.token, master=master)
     try:
         await tunnel.open()
     except TetherError as e:

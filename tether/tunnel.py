@@ -11,6 +11,11 @@ through the forward every 2 s (``GET /api/status``, which is not counted as acti
 an ssh through which nothing answers twice in a row. Every wait is bounded: an attempt by its
 deadline, a probe by its timeout, and ssh's stderr is read as it comes, never to its end (a
 ``ProxyCommand`` that outlives its ssh holds that pipe open; see ``_ssh.spawn``).
+
+Where ``up`` holds a ControlMaster (:mod:`tether._master`), the forward is the master's
+(``ssh -O forward``) and the master is the ssh supervised here: a forward that stops answering
+while the host still answers through the master is added again (no new login); a master whose
+path is dead is ended and connected again (one prompt, where the host takes only a password).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from tether import _http, _ssh
+from tether import _http, _master, _ssh
 from tether.errors import (
     ForeignListenerError,
     PortInUseError,
@@ -194,8 +199,12 @@ class Tunnel:
 
     def __init__(self, target: _ssh.SSHTarget, forward: Forward, token: str,
                  on_status: Callable[[Status], None] | None = None,
-                 restart_server: Callable[[], Awaitable[Forward]] | None = None) -> None:
+                 restart_server: Callable[[], Awaitable[Forward]] | None = None,
+                 master: _master.Master | None = None) -> None:
         self.target = target
+        # the forward goes through the master only where the target is the master's
+        self.master = master if master is not None and master.path \
+            and target.control_path == master.path else None
         self.restart_server = restart_server
         self.forward = forward
         self.token = token
@@ -212,7 +221,8 @@ class Tunnel:
             options += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         for keepalive in _ssh.KEEPALIVE:
             options += ["-o", keepalive]
-        return self.target.argv("-N", "-T", *options, "-L", self.forward.spec)
+        own = replace(self.target, control_path="")  # a connection of its own, as said above
+        return own.argv("-N", "-T", *options, "-L", self.forward.spec)
 
     def _set(self, state: State, error: str = "", reconnects: int | None = None) -> None:
         self.status = replace(self.status, state=state, since=time.time(), last_error=error,
@@ -220,16 +230,29 @@ class Tunnel:
                               else reconnects)
         self.on_status(self.status)
 
+    @property
+    def _prompts(self) -> bool:
+        """Whether connecting may wait for the user (a passphrase, a password, 2FA)."""
+        return self.master.base.prompts if self.master is not None else self.target.prompts
+
     async def open(self) -> None:
         """Start the forward and check the server behind it; raises on the first failure."""
         check_local_port(self.forward.local_port)
-        deadline = INTERACTIVE_DEADLINE if self.target.interactive else CONNECT_DEADLINE
-        await self._connect(deadline, first=True)
+        deadline = INTERACTIVE_DEADLINE if self._prompts else CONNECT_DEADLINE
+        try:
+            await self._connect(deadline, first=True)
+        except Exception:
+            if self.master is not None:  # the port is free again (for a tunnel to a new place)
+                await self.master.cancel(self.forward.spec)
+            raise
         self._set(State.UP)
 
     async def _connect(self, deadline: float, first: bool = False) -> None:
         """One attempt, bounded by ``deadline``; on any failure (or cancel) no ssh is left."""
         await self._stop()
+        if self.master is not None:
+            await self._connect_master(self.master, deadline, first)
+            return
         self.proc = await _ssh.spawn(self.target, self.argv(), stdin=asyncio.subprocess.DEVNULL,
                                      stdout=asyncio.subprocess.DEVNULL)
         assert self.proc.stderr is not None
@@ -240,6 +263,31 @@ class Tunnel:
             await self._stop()
             raise
 
+    async def _connect_master(self, master: _master.Master, deadline: float,
+                              first: bool) -> None:
+        """The master connected (again, if it was lost), the forward in it, the server checked.
+
+        A stale forward of an earlier server (another socket or port) is removed first.
+        """
+        try:
+            async with asyncio.timeout(deadline):
+                await master.ensure()
+                for spec in list(master.forwards):
+                    if spec != self.forward.spec:
+                        await master.cancel(spec)
+                mark = master.log_size()
+                await master.forward(self.forward.spec)
+        except TimeoutError as e:
+            await master.reset()
+            raise TunnelError(f"the tunnel to {self.target.host} was not up after "
+                              f"{deadline:.0f} s", host=self.target.host) from e
+        self.proc = master.proc
+
+        async def said() -> bytes:  # the forward stays: the next attempt finds it in place
+            return master.log_since(mark)
+
+        await self._verify(first, said)
+
     async def _establish(self, deadline: float, first: bool) -> None:
         try:
             async with asyncio.timeout(deadline):
@@ -247,12 +295,16 @@ class Tunnel:
         except TimeoutError as e:
             raise TunnelError(f"the tunnel to {self.target.host} was not up after "
                               f"{deadline:.0f} s", host=self.target.host) from e
+        await self._verify(first, self._stop)
+
+    async def _verify(self, first: bool, stop: Callable[[], Awaitable[bytes]]) -> None:
+        """The server behind the forward is ours; ``stop`` ends the attempt, returns ssh's say."""
         try:
             await verify_own_server(self.forward.local_port, self.token, host=self.target.host)
         except (TokenRejectedError, ForeignListenerError):
             raise
         except TunnelError as e:
-            stderr = await self._stop()
+            stderr = await stop()
             # sshd answers "open failed" both for a forbidden socket forward
             # (AllowStreamLocalForwarding no) and a missing socket; the server was just seen
             # ready on that socket, so the first is the likely cause.
@@ -306,14 +358,30 @@ class Tunnel:
         while True:
             if await _ssh.wait_exit(proc, PROBE_INTERVAL if misses == 0 else 0):
                 stderr = await self._stop()
+                if self.master is not None:  # what the master said last, from its log
+                    stderr = self.master.log_since(max(0, self.master.log_size() - 400))
                 return f"ssh exited ({proc.returncode}): {_ssh.stderr_tail(stderr, 200)}".strip()
-            if await self.probe() is Health.UP:
+            health, path_alive = await self._check(misses > 0)
+            if health is Health.UP:
                 misses = 0
                 continue
             misses += 1
             if misses >= PROBE_MISSES:
+                if self.master is not None and not path_alive:
+                    await self.master.reset()  # its path is dead: connect again
+                    return f"no answer through the connection to {self.target.host}"
                 await self._stop()
                 return f"no answer through the tunnel in {misses} probes"
+
+    async def _check(self, retry: bool) -> tuple[Health, bool]:
+        """A probe through the forward; on a retry with a master, at the same time a round trip
+        through the master (is its path alive?), so a dead path costs no extra time."""
+        if self.master is None or not retry:
+            return await self.probe(), True
+        async with asyncio.TaskGroup() as tg:
+            probe = tg.create_task(self.probe())
+            alive = tg.create_task(self.master.alive())
+        return probe.result(), alive.result()
 
     async def probe(self) -> Health:
         """One health check through the forward, bounded by ``PROBE_TIMEOUT``.
@@ -332,7 +400,7 @@ class Tunnel:
 
     async def _reconnect(self) -> None:
         """Attempts with backoff and jitter until one is up; each attempt is bounded."""
-        deadline = INTERACTIVE_DEADLINE if self.target.interactive else RECONNECT_DEADLINE
+        deadline = INTERACTIVE_DEADLINE if self._prompts else RECONNECT_DEADLINE
         attempt = server_failures = 0
         while True:
             if attempt:
@@ -371,7 +439,7 @@ class Tunnel:
     async def _stop(self) -> bytes:
         """End the current ssh (bounded) and return the tail of its stderr."""
         stderr = b""
-        if self.proc is not None:
+        if self.proc is not None and self.master is None:  # (the master is its owner's)
             await _ssh.terminate(self.proc)
         if self._stderr is not None:
             stderr = await self._stderr.finish(2 * _ssh.PIPE_GRACE)
@@ -382,6 +450,8 @@ class Tunnel:
         """End the forward (bounded). Not reported through ``on_status``: the caller, who
         closes, says what it means (a detach line, an error), with nothing printed after it."""
         await self._stop()
+        if self.master is not None:
+            await self.master.cancel(self.forward.spec)
         self.status = replace(self.status, state=State.CLOSED, since=time.time())
 
 

@@ -38,6 +38,16 @@ class Backend(Protocol):
         """The name the user gave (a VM, or a cluster's login node)."""
         ...
 
+    @property
+    def target(self) -> _ssh.SSHTarget:
+        """How tether logs in to :attr:`host` (the VM, or the cluster's login node)."""
+        ...
+
+    def share(self, target: _ssh.SSHTarget) -> None:
+        """From now on log in through ``target``: the same host over the one connection that
+        ``up`` holds (:mod:`tether._master`)."""
+        ...
+
     async def start(self, on_event: OnEvent, on_note: OnNote) -> Placement:
         """Prepare, then start the server or find the running one."""
         ...

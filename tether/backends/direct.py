@@ -28,6 +28,9 @@ class DirectHost:
     def host(self) -> str:
         return self.target.host
 
+    def share(self, target: _ssh.SSHTarget) -> None:
+        self.target = target
+
     async def start(self, on_event: OnEvent, on_note: OnNote) -> Placement:
         result = await bootstrap.up(self.target, self.opts, attach=self.attach, on_event=on_event,
                                     consent=self.consent)

@@ -390,6 +390,13 @@ class SlurmJob:
     def host(self) -> str:
         return self.login.host
 
+    @property
+    def target(self) -> _ssh.SSHTarget:
+        return self.login
+
+    def share(self, target: _ssh.SSHTarget) -> None:
+        self.login = target
+
     # -- talking to the login node
 
     async def _sh(self, script: str, *args: str, input: bytes | None = None,
@@ -568,7 +575,8 @@ class SlurmJob:
     async def _node_target(self, node: str) -> _ssh.SSHTarget:
         """``ssh NODE`` as the user's config has it if it says how to get there, else via
         ``-J LOGIN``."""
-        base = dataclasses.replace(self.login, host=node)  # same options and remote_env
+        # same options and remote_env; not the login node's ControlMaster (another host)
+        base = dataclasses.replace(self.login, host=node, control_path="")
         if await _configured_proxy(base):
             return base
         return dataclasses.replace(base, options=(*self.login.options,

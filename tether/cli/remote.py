@@ -55,9 +55,12 @@ class ConsoleReporter:
         self.states: dict[str, State] = {}
         self.ready_hosts: list[str] = []
         self.runtimes: dict[str, session.Runtime] = {}
+        self.prompting = False  # ssh asks the user something at the terminal: no spinner
+        self.shown = ""
 
     def _show(self, text: str) -> None:
-        if not self.tty:
+        self.shown = text
+        if not self.tty or self.prompting:
             return
         if self.spinner is None:
             self.spinner = Spinner(text, console=err)
@@ -71,6 +74,9 @@ class ConsoleReporter:
             self.spinner = None
 
     def event(self, host: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "prompt":
+            self._prompt(event.get("state") == "start")
+            return
         if event.get("event") == "queue" and not self.tty:  # a job waiting: say so, once a state
             err.print(f"{host}: {event.get('label')}")
         if event.get("event") != "step":
@@ -82,8 +88,18 @@ class ConsoleReporter:
             mark = "[green]✓[/]" if state == "done" else "[red]✗[/]"
             err.print(f"{mark} {host}: {label} [dim]{event.get('seconds', 0):.2f} s[/]")
 
+    def _prompt(self, waiting: bool) -> None:
+        """ssh may ask for a password now: the line goes (it is transient) and comes back after,
+        so the prompt is on a line of its own."""
+        self.prompting = waiting
+        if waiting:
+            self.close()
+        elif self.shown:
+            self._show(self.shown)
+
     def ready(self, runtime: session.Runtime) -> None:
         self.close()
+        self.shown = ""  # (the steps are done: a prompt after this brings back no step's line)
         self.ready_hosts.append(runtime.host)
         self.runtimes[runtime.host] = runtime
         for warning in runtime.warnings:

@@ -1,0 +1,386 @@
+"""One authenticated connection per ``tether up``: an OpenSSH ControlMaster of tether's own.
+
+Every ssh that ``up`` runs (the probe, the install, the server's start and restarts) is a client
+of this master, so a host that asks for a password asks once per ``up``, and the tunnel's
+forward lives in the master too (``ssh -O forward``): OpenSSH hands a forward asked for by a
+multiplexed ``ssh -N -L`` to the master and that client exits at once, so there is no separate
+tunnel ssh to supervise; the master is it. A lost master (the network really dropped) is
+connected again, which costs one prompt where the host takes only a password.
+
+The master is a child of ``up`` (``ssh -M -N``, ``ControlPersist=no``): its socket is in a 0700
+folder of its own (``$XDG_RUNTIME_DIR`` or the temp folder, kept short: Unix socket paths end
+at ~104 bytes), its log (``-E``) beside it. ``aclose`` ends it with ``ssh -O exit`` (which also
+ends every forward) and removes the folder, whichever way ``up`` ends; it never outlives ``up``.
+
+Not used, and today's one-connection-per-command behaviour kept, where the user's config has a
+ControlMaster/ControlPath of its own (theirs is used as they set it up; ``ssh -G`` says), and on
+Windows, whose OpenSSH has no ControlMaster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+from tether import _ssh
+from tether.errors import PortInUseError, SSHError
+
+log = logging.getLogger(__name__)
+
+CONNECT_DEADLINE = 30.0
+INTERACTIVE_DEADLINE = 180.0  # a password, passphrase or 2FA prompt may be waiting for the user
+CONTROL_TIMEOUT = 5.0  # ``ssh -O ...``: a local round trip to the master
+ALIVE_TIMEOUT = 2.5  # a round trip to the host through the master
+CONFIG_TIMEOUT = 10.0  # ``ssh -G``
+POLL = 0.02
+# sun_path holds 104 bytes on macOS and the BSDs (108 on Linux); ssh binds a temporary name
+# (ControlPath + ".XXXXXXXXXXXXXXXX") before it renames it into place.
+SOCKET_MAX = 100
+TYPED = ("password", "keyboard-interactive")  # methods a person types
+# The only place OpenSSH says how it logged in is its log (LogLevel VERBOSE): there is no
+# machine-readable form of it.
+_AUTHENTICATED = re.compile(rb'Authenticated to .* using "([\w@.-]+)"')
+# ssh could not create or use the control socket: it goes on without multiplexing
+_NO_MUX = (b"disabling multiplexing", b"too long for unix domain socket", b"controlpath",
+           b"control socket", b"bad configuration option", b"unsupported option")
+
+
+class Mode(enum.Enum):
+    OWN = "own"  # tether's master: every command and the forward go through it
+    USER = "user"  # the user's config has a ControlMaster/ControlPath: theirs, as they set it
+    NONE = "none"  # no ControlMaster in this client (Windows), or it could not be used
+
+
+OnPrompt = Callable[[bool], None]
+
+
+class Master:
+    """``await start()``, use :attr:`target` for every ssh to the host, ``await aclose()``.
+
+    ``on_prompt(True)`` is called before ssh may ask the user something at the terminal (only
+    where the target is interactive) and ``on_prompt(False)`` after: a progress line must not be
+    drawn while ssh waits for a password.
+    """
+
+    def __init__(self, target: _ssh.SSHTarget, on_prompt: OnPrompt | None = None) -> None:
+        self.base = target
+        self.on_prompt = on_prompt or (lambda waiting: None)
+        self.mode = Mode.NONE
+        self.auth_method = ""  # as the master logged in: "publickey", "password", ...
+        self.proc: asyncio.subprocess.Process | None = None
+        self.dir: Path | None = None
+        self.forwards: set[str] = set()
+
+    @property
+    def path(self) -> str:
+        return str(self.dir / "m") if self.dir is not None else ""
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.dir / "log" if self.dir is not None else None
+
+    @property
+    def target(self) -> _ssh.SSHTarget:
+        """The host as every ssh of ``up`` reaches it: through the master where there is one."""
+        if self.mode is Mode.OWN:
+            return replace(self.base, control_path=self.path)
+        return self.base
+
+    async def start(self) -> None:
+        """Decide how to connect, and connect once (the one prompt, if the host asks)."""
+        self.mode = await choose_mode(self.base)
+        if self.mode is not Mode.OWN:
+            log.info("%s: no ControlMaster of tether's (%s)", self.base.host, self.mode.value)
+            return
+        self.dir = Path(runtime_dir())
+        try:
+            await self._connect()
+        except _NoMux as e:
+            log.info("%s: ssh cannot multiplex here (%s); one connection per command",
+                     self.base.host, e)
+            await self.aclose()
+            self.mode = Mode.NONE
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def ensure(self) -> None:
+        """The master runs: connected again if it was lost (a prompt, where the host asks)."""
+        if self.mode is Mode.OWN and not self.running():
+            await self._stop()
+            await self._connect()
+
+    async def _connect(self) -> None:
+        """Start the master and wait (bounded) until it listens; nothing is left on failure."""
+        assert self.dir is not None and self.log_path is not None
+        Path(self.path).unlink(missing_ok=True)  # a socket left by a killed master
+        start = _size(self.log_path)
+        argv = self.base.argv("-M", "-N", "-T", "-S", self.path, "-E", str(self.log_path),
+                              "-o", "ControlPersist=no", "-o", "LogLevel=VERBOSE",
+                              *(arg for opt in _ssh.KEEPALIVE for arg in ("-o", opt)))
+        deadline = INTERACTIVE_DEADLINE if self.base.prompts else CONNECT_DEADLINE
+        self.forwards.clear()
+        async with self._prompting():
+            # ssh's own early errors (before it opens -E) go to the same file
+            with open(self.log_path, "ab") as stderr:
+                self.proc = await _ssh.spawn(self.base, argv, stdin=asyncio.subprocess.DEVNULL,
+                                             stdout=asyncio.subprocess.DEVNULL, stderr=stderr.fileno())
+            try:
+                await self._listening(start, deadline)
+            except BaseException:
+                await self._stop()
+                raise
+        found = _AUTHENTICATED.findall(self._log(start))
+        self.auth_method = found[-1].decode() if found else ""
+        log.info("%s: ControlMaster %s up (pid %s, %s)", self.base.host, self.path,
+                 self.proc.pid, self.auth_method or "?")
+
+    async def _listening(self, start: int, deadline: float) -> None:
+        assert self.proc is not None
+        try:
+            async with asyncio.timeout(deadline):
+                # ssh binds the socket only once it has logged in (no other readiness signal)
+                while not os.path.exists(self.path):
+                    if await _ssh.wait_exit(self.proc, POLL):
+                        raise self._failed(start)
+                    if b"disabling multiplexing" in self._log(start):
+                        raise _NoMux(_ssh.stderr_tail(self._log(start), 200))
+        except TimeoutError as e:
+            raise SSHError(f"connecting to {self.base.host} took more than {deadline:.0f} s",
+                           hint=f"`ssh -v {self.base.host}` shows where it stops.",
+                           host=self.base.host) from e
+
+    def _failed(self, start: int) -> Exception:
+        assert self.proc is not None and self.proc.returncode is not None
+        text = self._log(start)
+        if any(s in text.lower() for s in _NO_MUX) and b"permission denied" not in text.lower():
+            return _NoMux(_ssh.stderr_tail(text, 200))
+        return _ssh.ssh_error(self.base, "ssh", self.proc.returncode, text)
+
+    def _log(self, start: int = 0) -> bytes:
+        """What the master logged since ``start`` (a byte offset in its log)."""
+        if self.log_path is None:
+            return b""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read()
+        except OSError:
+            return b""
+
+    def log_size(self) -> int:
+        return _size(self.log_path) if self.log_path is not None else 0
+
+    def log_since(self, start: int) -> bytes:
+        return self._log(start)
+
+    @contextlib.asynccontextmanager
+    async def _prompting(self) -> AsyncIterator[None]:
+        """Around a connect that may prompt: one prompt at a time, and the caller told."""
+        if not self.base.prompts:
+            yield
+            return
+        async with _prompt_lock():
+            self.on_prompt(True)
+            try:
+                yield
+            finally:
+                self.on_prompt(False)
+
+    async def alive(self) -> bool:
+        """Whether the host answers through the master (its path works), within a bound."""
+        if not self.running():
+            return False
+        try:
+            done = await _ssh.run(self.target, ["true"], timeout=ALIVE_TIMEOUT, check=False)
+        except SSHError as e:
+            log.info("%s: no answer through the ControlMaster: %s", self.base.host, e)
+            return False
+        return done.returncode == 0
+
+    async def reset(self) -> None:
+        """End a master whose path is dead; :meth:`ensure` connects again."""
+        await self._stop()
+
+    async def forward(self, spec: str) -> None:
+        """``-L spec`` in the master (already there: nothing to do)."""
+        if spec in self.forwards:
+            return
+        done = await self._control("forward", "-L", spec)
+        if done.returncode != 0:
+            text = done.stderr.decode(errors="replace")
+            if "forwarding failed" in text.lower():
+                port = int(spec.split(":")[1])
+                raise PortInUseError(f"local port {port} is already in use",
+                                     hint="Pick another with --port N.", port=port)
+            raise _ssh.ssh_error(self.base, f"ssh -O forward -L {spec}", done.returncode,
+                                 done.stderr + self._log(max(0, self.log_size() - 400)))
+        self.forwards.add(spec)
+
+    async def cancel(self, spec: str) -> None:
+        """Remove ``-L spec`` from the master (bounded; a failure is logged)."""
+        if spec not in self.forwards:
+            return
+        self.forwards.discard(spec)
+        if self.running():
+            try:
+                await self._control("cancel", "-L", spec)
+            except SSHError as e:
+                log.warning("%s: cancelling the forward %s failed: %s", self.base.host, spec, e)
+
+    async def _control(self, command: str, *args: str) -> _ssh.Completed:
+        argv = self.target.argv("-O", command, *args)
+        proc = await _ssh.spawn(self.target, argv, stdin=asyncio.subprocess.DEVNULL)
+        try:
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                out, err = await proc.communicate()
+        except TimeoutError as e:
+            raise SSHError(f"`ssh -O {command}` to {self.base.host} took more than "
+                           f"{CONTROL_TIMEOUT:.0f} s", host=self.base.host) from e
+        finally:
+            await _ssh.terminate(proc)
+        assert proc.returncode is not None
+        return _ssh.Completed(argv, proc.returncode, out, err)
+
+    async def _stop(self) -> None:
+        if self.proc is not None:
+            await _ssh.terminate(self.proc)
+            self.proc = None
+        self.forwards.clear()
+
+    async def aclose(self) -> None:
+        """End the master and every forward in it (bounded, also when cancelled meanwhile)."""
+        task = asyncio.ensure_future(self._close())
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        task.result()
+
+    async def _close(self) -> None:
+        if self.running():
+            try:
+                done = await self._control("exit")
+                if done.returncode == 0 and self.proc is not None:
+                    await _ssh.wait_exit(self.proc, CONTROL_TIMEOUT)
+            except SSHError as e:
+                log.warning("%s: `ssh -O exit` failed: %s", self.base.host, e)
+        await self._stop()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+class _NoMux(Exception):
+    """ssh cannot run a ControlMaster here (the reason is the message)."""
+
+
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+    weakref.WeakKeyDictionary()
+
+
+def _prompt_lock() -> asyncio.Lock:
+    """One prompt at a time on the terminal (``up`` with several hosts)."""
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(loop)
+    if lock is None:
+        lock = _locks[loop] = asyncio.Lock()
+    return lock
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def runtime_dir() -> str:
+    """A new 0700 folder for one master's socket and log, with a path short enough for it."""
+    tops = (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp")
+    for top in tops:
+        # + "/tether-<pid>-XXXXXXXX" + "/m" + ssh's ".XXXXXXXXXXXXXXXX"
+        if top and os.path.isdir(top) and len(os.fsencode(top)) + 24 + 10 + 17 <= SOCKET_MAX:
+            try:
+                return tempfile.mkdtemp(prefix=f"tether-{os.getpid()}-", dir=top)
+            except OSError as e:
+                log.debug("cannot use %s for the ControlMaster: %s", top, e)
+    raise _NoMux("no folder with a short enough path for a Unix socket")
+
+
+async def choose_mode(target: _ssh.SSHTarget) -> Mode:
+    """OWN unless the client has no ControlMaster or the user's config sets their own."""
+    if sys.platform == "win32":
+        return Mode.NONE
+    config = await ssh_config(target)
+    if config.get("controlmaster", "false") != "false" \
+            or config.get("controlpath", "none") != "none":
+        return Mode.USER
+    return Mode.OWN
+
+
+async def ssh_config(target: _ssh.SSHTarget) -> dict[str, str]:
+    """``ssh -G HOST``: the options in effect for the host, after the user's config."""
+    argv = target.argv("-G")
+    proc = await _ssh.spawn(target, argv, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(CONFIG_TIMEOUT):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        return {}
+    finally:
+        await _ssh.terminate(proc)
+    config: dict[str, str] = {}
+    for line in out.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        config.setdefault(key.lower(), value.strip())
+    return config
+
+
+async def auth_method(target: _ssh.SSHTarget) -> str:
+    """How ssh logs in to the host now ("" where a connection of the user's own carried it):
+    for ``tether doctor`` where there is no master of tether's to ask."""
+    verbose = replace(target, options=(*target.options, "LogLevel=VERBOSE"))
+    try:
+        done = await _ssh.run(verbose, ["true"], timeout=CONNECT_DEADLINE, check=False)
+    except SSHError:
+        return ""
+    found = _AUTHENTICATED.findall(done.stderr)
+    return found[-1].decode() if found else ""
+
+
+def copy_id_command(target: _ssh.SSHTarget) -> str:
+    """``ssh-copy-id`` for the host, with the user's -F and -o options, as it can be run."""
+    args = ["ssh-copy-id"]
+    if target.config_file:
+        args += ["-F", target.config_file]
+    for opt in target.options:
+        args += ["-o", opt]
+    return shlex.join([*args, target.host])
+
+
+def password_note(target: _ssh.SSHTarget, method: str) -> str:
+    """What to say, once, when the host was logged in to with something typed."""
+    return (f"{target.host} asked for a password ({method}): tether keeps this one "
+            f"connection while `up` runs, but a lost connection is healed unattended only with "
+            f"a key. `{copy_id_command(target)}` installs yours there (make one with "
+            "`ssh-keygen` first if you have none).")
