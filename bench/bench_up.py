@@ -252,17 +252,21 @@ def cold_once(gap: Airgap, host: str, env: dict[str, str] | None = None,
     return seconds, how
 
 
+PIP_CACHE = "pip-bench-cache"
+
+
 def plain_pip_once(gap: Airgap, pins: list[str], pip_cache: Path | None) -> float:
     """The baseline of the issue: on a fresh home, `python3 -m venv` + `pip install` of the same
     pinned packages over one ssh command, pip's cache warm (``pip_cache`` put back first)."""
     gap.reset_home()
     if pip_cache is not None:
-        dest = gap.home / ".cache" / "pip"
-        shutil.copytree(pip_cache, dest, symlinks=True)
+        shutil.copytree(pip_cache, gap.home / PIP_CACHE, symlinks=True)
         subprocess.run(["chown", "-R", f"{gap.user.pw_uid}:{gap.user.pw_gid}",
-                        str(gap.home / ".cache")], check=True, timeout=120)
+                        str(gap.home / PIP_CACHE)], check=True, timeout=120)
+    # pip's cache named, whatever pip's configuration here says about caching
     script = ("python3 -m venv ~/plain-venv && ~/plain-venv/bin/pip install --quiet "
-              "--disable-pip-version-check " + " ".join(shlex.quote(p) for p in pins))
+              f"--disable-pip-version-check --cache-dir ~/{PIP_CACHE} "
+              + " ".join(shlex.quote(p) for p in pins))
     t0 = time.perf_counter()
     done = subprocess.run(["ssh", "-F", str(gap.config), "airgap-online", script],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -284,7 +288,7 @@ def plain_pip(gap: Airgap, rounds: int) -> list[float]:
     plain_pip_once(gap, pins, None)
     with tempfile.TemporaryDirectory(prefix="tether-bench-pip-") as keep:
         cache = Path(keep) / "pip"
-        shutil.copytree(gap.home / ".cache" / "pip", cache, symlinks=True)
+        shutil.copytree(gap.home / PIP_CACHE, cache, symlinks=True)
         return [plain_pip_once(gap, pins, cache) for _ in range(rounds)]
 
 
