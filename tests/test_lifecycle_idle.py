@@ -162,6 +162,25 @@ async def test_reaper_reports_then_ends_what_a_crashed_server_left(tmp_path, cle
         stop_server(third)
 
 
+def replace(path: Path, text: str) -> None:
+    """Write a recorded answer whole: a sample never reads half a file."""
+    part = path.with_suffix(".part")
+    part.write_text(text)
+    part.replace(path)
+
+
+async def seen_computing(api: Api, kid: str, deadline: float) -> bool:
+    """Whether the server's sampling saw ``kid`` use a GPU within ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        listing = await api.call("GET", "/tether/api/kernels")
+        if any(k["id"] == kid and (k.get("gpu_utilization") or 0) > 0
+               for k in listing["kernels"]):
+            return True
+        await asyncio.sleep(0.2)  # polling the server's own sampling, bounded above
+    return False
+
+
 FAKE_SMI = Path(__file__).parent / "fixtures" / "fake_nvidia_smi.py"
 PMON_HEADER = ("# gpu         pid   type     sm    mem    enc    dec    jpg    ofa    command\n"
                "# Idx           #    C/G      %      %      %      %      %      %    name\n")
@@ -209,11 +228,16 @@ async def test_gpu_aware_idle_keeps_gpu_work_and_frees_idle_gpu_memory_first(tmp
             channel.close()  # the tab is gone: only the idle policy decides from now on
         cleanup.extend(pids.values())
         # the driver says: trainer holds 4 GiB and computes (a background thread, no messages);
-        # holder keeps 2 GiB and does nothing; plain has no GPU memory at all
-        (smi / "query-compute-apps.csv").write_text(
-            f"{pids['trainer']}, {UUID0}, 4096\n{pids['holder']}, {UUID0}, 2048\n")
-        (smi / "pmon.txt").write_text(PMON_HEADER + pmon_row(pids["trainer"], 80) +
-                                      pmon_row(pids["holder"], 0))
+        # holder keeps 2 GiB and does nothing; plain has no GPU memory at all. A real driver
+        # shows both at once; these are two files, each read at its own moment of a sample
+        # (pmon first): the trainer must be seen computing before it is seen holding memory,
+        # or a sample between the two writes sees an idle holder whose 4 s have long passed
+        # (kernels take seconds to start under load) and rightly releases it.
+        replace(smi / "pmon.txt", PMON_HEADER + pmon_row(pids["trainer"], 80) +
+                pmon_row(pids["holder"], 0))
+        assert await seen_computing(api, kids["trainer"], 30), "the sample never saw pmon.txt"
+        replace(smi / "query-compute-apps.csv",
+                f"{pids['trainer']}, {UUID0}, 4096\n{pids['holder']}, {UUID0}, 2048\n")
         listing = await api.call("GET", "/tether/api/kernels")
         assert listing["server"]["gpu_idle_timeout"] == on_gpu
         assert listing["server"]["idle_timeout"] == general
@@ -234,7 +258,7 @@ async def test_gpu_aware_idle_keeps_gpu_work_and_frees_idle_gpu_memory_first(tmp
         assert trainer["execution_state"] == "idle", "Jupyter alone would call it idle"
 
         # the training ends: the GPU timeout counts from the last sample that saw it compute
-        (smi / "pmon.txt").write_text(PMON_HEADER + pmon_row(pids["trainer"], 0))
+        replace(smi / "pmon.txt", PMON_HEADER + pmon_row(pids["trainer"], 0))
         ended = time.monotonic()
         await wait_gone(api, kids["trainer"], on_gpu + 20)
         assert kids["trainer"] not in await kernel_ids(api)
