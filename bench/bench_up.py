@@ -287,8 +287,11 @@ def plain_pip(gap: Airgap, rounds: int) -> list[float]:
     pins = asyncio.run(_wheels.lock_for(target)).pins()
     plain_pip_once(gap, pins, None)
     with tempfile.TemporaryDirectory(prefix="tether-bench-pip-") as keep:
-        cache = Path(keep) / "pip"
-        shutil.copytree(gap.home / PIP_CACHE, cache, symlinks=True)
+        cache: Path | None = Path(keep) / "pip"
+        if (gap.home / PIP_CACHE).is_dir():
+            shutil.copytree(gap.home / PIP_CACHE, cache, symlinks=True)  # type: ignore[arg-type]
+        else:  # every file came from a local index or find-links: pip caches none of them
+            cache = None
         return [plain_pip_once(gap, pins, cache) for _ in range(rounds)]
 
 
