@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,13 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["TETHER_TEST_BED"] = os.environ.get("TETHER_TEST_BED", "") \
         + os.environ["PYTEST_XDIST_WORKER"]
+
+# The laptop's own state (what `tether up` attached and recorded: tether/session.py,
+# tether/runtimes.py, the ControlMaster's socket) is per test process, never the developer's:
+# two workers' test beds use the same host aliases for different sshds.
+_LOCAL_STATE = tempfile.mkdtemp(prefix="tether-xdg-")
+os.environ["XDG_RUNTIME_DIR"] = _LOCAL_STATE
+atexit.register(shutil.rmtree, _LOCAL_STATE, True)
 
 READY_DEADLINE = 60.0
 

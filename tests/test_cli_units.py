@@ -212,3 +212,23 @@ def test_serve_imports_neither_the_ssh_side_nor_rich() -> None:
     heavy = ("rich", "tether.session", "tether.bootstrap", "tether._ssh", "tether.tunnel",
              "tether._wheels", "tether.backends", "tether.cli.remote", "tether.cli.kernels")
     assert not [m for m in loaded if m.split(".")[0] == "rich" or m.startswith(heavy)]
+
+
+def test_a_runtime_record_is_private_and_flags_win(tmp_path, monkeypatch) -> None:
+    """What `up` records for a host: 0600, found again by host; an explicit --slurm or ssh
+    options given now win over the recorded ones; a plain host leaves no record."""
+    import stat as stat_mod
+
+    from tether import runtimes
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    record = runtimes.RuntimeRecord("login", {"kind": "slurm", "job": "42"}, "/cfg", ("A=b",))
+    runtimes.remember(record)
+    path = next(tmp_path.glob("tether-local/runtime-*.json"))
+    assert stat_mod.S_IMODE(path.stat().st_mode) == 0o600
+    assert runtimes.recall("login") == record and runtimes.recall("other") is None
+    assert runtimes.implied("login", False, None, ()) == (record, "/cfg", ("A=b",))
+    assert runtimes.implied("login", False, "/mine", ()) == (record, "/mine", ())
+    assert runtimes.implied("login", True, None, ()) == (None, None, ())  # --slurm given
+    runtimes.remember(runtimes.RuntimeRecord("login", {}))  # a host runtime replaces it
+    assert runtimes.recall("login") is None and not path.exists()

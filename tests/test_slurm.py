@@ -48,8 +48,11 @@ def cluster() -> Iterator[Cluster]:
 def slurm_config(testbed: SSHBed, cluster: Cluster, tmp_path_factory) -> Path:
     """The test bed's ssh config, plus the compute node as an alias (its sshd is gpubox's)."""
     path = tmp_path_factory.mktemp("slurm-ssh") / "ssh_config"
+    # `login`: the login node under a name of its own, so that what `tether up login --slurm`
+    # records on the laptop never applies to the direct tests' `gpubox` (the same sshd)
     path.write_text(f"Include {testbed.config}\n"
-                    f"Host {cluster.host}\n  HostName 127.0.0.1\n  Port {testbed.target.port}\n")
+                    f"Host {cluster.host} login\n  HostName 127.0.0.1\n"
+                    f"  Port {testbed.target.port}\n")
     return path
 
 
@@ -109,7 +112,7 @@ class SlurmUp:
 
 
 def start(config: Path, *args: str) -> SlurmUp:
-    argv = [sys.executable, "-m", "tether", "up", "gpubox", "--slurm", *args, "--json",
+    argv = [sys.executable, "-m", "tether", "up", "login", "--slurm", *args, "--json",
             "-F", str(config)]
     return SlurmUp(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True))
@@ -139,7 +142,7 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         # Slurm's estimate (the blockers have a time limit) in the laptop's time, not raw
         assert up.read_until(lambda u: "expected start in " in u.text, QUEUE_DEADLINE), up.text
         assert "cluster's clock" not in up.text, up.text
-        pending = tether(slurm_config, "status", "gpubox", "--slurm")
+        pending = tether(slurm_config, "status", "login", "--slurm")
         assert "expected start in " in pending.stdout, pending.stdout + pending.stderr
         cluster.run("scancel", blockers[0])
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
@@ -150,17 +153,17 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
             kid = session["kernel"]["id"]
             out = await c.execute(kid, "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))")
             assert out.status == "ok" and out.stdout.strip() in ("0", "1"), out
-        ps = tether(slurm_config, "ps", "-H", "gpubox", "--slurm", "--json")
+        ps = tether(slurm_config, "ps", "-H", "login", "--slurm", "--json")
         assert ps.returncode == 0, ps.stderr
         assert kid in {k["id"] for k in json.loads(ps.stdout)["kernels"]}
-        status = tether(slurm_config, "status", "gpubox", "--slurm", "--json")
+        status = tether(slurm_config, "status", "login", "--slurm", "--json")
         job = json.loads(status.stdout)["jobs"][0]
         assert job["state"] == "RUNNING" and job["node"] == cluster.host, status.stdout
         # a server of the login node's own (`tether up gpubox`) is not in --slurm's scope
         direct = start_up(testbed, "gpubox")
         assert direct.info, direct.stop() and direct.stderr()
         direct.stop()
-        released = tether(slurm_config, "release", "-H", "gpubox", "--slurm", kid[:8])
+        released = tether(slurm_config, "release", "-H", "login", "--slurm", kid[:8])
         assert released.returncode == 0, released.stdout + released.stderr
         still = tether(slurm_config, "ps", "-H", "gpubox", "--json")
         assert still.returncode == 0, still.stderr  # the login node's server: untouched
@@ -169,10 +172,12 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert purged.returncode == 0 and "kept the environment" in purged.stderr, purged.stderr
         assert f"`tether down gpubox --slurm -F {slurm_config}` ends them" in purged.stderr
         assert list(testbed.tether_root.glob("env-*")), "the job's environment was removed"
-        alive = tether(slurm_config, "ps", "-H", "gpubox", "--slurm", "--json")
+        alive = tether(slurm_config, "ps", "-H", "login", "--slurm", "--json")
         assert alive.returncode == 0, alive.stderr  # the job's server still answers
-        down = tether(slurm_config, "down", "gpubox", "--slurm")
+        # named once: `up` recorded the job for `login`, so `down login` needs no --slurm
+        down = tether(slurm_config, "down", "login")
         assert down.returncode == 0 and "Cancelled job" in down.stderr, down.stderr
+        assert "the Slurm job `tether up login --slurm` started" in down.stderr, down.stderr
         assert our_jobs(cluster, testbed) == []
         # the attached `up` learns that its job ended, says so, and stops with an error
         assert up.read_until(lambda u: u.proc.poll() is not None, 60), up.text
@@ -220,6 +225,16 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         assert up.info["on_ctrl_c"].startswith("Ctrl-C detaches: job "), up.info
         assert up.stop() == 0
         assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"], "--keep kept it"
+        # named once: after `up login --slurm --keep`, commands find the job without --slurm
+        # (and without -F: `up` recorded the ssh options too)
+        job = our_jobs(cluster, testbed)[0][0]
+        status = subprocess.run([sys.executable, "-m", "tether", "status", "login"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=180)
+        assert status.returncode == 0 and f"login: job {job} RUNNING" in status.stdout, \
+            status.stdout + status.stderr
+        listed = tether(slurm_config, "ps", "-H", "login", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout)["kernels"], listed.stderr
         logs = list((testbed.home / ".cache" / "tether" / "slurm").glob("*/*.log"))
         assert logs and not [p for p in logs if up.info["token"] in p.read_text()], \
             "the token is in a job's log"
@@ -227,7 +242,7 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         hints = re.findall(r"`(tether (?:attach|down) [^`]*)`", detached)
         assert len(hints) == 2 and all("--slurm" in h and str(slurm_config) in h
                                        for h in hints), detached
-        doctor = tether(slurm_config, "doctor", "gpubox", "--slurm", "--json")
+        doctor = tether(slurm_config, "doctor", "login", "--slurm", "--json")
         checks = {c["name"]: c for c in json.loads(doctor.stdout)}
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert checks["server"]["detail"].startswith("job ") and checks["kernel runs code"]["ok"]
@@ -252,7 +267,7 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
             again.stop()
     finally:
         up.stop()
-        tether(slurm_config, "down", "gpubox", "--slurm")
+        tether(slurm_config, "down", "login", "--slurm")
     assert our_jobs(cluster, testbed) == []
     assert wait_job_processes_gone(testbed, 30) == []
 
@@ -322,15 +337,15 @@ async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, t
         assert json.loads(done.read_text().splitlines()[-1])["released"] is True
     finally:
         up.stop()
-        tether(slurm_config, "down", "gpubox", "--slurm")
+        tether(slurm_config, "down", "login", "--slurm")
 
 
 def test_refused_submission_and_hosts_without_slurm(prepared: Prepared, testbed: SSHBed,
                                                     cluster: Cluster, slurm_config: Path) -> None:
-    refused = tether(slurm_config, "up", "gpubox", "--slurm", "--partition", "nosuch",
+    refused = tether(slurm_config, "up", "login", "--slurm", "--partition", "nosuch",
                      "--port", str(free_port()))
     assert refused.returncode == 1
-    assert "Slurm on gpubox refused the job" in refused.stderr and "partition" in refused.stderr
+    assert "Slurm on login refused the job" in refused.stderr and "partition" in refused.stderr
     assert len(refused.stderr.strip().splitlines()[-1:]) == 1 and "Traceback" not in refused.stderr
     assert "SSH to the nodes" not in refused.stderr and "no node" not in refused.stderr, \
         "a note about node access, although the partition was the problem"
@@ -342,7 +357,7 @@ def test_refused_submission_and_hosts_without_slurm(prepared: Prepared, testbed:
 def test_a_job_that_does_not_see_the_home_says_so(prepared: Prepared, testbed: SSHBed,
                                                   cluster: Cluster, slurm_config: Path) -> None:
     cluster.wait_idle()
-    done = tether(slurm_config, "up", "gpubox", "--slurm", "--port", str(free_port()),
+    done = tether(slurm_config, "up", "login", "--slurm", "--port", str(free_port()),
                   "--sbatch-arg=--export=ALL,XDG_CACHE_HOME=/nonexistent")
     assert done.returncode == 1, done.stderr
     assert "ended before its server was ready" in done.stderr
@@ -357,7 +372,7 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
     up = start(slurm_config, "--gpus", "1", "--port", str(free_port()))
     try:
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
-        done = tether(slurm_config, "release", "-H", "gpubox", "--slurm", "--all",
+        done = tether(slurm_config, "release", "-H", "login", "--slurm", "--all",
                       "--stop-server")
         assert done.returncode == 0, done.stdout + done.stderr
         assert up.read_until(lambda u: u.proc.poll() is not None, 90), up.text
@@ -366,5 +381,5 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
         assert our_jobs(cluster, testbed) == []
     finally:
         up.stop()
-        tether(slurm_config, "down", "gpubox", "--slurm")
+        tether(slurm_config, "down", "login", "--slurm")
     assert wait_job_processes_gone(testbed, 30) == []

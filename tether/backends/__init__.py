@@ -74,6 +74,11 @@ class Backend(Protocol):
         """What Ctrl-C does to the ready runtime, as one sentence for the ready text."""
         ...
 
+    def record(self) -> dict[str, Any]:
+        """What later commands need to find this runtime without its flags (`up` keeps it on
+        the laptop: :mod:`tether.runtimes`): ``{"kind": NAME, ...}``, or {} for the default."""
+        ...
+
     async def stop(self) -> dict[str, Any]:
         """End the runtime; report what was stopped and what is left."""
         ...

@@ -65,6 +65,9 @@ class DirectHost:
     def on_ctrl_c(self) -> str:
         return "Ctrl-C detaches: the server and kernels keep running on the remote."
 
+    def record(self) -> dict[str, Any]:
+        return {}  # a host is what every command assumes
+
     async def stop(self) -> dict[str, Any]:
         return await bootstrap.call_agent(self.target, self.opts, "down")
 

@@ -637,6 +637,10 @@ class SlurmJob:
                             f"{self.slurm.walltime_signal // 60 or 1} min before the end).")
             await asyncio.sleep(WATCH_INTERVAL)
 
+    def record(self) -> dict[str, Any]:
+        return {"kind": "slurm", "job": self.job.job_id if self.job else "",
+                "node_access": self.mode or self.slurm.node_access}
+
     def on_ctrl_c(self) -> str:
         job = f"job {self.job.job_id}" if self.job else "the job"
         if self.slurm.keep:

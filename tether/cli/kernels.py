@@ -194,7 +194,15 @@ def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> K
     if slurm and server:
         raise ConfigError("--server and --slurm: a job runs one server",
                           hint="Leave --server out.")
-    target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
+    config, options = ssh["ssh_config"], tuple(ssh["ssh_opts"])
+    if not server:  # what `tether up HOST` recorded: a Slurm job needs no --slurm
+        from tether import runtimes
+
+        record, config, options = runtimes.implied(host, slurm, config, options)
+        if record is not None:
+            err.print(runtimes.said(record))
+            slurm = True
+    target = make_target(host, config, options, ssh["batch"])
     if slurm:
         from tether.backends.slurm import SlurmJob
         from tether.bootstrap import RemoteOptions

@@ -7,13 +7,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 from rich.markup import escape
 from rich.status import Status as Spinner
 
-from tether import _ssh, session
+from tether import _ssh, runtimes, session
 from tether.backends import Backend, slurm
 from tether.backends.direct import DirectHost
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
@@ -31,7 +32,7 @@ from tether.cli import (
 )
 from tether.cli.serve import LNA_HINT, serve, serve_options
 from tether.config import check_origin
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError, SlurmJobEndedError, TetherError
 from tether.tunnel import State
 
 T = TypeVar("T")
@@ -56,6 +57,7 @@ class ConsoleReporter:
         self.ready_hosts: list[str] = []
         self.runtimes: dict[str, session.Runtime] = {}
         self.prompting = False  # ssh asks the user something at the terminal: no spinner
+        self.on_ready: Callable[[str], None] = lambda host: None
         self.shown = ""
 
     def _show(self, text: str) -> None:
@@ -99,6 +101,7 @@ class ConsoleReporter:
 
     def ready(self, runtime: session.Runtime) -> None:
         self.close()
+        self.on_ready(runtime.host)
         self.shown = ""  # (the steps are done: a prompt after this brings back no step's line)
         self.ready_hosts.append(runtime.host)
         self.runtimes[runtime.host] = runtime
@@ -236,8 +239,11 @@ _SLURM_ONLY = ("gpus", "partition", "walltime", "account", "sbatch_args", "keep"
 
 
 def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: bool = False,
-                 consent: Consent | None = None) -> Backend:
-    """The one place that decides where the runtime runs."""
+                 consent: Consent | None = None, recorded: bool = True) -> Backend:
+    """The one place that decides where the runtime runs: the flags, else (``recorded``) what
+    `tether up` recorded for ``host``."""
+    if recorded:
+        kw = _as_recorded(host, kw)
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
     if not kw.get("slurm"):
         given = [name for name in _SLURM_ONLY if kw.get(name)]
@@ -256,6 +262,24 @@ def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: boo
     return slurm.SlurmJob(target, opts, job, attach=attach, consent=consent)
 
 
+def _forget_ended(error: TetherError, configs: list[session.UpConfig]) -> None:
+    """A runtime that ended for good (its job) leaves nothing for later commands to find."""
+    if isinstance(error, SlurmJobEndedError):
+        runtimes.forget(str(error.data.get("host") or configs[0].backend.host))
+
+
+def _as_recorded(host: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with the backend `tether up HOST` recorded, said once; ``kw`` where none."""
+    record, config, options = runtimes.implied(host, bool(kw.get("slurm")), kw["ssh_config"],
+                                               tuple(kw["ssh_opts"]))
+    if record is None:
+        return kw
+    err.print(runtimes.said(record))
+    access = kw.get("node_access") or "auto"
+    return {**kw, "slurm": True, "ssh_config": config, "ssh_opts": options,
+            "node_access": record.backend.get("node_access") if access == "auto" else access}
+
+
 def _leaving(configs: list[session.UpConfig]) -> str:
     """What stays behind when `up` ends here (Ctrl-C): for the detach line."""
     backend = configs[0].backend
@@ -268,6 +292,15 @@ def _leaving(configs: list[session.UpConfig]) -> str:
 
 def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
     hosts = ", ".join(c.backend.host for c in configs)
+    targets = {c.backend.host: _target_of(c.backend) for c in configs}  # the user's, as given
+
+    def remember(host: str) -> None:  # ready: later commands find it without its flags
+        backend = next(c.backend for c in configs if c.backend.host == host)
+        target = targets[host]
+        runtimes.remember(runtimes.RuntimeRecord(host, backend.record(), target.config_file,
+                                                 tuple(target.options)))
+
+    reporter.on_ready = remember
     try:
         run(lambda: session.up_many(configs, reporter))
     except (KeyboardInterrupt, Terminated):
@@ -275,6 +308,9 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
         backend = configs[0].backend
         again = shlex.join(["tether", *sys.argv[1:]])  # the command as typed: every option
         cancelled = _leaving(configs)
+        if cancelled:
+            for host in targets:
+                runtimes.forget(host)
         if not reporter.ready_hosts:
             err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
                                    "resumes where this stopped.")
@@ -290,11 +326,13 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
         err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
         sys.exit(0)
     except TetherError as e:
+        _forget_ended(e, configs)
         raise _cache_hint(e, configs)
     except BaseExceptionGroup as group:  # TaskGroup: report the first real error
         reporter.close()
         first = _first_error(group)
         if first is not None:
+            _forget_ended(first, configs)
             raise _cache_hint(first, configs) from None
         raise
     finally:
@@ -411,7 +449,7 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
                           **kw)
     reporter = ConsoleReporter(as_json)
     ask = consent_prompt(reporter)
-    configs = [session.UpConfig(make_backend(h, kw, opts, consent=ask), port + i)
+    configs = [session.UpConfig(make_backend(h, kw, opts, consent=ask, recorded=False), port + i)
                for i, h in enumerate(hosts)]
     _up(configs, reporter)
 
@@ -441,6 +479,7 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
     backend = make_backend(host, kw, remote_options(**kw))
     result = run(lambda: session.down(backend))
     result.pop("event", None)
+    runtimes.forget(host)  # what ran there is ended (or `left` says what could not be)
     if as_json:
         print_json(result)
         return
