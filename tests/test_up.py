@@ -319,3 +319,22 @@ def test_remote_without_python(testbed: SSHBed) -> None:
     assert r.returncode == 1
     assert "nopython has no python3" in r.stderr
     assert "apt-get install -y python3 python3-venv" in r.stderr
+
+
+def test_open_host_prints_a_page_that_answers_with_a_socket_server(prepared: Prepared,
+                                                                   testbed: SSHBed) -> None:
+    """`tether open HOST` while `tether up HOST` runs: the remote server listens on a 0600 Unix
+    socket only (the default), and the page still opens through up's tunnel."""
+    import urllib.request
+
+    up = start_up(testbed, "gpubox", "--port", str(free_port()))
+    try:
+        assert up.info and up.info["remote_sock"], up.stop() and up.stderr()
+        opened = run_tether(testbed, "open", "gpubox", "--print-url")
+        assert opened.returncode == 0, opened.stderr
+        url = opened.stdout.strip()
+        assert url == f"http://127.0.0.1:{up.info['port']}/tether/?token={up.info['token']}"
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b"tether" in page.read()
+    finally:
+        up.stop()

@@ -31,6 +31,10 @@ class Kernels(Protocol):
     async def release(self, kernels: Sequence[str], everything: bool, force: bool,
                       stop_server: bool) -> dict[str, Any]: ...
 
+    async def page(self) -> dict[str, Any]:
+        """The server's address (empty for a socket-only server) and token."""
+        ...
+
 
 def local_servers() -> list[dict[str, Any]]:
     """Every live tether server of this user on this machine (state files), newest first."""
@@ -102,6 +106,9 @@ class LocalKernels:
             return await asyncio.to_thread(api_request, self.state, method, path, body, timeout)
         except ApiError as e:
             raise ServerError(str(e), status=e.status) from e
+
+    async def page(self) -> dict[str, Any]:
+        return {"url": self.state.get("url") or "", "token": self.state["token"]}
 
     async def listing(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.call("GET", "kernels", timeout=LISTING_TIMEOUT)

@@ -281,6 +281,8 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
 @click.option("--print-url", is_flag=True,
               help="Print the page's address (it holds the token) instead of opening a browser.")
 @server_option
+@click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: our job's page (not "
+              "needed after `tether up HOST --slurm`).")
 @shared_ssh_options
 @json_option
 def open_page(host: str | None, print_url: bool, server: str | None, as_json: bool,
@@ -294,15 +296,17 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
                           hint=f"`tether open {host}` opens the page of the `tether up {host}` "
                                "running here.")
     if host is None:
+        if ssh.get("slurm"):
+            raise ConfigError("--slurm needs the login node: `tether open LOGIN --slurm`")
         state = find_local_server(server, acting=True)
-        if state.get("sock"):
+        if state.get("sock") and not as_json:  # (--json: what `tether open HOST` asks here)
             raise ConfigError("this machine's tether server listens on a Unix socket only",
                               hint="Open its page from your laptop: `tether open HOST` while "
                                    "`tether up HOST` runs there.")
-        url, token = str(state["url"]), str(state["token"])
+        url, token = str(state.get("url") or ""), str(state["token"])
     else:
         url, token = _tunnelled(host, ssh)
-    page = f"{url.rstrip('/')}/tether/?token={token}"
+    page = f"{url.rstrip('/')}/tether/?token={token}" if url else ""
     if as_json:
         print_json({"url": url, "token": token, "status_url": page})
     elif print_url:
@@ -313,7 +317,6 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
 
 def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:
     """The local end of ``tether up HOST``'s tunnel, and the token of the server behind it."""
-    from tether.kernels import RemoteKernels, ssh_runner
     from tether.session import attached_port
 
     port = attached_port(host)
@@ -321,8 +324,8 @@ def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:
         raise ConfigError(f"no `tether up {host}` is running on this machine",
                           hint=f"Start it with `tether up {host}`: the page is reached through "
                                "its tunnel.")
-    target = make_target(host, ssh["ssh_config"], ssh["ssh_opts"], ssh["batch"])
-    remote = run(lambda: RemoteKernels(host, ssh_runner(target)).page())
+    kernels = kernels_at(host, {**ssh, "server": None})  # the job's, for a Slurm runtime
+    remote = run(lambda: kernels.page())
     return f"http://127.0.0.1:{port}/", str(remote["token"])
 
 
