@@ -322,7 +322,7 @@ async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.Remot
     checks: list[Check] = []
     t0 = time.monotonic()
     try:
-        probe = await bootstrap.call_agent(target, opts, "probe")
+        probe = await bootstrap.call_remote(target, opts, "probe")
     except SSHError as e:
         return [Check("ssh", False, e.message, e.hint)]
     except TetherError as e:
