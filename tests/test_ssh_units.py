@@ -189,10 +189,24 @@ def test_doctor_disk_check_says_read_only_or_short_with_a_fix() -> None:
 def test_a_remote_failure_about_its_folder_names_tether_up_with_the_users_options() -> None:
     target = _ssh.SSHTarget("gpubox", "/x/config", ("Port=2222",), ssh="ssh")
     e = bootstrap._remote_error(target, {
-        "event": "error", "kind": "not-writable", "hint": "(the agent's)",
+        "event": "error", "kind": "not-writable", "hint": "(the seed's)",
         "message": "/h/.cache/tether on HOST is not writable by u (permission denied)",
         "folder": "/h/.cache/tether", "cache_fix": "/scratch/u"})
     assert str(e) == ("/h/.cache/tether on gpubox is not writable by u (permission denied). Run "
                       "`TETHER_REMOTE_CACHE=/scratch/u tether up gpubox -F /x/config -o "
                       "Port=2222` to keep tether's files in /scratch/u on gpubox instead.")
     assert e.data["cache_fix"] == "/scratch/u" and e.exit_code == 1
+
+
+def test_a_warm_call_goes_straight_to_tether_host_where_the_environment_is_this_build() -> None:
+    wheel = bootstrap.build_wheel()
+    params = bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=0)
+    argv = bootstrap.remote_command("python3", params)
+    assert argv[-2:] == [wheel.sha256, "up"]
+    assert 'exec "$e/bin/python" -I -m tether.host "$5" "$3"' in argv[2]
+    assert argv[2].index("exit 97") < argv[2].index("tether.host")  # --remote-python checked
+    # a call that sends files, and the seed's own action, run the seed
+    for params in (bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=9),
+                   bootstrap._params("probe", bootstrap.RemoteOptions(), wheel)):
+        argv = bootstrap.remote_command("python3", params)
+        assert "tether.host" not in argv[2] and len(argv) == 7

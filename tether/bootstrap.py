@@ -187,7 +187,21 @@ INLINE_LIMIT = 48 << 10
 
 
 def remote_command(python: str, params: dict[str, Any]) -> list[str]:
-    return ["sh", "-c", _PREFIX, "sh", python, seed_source(), json.dumps(params)]
+    """``sh -c SCRIPT sh PYTHON SEED PARAMS [SHA ACTION]``: the seed on the remote's Python.
+
+    Where nothing comes on stdin and tether's environment of this very build is there (its
+    marker names the wheel's sha256), the shell execs :mod:`tether.host` at once, as the seed
+    would: a warm ``up``, ``status`` or ``down`` starts one interpreter, not two."""
+    if params.get("action") not in contract.HOST_ACTIONS or params.get("wheel_size") \
+            or params.get("plan_size"):
+        return ["sh", "-c", _PREFIX, "sh", python, seed_source(), json.dumps(params)]
+    layout = REMOTE_LAYOUT
+    env = f"{layout.root_expr()}/{layout.env.format(version=__version__)}"
+    ready = (f'e={env}; if grep -qsF "$4" "$e/{layout.marker}" && [ -x "$e/bin/python" ]; '
+             'then exec "$e/bin/python" -I -m tether.host "$5" "$3"; fi; ')
+    script = _PREFIX.replace("; exec", f"; {ready}exec", 1)
+    return ["sh", "-c", script, "sh", python, seed_source(), json.dumps(params),
+            str(params["wheel_sha256"]), str(params["action"])]
 
 
 def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from tether import identity
 from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS, StaleEntry
 from tether.remote import state as states
 from tether.remote import sweep
-from tether.remote.kernel_helper import ApiError, request
 
 Fail, Step = seed.Fail, seed.Step
 STOP_DEADLINE = 25.0
@@ -602,6 +601,7 @@ def action_up() -> dict[str, Any]:
             raise Fail("no-server", "no tether server is running on HOST",
                        hint="Start one with `tether up HOST`.")
         return {"server": public(running[0]), "reused": True, "stale": stale_report()}
+    seed.ensure_root()  # (again where the shell handed over without the seed: it is cheap)
     if p.get("installed"):
         remove_old_envs_locked()
     running = servers()
@@ -626,6 +626,7 @@ def action_up() -> dict[str, Any]:
 
 def action_prepare() -> dict[str, Any]:
     """The environment and kernelspec only, no server: a batch job starts it (Slurm)."""
+    seed.ensure_root()
     if params().get("installed"):
         remove_old_envs_locked()
     warnings: list[str] = []
@@ -638,6 +639,8 @@ def action_prepare() -> dict[str, Any]:
 
 
 def describe(state: Record) -> dict[str, Any]:
+    from tether.remote.kernel_helper import ApiError, request  # (status only: ~40 ms)
+
     info = public(state)
     info.pop("token")
     try:
