@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from tether import _ssh, bootstrap, contract, tunnel
+from tether import _seed, _ssh, bootstrap, contract, tunnel
 from tether.errors import AuthenticationError, ForeignListenerError, HostUnreachableError, SSHError
 
 
@@ -203,10 +203,11 @@ def test_a_warm_call_goes_straight_to_tether_host_where_the_environment_is_this_
     params = bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=0)
     argv = bootstrap.remote_command("python3", params)
     assert argv[-2:] == [wheel.sha256, "up"]
-    assert 'exec "$e/bin/python" -I -m tether.host "$5" "$3"' in argv[2]
+    assert f'exec "$e/bin/python" -I -c {shlex.quote(_seed.HOST_MAIN)} "$5" "$3"' in argv[2]
     assert argv[2].index("exit 97") < argv[2].index("tether.host")  # --remote-python checked
     # a call that sends files, and the seed's own action, run the seed
     for params in (bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=9),
                    bootstrap._params("probe", bootstrap.RemoteOptions(), wheel)):
         argv = bootstrap.remote_command("python3", params)
         assert "tether.host" not in argv[2] and len(argv) == 7
+    assert _seed.HOST_MAIN == "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"

@@ -21,9 +21,11 @@ protocol version of :mod:`tether.contract`) or ``error``. The values both ends a
 the parameters (:func:`tether.contract.seed_params`).
 """
 
+from __future__ import annotations
+
 import sys
 
-if __name__ == "__main__" and sys.version_info < (3, 11):  # one message, on any Python 3
+if __name__ == "__main__" and sys.version_info < (3, 11):  # one message, on Python >= 3.7
     import json as _j
     _need = _j.loads(sys.argv[1]).get("requires_python", "3.11")
     print(_j.dumps({"event": "error", "kind": "python", "message": "%s is Python %d.%d; tether "
@@ -34,16 +36,15 @@ if __name__ == "__main__" and sys.version_info < (3, 11):  # one message, on any
 
 import errno  # noqa: E402
 import fcntl  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import select  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
+
+TYPE_CHECKING = False  # (typing is not imported at run time: every import is paid per call)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 # Free space a fresh environment needs where the root is (checked before the laptop sends
 # anything). Measured 2026-12 (tether 0.1.0, CPython 3.11, x86_64, `du -s` after a cold `tether
@@ -180,6 +181,8 @@ def existing(path: str) -> str:
 
 
 def free_bytes(path: str) -> int:
+    import shutil
+
     return shutil.disk_usage(existing(path)).free
 
 
@@ -228,12 +231,11 @@ def cache_fail(kind: str, folder: str) -> Fail:
 
 def probe_write(folder: str) -> bool:
     """Whether a file can really be made in ``folder`` (os.access does not see every mount)."""
-    import tempfile
+    path = os.path.join(folder, ".tether-probe-%d-%d" % (os.getpid(), time.monotonic_ns()))
     try:
-        fd, path = tempfile.mkstemp(prefix=".tether-probe-", dir=folder)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError:
         return False
-    os.close(fd)
     os.unlink(path)
     return True
 
@@ -324,6 +326,8 @@ def lock_root() -> int:
 # -- probing -----------------------------------------------------------------------------------------
 
 def gpu_info() -> dict[str, Any]:
+    import shutil
+
     smi = shutil.which("nvidia-smi")
     if not smi:
         return {"nvidia_smi": None}
@@ -345,6 +349,10 @@ def gpu_info() -> dict[str, Any]:
 
 
 def probe() -> dict[str, Any]:
+    import shutil
+
+    import platform  # (here: tether.host, which imports this module, has no use for it)
+
     info: dict[str, Any] = {
         "os": platform.system(), "release": platform.release(), "machine": platform.machine(),
         "python": sys.executable, "python_version": "%d.%d.%d" % sys.version_info[:3],
@@ -417,6 +425,8 @@ def index_check(timeout: float = INDEX_CHECK_TIMEOUT) -> dict[str, Any]:
     result: dict[str, str] = {}
 
     def connect() -> None:
+        import socket
+
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             result["why"] = ""
@@ -483,6 +493,8 @@ def need_wheel() -> dict[str, Any]:
 # -- receiving files -------------------------------------------------------------------------------
 
 def sha256_file(path: str) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -491,6 +503,8 @@ def sha256_file(path: str) -> str:
 
 
 def read_wheel() -> bytes:
+    import hashlib
+
     size = int(PARAMS.get("wheel_size", 0))
     data = sys.stdin.buffer.read(size) if size else b""
     if size and (len(data) != size or hashlib.sha256(data).hexdigest() != PARAMS["wheel_sha256"]):
@@ -513,6 +527,8 @@ def receive_files() -> None:
 
 
 def receive_file(entry: dict[str, Any]) -> None:
+    import hashlib
+
     name, size = os.path.basename(entry["file"]), int(entry["size"])
     dest = os.path.join(at("wheels"), name)
     tmp = dest + ".part"
@@ -617,6 +633,8 @@ def uv_runs(path: str) -> bool:
 
 def unpack_uv(spec: dict[str, Any]) -> str:
     """The uv executable from its wheel (cached per version); "" when it cannot run here."""
+    import shutil
+
     import zipfile
     path = os.path.join(at("uv"), spec["version"], "uv")
     if not os.path.exists(path):
@@ -718,6 +736,8 @@ def uv_in_env() -> str:
 
 
 def create_env(wheel: bytes) -> None:
+    import shutil
+
     if os.path.exists(ENV):  # half-built by an interrupted run: start again from scratch
         shutil.rmtree(ENV)
     uv = unpack_uv(PARAMS["uv"]) if PARAMS.get("uv") else ""
@@ -820,6 +840,8 @@ def disk_bytes(path: str) -> int:
 def live_jobs() -> list[str]:
     """Nonces (in their comment) of our Slurm jobs still queued or running from this home:
     they run from its environment, kernelspecs and job folder ([] where no Slurm)."""
+    import shutil
+
     if not shutil.which("squeue"):
         return []
     slurm = PARAMS.get("slurm") or {}
@@ -837,6 +859,8 @@ def live_jobs() -> list[str]:
 def purge() -> dict[str, Any]:
     """Everything of tether's under the root, then the root itself (after `down` stopped the
     servers). A Slurm job of ours still queued or running keeps what it runs from."""
+    import shutil
+
     if not os.path.isdir(ROOT):
         return {"removed_bytes": 0}
     before, jobs = disk_bytes(ROOT), live_jobs()
@@ -888,17 +912,20 @@ def recorded() -> bool:
 
 # -- the actions -------------------------------------------------------------------------------------
 
+# `python -m tether.host` as `-c`: runpy and importlib.util are not imported (a few ms a call)
+HOST_MAIN = "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"
 PLAN_KEYS = ("pins", "need", "incoming", "uv", "lock", "plan_size", "wheel_size")
 
 
 def hand_over(action: str) -> NoReturn:
-    """Run the rest from tether's environment: ``python -I -m tether.host ACTION PARAMS``.
+    """Run the rest from tether's environment: ``python -I -m tether.host ACTION PARAMS``
+    (spelled with ``-c``: :data:`HOST_MAIN`).
 
     ``-I``: the home folder (the cwd of an SSH command) is not on its path."""
     python = env_python()
     sys.stdout.flush()
     params = {k: v for k, v in PARAMS.items() if k not in PLAN_KEYS}  # done with: not in argv
-    os.execv(python, [python, "-I", "-m", "tether.host", action, json.dumps(params)])
+    os.execv(python, [python, "-I", "-c", HOST_MAIN, action, json.dumps(params)])
 
 
 def nothing_here(action: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import __version__, contract
-from tether import _ssh, _wheels
+from tether import _seed, _ssh, _wheels
 from tether.config import COLAB_ORIGIN, REMOTE_CACHE_ENV
 from tether.contract import CACHE_KINDS as CACHE_KINDS
 from tether.contract import NO_PYTHON as NO_PYTHON
@@ -197,8 +197,10 @@ def remote_command(python: str, params: dict[str, Any]) -> list[str]:
         return ["sh", "-c", _PREFIX, "sh", python, seed_source(), json.dumps(params)]
     layout = REMOTE_LAYOUT
     env = f"{layout.root_expr()}/{layout.env.format(version=__version__)}"
-    ready = (f'e={env}; if grep -qsF "$4" "$e/{layout.marker}" && [ -x "$e/bin/python" ]; '
-             'then exec "$e/bin/python" -I -m tether.host "$5" "$3"; fi; ')
+    # the marker is one line of JSON; `read` and `case` are built in (no grep to start)
+    ready = (f'e={env}; m=; read -r m 2>/dev/null < "$e/{layout.marker}"; case "$m" in '
+             f'*\\"$4\\"*) [ -x "$e/bin/python" ] && '
+             f'exec "$e/bin/python" -I -c {shlex.quote(_seed.HOST_MAIN)} "$5" "$3";; esac; ')
     script = _PREFIX.replace("; exec", f"; {ready}exec", 1)
     return ["sh", "-c", script, "sh", python, seed_source(), json.dumps(params),
             str(params["wheel_sha256"]), str(params["action"])]

@@ -17,11 +17,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, TypedDict
+
 
 from tether import __version__
 from tether.errors import RemoteEnvironmentError
+
+# typing and pathlib are not imported at run time: tether.host pays each import on every call
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 # The version of the answers below: both ends send and check it (a laptop and a remote of
 # different tethers say so instead of misreading each other).
@@ -92,6 +97,8 @@ class RemoteLayout:
 
     def root(self, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
         """The root on this machine, from ``environ`` (default: this process's)."""
+        from pathlib import Path
+
         env = os.environ if environ is None else environ
         cache = env.get(self.cache_var) or str((home or Path.home()) / self.cache_default)
         return Path(cache) / self.dirname
@@ -122,98 +129,102 @@ def seed_params() -> dict[str, Any]:
 # Every line the remote prints is one JSON object: progress events ({"event": "step", ...}),
 # then one final {"event": "result", "protocol": PROTOCOL, ...} or {"event": "error", ...}.
 
-class Failure(TypedDict, total=False):
-    """An ``error`` event: ``message`` and ``hint`` name the host ``HOST``."""
+# What a server's description holds (the token only where ``up`` answers).
+PUBLIC_KEYS = ("pid", "token", "port", "sock", "version", "started", "root_dir", "base_url",
+               "instance", "create_time")
 
-    event: str
-    protocol: int
-    kind: str
-    message: str
-    hint: str
-    folder: str  # the folder that cannot be used (CACHE_KINDS, "disk")
-    cache_fix: str  # a folder the remote found usable for TETHER_REMOTE_CACHE
-    log_tail: str
-    log: str
+if TYPE_CHECKING:  # the shapes, for the type checker (TypedDicts are plain dicts at run time)
+    from typing import TypedDict
 
+    class Failure(TypedDict, total=False):
+        """An ``error`` event: ``message`` and ``hint`` name the host ``HOST``."""
 
-class ServerPayload(TypedDict, total=False):
-    """A server as the remote describes it (``up``: with its token; ``status``: without)."""
-
-    pid: int
-    token: str
-    port: int | None
-    sock: str | None
-    version: str | None
-    started: float | None
-    root_dir: str | None
-    base_url: str | None
-    instance: str | None
-    create_time: float | None
+        event: str
+        protocol: int
+        kind: str
+        message: str
+        hint: str
+        folder: str  # the folder that cannot be used (CACHE_KINDS, "disk")
+        cache_fix: str  # a folder the remote found usable for TETHER_REMOTE_CACHE
+        log_tail: str
+        log: str
 
 
-PUBLIC_KEYS = tuple(ServerPayload.__annotations__)
+    class ServerPayload(TypedDict, total=False):
+        """A server as the remote describes it (``up``: with its token; ``status``: without)."""
+
+        pid: int
+        token: str
+        port: int | None
+        sock: str | None
+        version: str | None
+        started: float | None
+        root_dir: str | None
+        base_url: str | None
+        instance: str | None
+        create_time: float | None
 
 
-class StaleEntry(TypedDict):
-    """A state file that named a process no longer its server (removed)."""
+    class StaleEntry(TypedDict):
+        """A state file that named a process no longer its server (removed)."""
 
-    file: str
-    pid: int
-    why: str
-
-
-class LeftEntry(TypedDict):
-    """A process ``down`` could not end."""
-
-    pid: int
-    name: str
-    what: str
-    why: str
+        file: str
+        pid: int
+        why: str
 
 
-class UpPayload(TypedDict, total=False):
-    event: str
-    protocol: int
-    server: ServerPayload
-    reused: bool
-    kernel_python: str
-    stale: list[StaleEntry]
-    warnings: list[str]
-    need_wheel: bool  # a cold remote: plan the install from ``probe`` and send the wheel
-    probe: dict[str, Any]
-    need_consent: dict[str, Any]  # {"python", "missing"}: ask the user first
-    prepared: bool  # `prepare`
-    env: str
-    root: str
+    class LeftEntry(TypedDict):
+        """A process ``down`` could not end."""
+
+        pid: int
+        name: str
+        what: str
+        why: str
 
 
-class StatusPayload(TypedDict, total=False):
-    event: str
-    protocol: int
-    servers: list[dict[str, Any]]  # ServerPayload without the token, plus status/kernels/...
-    stale: list[StaleEntry]
-    unverified: list[StaleEntry]
-    env_ready: bool
-    root: str
-    disk_bytes: int
-    envs: list[str]
-    installed: dict[str, Any]
-    need_wheel: bool
-    probe: dict[str, Any]
+    class UpPayload(TypedDict, total=False):
+        event: str
+        protocol: int
+        server: ServerPayload
+        reused: bool
+        kernel_python: str
+        stale: list[StaleEntry]
+        warnings: list[str]
+        need_wheel: bool  # a cold remote: plan the install from ``probe`` and send the wheel
+        probe: dict[str, Any]
+        need_consent: dict[str, Any]  # {"python", "missing"}: ask the user first
+        prepared: bool  # `prepare`
+        env: str
+        root: str
 
 
-class DownPayload(TypedDict, total=False):
-    event: str
-    protocol: int
-    stopped: list[int]
-    strays: list[int]
-    forced: list[int]
-    stale: list[StaleEntry]
-    left: list[LeftEntry]
-    purged: dict[str, Any]
-    removed_envs: list[str]
-    need_wheel: bool
-    probe: dict[str, Any]
+    class StatusPayload(TypedDict, total=False):
+        event: str
+        protocol: int
+        servers: list[dict[str, Any]]  # ServerPayload without the token, plus status/kernels/...
+        stale: list[StaleEntry]
+        unverified: list[StaleEntry]
+        env_ready: bool
+        root: str
+        disk_bytes: int
+        envs: list[str]
+        installed: dict[str, Any]
+        need_wheel: bool
+        probe: dict[str, Any]
+
+
+    class DownPayload(TypedDict, total=False):
+        event: str
+        protocol: int
+        stopped: list[int]
+        strays: list[int]
+        forced: list[int]
+        stale: list[StaleEntry]
+        left: list[LeftEntry]
+        purged: dict[str, Any]
+        removed_envs: list[str]
+        need_wheel: bool
+        probe: dict[str, Any]
 
 
 def skew_error(host: str, theirs: object) -> RemoteEnvironmentError:

@@ -22,22 +22,18 @@ Processes are ended by :mod:`tether.remote.sweep` (psutil refuses a reused pid).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import psutil
 
 from tether import _seed as seed
 from tether import identity
-from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS, StaleEntry
+from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS
 from tether.remote import state as states
 from tether.remote import sweep
 
@@ -50,7 +46,13 @@ POLL = 0.02
 KERNEL_MODULES = ("ipykernel", "psutil")
 KERNEL_MIN_PYTHON = (3, 8)  # ipykernel's own floor
 LIVE, STALE, UNVERIFIED = states.LIVE, states.STALE, states.UNVERIFIED
-Record = dict[str, Any]
+TYPE_CHECKING = False  # typing is not imported at run time: every import is paid per call
+if TYPE_CHECKING:
+    from typing import Any
+
+    from tether.contract import StaleEntry
+
+    Record = dict[str, Any]
 
 _stale: list[dict[str, Any]] = []  # stale state files removed during this run (reported)
 
@@ -370,6 +372,8 @@ def remove_old_envs() -> list[str]:
         if isinstance(marker, dict) and float(marker.get("created") or 0) >= float(
                 current.get("created") or 0):
             continue  # prepared by a newer tether since: not ours to judge
+        import shutil
+
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
@@ -410,6 +414,8 @@ def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | No
     log_path = seed.at("server_log")
     with open(log_path, "wb") as log:
         os.fchmod(log.fileno(), 0o600)
+    import shutil
+
     # Without lingering, systemd stops the user's manager (and its units) at logout.
     if shutil.which("systemd-run") and lingering() and os.environ.get("XDG_RUNTIME_DIR"):
         unit = ["systemd-run", "--user", "--quiet", "--collect",
@@ -459,6 +465,8 @@ def read_token() -> str:
 
 
 def start_server(python: str) -> Record:
+    import secrets
+
     seed.ensure_dir(seed.RUNTIME)
     write_kernelspec(python)
     # A token left by a server that died (crash, reboot) is reused, so the URL stays the same;
@@ -488,6 +496,8 @@ def check_token(want: str) -> None:
     `release --all --stop-server`, SIGTERM) removes its state file on the way out; one that
     crashed leaves it behind (and one that is merely frozen is still alive).
     """
+    import hashlib
+
     token = read_token()
     if hashlib.sha256(token.encode()).hexdigest() != want:
         raise Fail("stopped", "the server was stopped (`tether down`); not starting it again")

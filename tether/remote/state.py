@@ -16,14 +16,18 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+
 
 import psutil
 
 from tether import identity
 from tether.contract import LAUNCH_ENV
 from tether.errors import ServerNotFoundError
+
+TYPE_CHECKING = False  # (typing and pathlib are not imported at run time: tether.host pays
+if TYPE_CHECKING:  # each import on every SSH call)
+    from pathlib import Path
+    from typing import Any
 
 log = logging.getLogger(__name__)
 PREFIX = "tether-"
@@ -76,6 +80,8 @@ def jupyter_runtime_dir() -> str:
 
 
 def state_path(pid: int | None = None, runtime_dir: str | None = None) -> Path:
+    from pathlib import Path
+
     return Path(runtime_dir or jupyter_runtime_dir()) / f"{PREFIX}{pid or os.getpid()}.json"
 
 
@@ -124,14 +130,15 @@ def find_server(runtime_dir: str | None = None, *, port: int | None = None) -> S
 LIVE, STALE, UNVERIFIED = "live", "stale", "unverified"
 # an older server records only psutil's create time, which moves with the wall clock
 CREATE_TIME_SLACK = 1.5
-Launches = Mapping[str, Mapping[str, Any]]  # launch id -> launch record (tether.host)
+if TYPE_CHECKING:
+    Launches = Mapping[str, Mapping[str, Any]]  # launch id -> launch record (tether.host)
 
 
 @dataclass(frozen=True)
 class Entry:
     """One state file, judged: ``data`` as read (``pid`` an int), the verdict and why."""
 
-    path: Path
+    path: str
     data: dict[str, Any]
     verdict: str
     why: str = ""
@@ -141,9 +148,15 @@ def scan(runtime_dir: str, launches: Launches | None = None, *,
          remove_stale: bool = True) -> list[Entry]:
     """Every readable ``tether-<pid>.json`` in ``runtime_dir``, judged (stale ones removed)."""
     found = []
-    for path in sorted(Path(runtime_dir).glob(f"{PREFIX}*.json")):
+    try:
+        names = sorted(n for n in os.listdir(runtime_dir)
+                       if n.startswith(PREFIX) and n.endswith(".json"))
+    except OSError:
+        names = []
+    for path in (os.path.join(runtime_dir, n) for n in names):
         try:
-            data = json.loads(path.read_text())
+            with open(path) as f:
+                data = json.load(f)
             data["pid"] = int(data.get("pid") or 0)
         except (OSError, ValueError, TypeError, AttributeError) as e:
             log.debug("skipping unreadable state file %s: %s", path, e)
@@ -151,7 +164,10 @@ def scan(runtime_dir: str, launches: Launches | None = None, *,
         verdict, why = judge(data, launches or {})
         if verdict == STALE and remove_stale:
             log.debug("removing stale state file %s: %s", path, why)
-            path.unlink(missing_ok=True)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         found.append(Entry(path, data, verdict, why))
     return found
 
