@@ -183,6 +183,21 @@ def test_too_little_disk_is_said_before_anything_is_sent(seed: Any,
     assert seed.run("up")["need_wheel"] is True
 
 
+def test_status_and_down_need_this_builds_environment_only_where_something_may_run(
+        seed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(seed.NEED_BYTES, "offline", 0)
+    seed.PARAMS.update(requires_python="3.11", wheel_sha256="0" * 64, offline=True, purge=True)
+    status = seed.run("status")  # nothing recorded: answered by the seed alone
+    assert status["servers"] == [] and status["env_ready"] is False
+    down = seed.run("down")
+    assert down["stopped"] == down["strays"] == down["left"] == [] and "purged" in down
+    assert not os.path.exists(seed.ROOT)  # --purge: the whole folder
+    os.makedirs(seed.RUNTIME)
+    write_state(seed, os.getpid())  # a state file: judged and ended by this tether's own code
+    for action in ("status", "down"):
+        assert seed.run(action)["need_wheel"] is True
+
+
 # -- down --------------------------------------------------------------------------------------
 
 def test_down_ends_exactly_what_tether_recorded(seed: Any, procs: Start,

@@ -929,10 +929,11 @@ def hand_over(action: str) -> NoReturn:
 
 
 def nothing_here(action: str) -> dict[str, Any]:
-    """``status``/``down`` where no environment of this version exists and nothing recorded
-    may run: the answer needs no process table."""
+    """``status``/``down`` where tether's environment is not current and nothing recorded may
+    run: the answer needs no process table."""
     if action == "status":
-        return {"servers": [], "stale": [], "unverified": [], "env_ready": False, "root": ROOT,
+        return {"servers": [], "stale": [], "unverified": [],
+                "env_ready": read_marker() is not None, "root": ROOT,
                 "disk_bytes": disk_bytes(ROOT), "envs": env_dirs_names(),
                 "installed": installed()}
     result: dict[str, Any] = {"stopped": [], "strays": [], "forced": [], "stale": [], "left": []}
@@ -957,15 +958,15 @@ def run(action: str) -> dict[str, Any]:
         return action_probe()
     check_python()
     if action in ("status", "down"):
-        if env_updatable():
+        if env_current():
             hand_over(action)
         if not recorded():
             return nothing_here(action)
-    elif PARAMS.get("attach"):
-        if not env_updatable():  # a server runs only from an environment
-            raise Fail("no-server", "no tether server is running on HOST",
-                       hint="Start one with `tether up HOST`.")
-        hand_over(action)
+        # else the environment is made current first (the laptop sends the wheel): what may
+        # run here is judged and ended by this tether's own code
+    elif PARAMS.get("attach") and not env_updatable():  # a server runs from an environment
+        raise Fail("no-server", "no tether server is running on HOST",
+                   hint="Start one with `tether up HOST`.")
     ensure_root()
     if not prepare_env():
         return need_wheel()
