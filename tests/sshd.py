@@ -609,7 +609,7 @@ class ReadOnlyHome:
 
     @property
     def elsewhere(self) -> Path:
-        """The folder the agent offers instead (no $TMPDIR, no /scratch here)."""
+        """The folder the seed offers instead (no $TMPDIR, no /scratch here)."""
         return Path(f"/tmp/tether-u{self.user.pw_uid}")
 
     def stop(self) -> None:

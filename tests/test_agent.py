@@ -1,7 +1,8 @@
-"""The remote agent: what `down` ends (and never ends), stale state files, the launch record,
-options that differ from the running server's, and the agent's messages.
+"""The remote side: the seed (tether._seed) and the host module (tether.host). What `down`
+ends (and never ends), stale state files, the launch record, options that differ from the
+running server's, and the remote's messages.
 
-The first part runs the agent's functions here, on real processes, with a private layout; the
+The first part runs their functions here, on real processes, with a private layout; the
 second runs ``tether up``/``down`` against the real sshd test bed as the non-root remote user.
 """
 
@@ -22,20 +23,21 @@ from typing import Any
 import psutil
 import pytest
 
-from tether import _agent, bootstrap
+from tether import _seed, bootstrap, contract, host
+from tether.remote import state as states
 
 Start = Callable[..., subprocess.Popen]
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Any]:
-    """The agent module, configured for a private root under ``tmp_path``."""
-    params = {"version": "9.9.9", "layout": bootstrap.REMOTE_LAYOUT.params()}
-    _agent.configure(params, environ={"XDG_CACHE_HOME": str(tmp_path), "HOME": str(tmp_path)})
-    os.makedirs(_agent.RUNTIME)
-    _agent._stale.clear()
-    yield _agent
-    _agent._stale.clear()
+def seed(tmp_path: Path) -> Iterator[Any]:
+    """The seed module (and so tether.host), configured for a private root under ``tmp_path``."""
+    params = {"version": "9.9.9", **contract.seed_params()}
+    _seed.configure(params, environ={"XDG_CACHE_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    os.makedirs(_seed.RUNTIME)
+    host._stale.clear()
+    yield _seed
+    host._stale.clear()
 
 
 def wait_started(p: subprocess.Popen) -> psutil.Process:
@@ -47,169 +49,174 @@ def wait_started(p: subprocess.Popen) -> psutil.Process:
     return proc
 
 
-def write_state(agent: Any, pid: int, **extra: Any) -> Path:
-    path = Path(agent.RUNTIME) / f"tether-{pid}.json"
+def write_state(seed: Any, pid: int, **extra: Any) -> Path:
+    path = Path(seed.RUNTIME) / f"tether-{pid}.json"
     path.write_text(json.dumps({"pid": pid, "token": "t" * 48, "started": time.time(), **extra}))
     path.chmod(0o600)
     return path
 
 
-def write_launch(agent: Any, launch: str, **options: Any) -> None:
+def write_launch(seed: Any, launch: str, **options: Any) -> None:
     record = {"launch": launch, "started": time.time(), "kernel_python_used": "/usr/bin/python3",
               "options": options}
-    Path(agent.launch_path(launch)).write_text(json.dumps(record))
+    Path(host.launch_path(launch)).write_text(json.dumps(record))
+
+
+def judge(data: dict[str, Any], launches: dict[str, Any] | None = None) -> tuple[str, str]:
+    return states.judge(data, launches or {})
 
 
 # -- identity ----------------------------------------------------------------------------------
 
-def test_start_time_from_proc_is_psutils_create_time(agent: Any, procs: Start) -> None:
-    child = procs("sleep", "30")
-    for pid in (os.getpid(), child.pid):
-        state, start, uid, ticks = agent.proc_facts(pid)
-        assert ticks > 0
-        assert abs(start - psutil.Process(pid).create_time()) < 0.02
-        assert uid == os.getuid() and state in "RSD"
-    assert agent.proc_facts(child.pid)[1] > agent.proc_facts(os.getpid())[1]
-    child.kill()
-    child.wait(10)
-    assert agent.proc_facts(child.pid) is None
-
-
-def test_a_state_file_is_trusted_by_pid_and_start_time(agent: Any, procs: Start) -> None:
+def test_a_state_file_is_trusted_by_pid_and_start_time(seed: Any, procs: Start) -> None:
     child = procs("sleep", "30")
     created = psutil.Process(child.pid).create_time()
-    assert agent.judge({"pid": child.pid, "create_time": created}, {})[0] == agent.LIVE
-    verdict, why = agent.judge({"pid": child.pid, "create_time": created - 1000}, {})
-    assert verdict == agent.STALE and f"pid {child.pid} is now another process" in why
+    assert judge({"pid": child.pid, "create_time": created})[0] == states.LIVE
+    verdict, why = judge({"pid": child.pid, "create_time": created - 1000})
+    assert verdict == states.STALE and f"pid {child.pid} is now another process" in why
     # the instance id of a server carries its start time too (1/100 s)
     instance = f"{child.pid}.{int(created * 100)}.abcd1234"
-    assert agent.judge({"pid": child.pid, "instance": instance}, {})[0] == agent.LIVE
+    assert judge({"pid": child.pid, "instance": instance})[0] == states.LIVE
     old = f"{child.pid}.{int((created - 50) * 100)}.abcd1234"
-    assert agent.judge({"pid": child.pid, "instance": old}, {})[0] == agent.STALE
+    assert judge({"pid": child.pid, "instance": old})[0] == states.STALE
     # no start time and no launch marker: neither trusted nor thrown away
-    assert agent.judge({"pid": child.pid}, {})[0] == agent.UNVERIFIED
+    assert judge({"pid": child.pid})[0] == states.UNVERIFIED
     child.kill()
     child.wait(10)
-    verdict, why = agent.judge({"pid": child.pid, "create_time": created}, {})
-    assert verdict == agent.STALE and "is gone" in why
+    verdict, why = judge({"pid": child.pid, "create_time": created})
+    assert verdict == states.STALE and "is gone" in why
 
 
 def test_a_state_file_is_trusted_by_start_since_boot_whatever_the_wall_clock_did(
-        agent: Any, procs: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+        seed: Any, procs: Start) -> None:
     from tether import identity
 
     child = procs("sleep", "30")
     state = {"pid": child.pid, "boot_start": identity.started(psutil.Process(child.pid)),
-             "boot_id": identity.boot_id(), "create_time": 1.0}  # create time: far off
-    monkeypatch.setattr(agent, "_BOOT_TIME", [agent.boot_time() + 1])  # NTP moved btime
-    assert agent.judge(state, {})[0] == agent.LIVE
-    verdict, why = agent.judge({**state, "boot_start": state["boot_start"] - 0.01}, {})
-    assert verdict == agent.STALE and f"pid {child.pid} is now another process" in why
-    verdict, why = agent.judge({**state, "boot_id": "another-boot"}, {})
-    assert verdict == agent.STALE and "rebooted" in why
+             "boot_id": identity.boot_id(), "create_time": 1.0}  # create time: far off (NTP)
+    assert judge(state)[0] == states.LIVE
+    verdict, why = judge({**state, "boot_start": state["boot_start"] - 0.01})
+    assert verdict == states.STALE and f"pid {child.pid} is now another process" in why
+    verdict, why = judge({**state, "boot_id": "another-boot"})
+    assert verdict == states.STALE and "rebooted" in why
 
 
 def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
-        agent: Any, procs: Start) -> None:
+        seed: Any, procs: Start) -> None:
     marked = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": "feedf00d"}))
-    assert agent.judge({"pid": marked.pid}, {"feedf00d": {}})[0] == agent.LIVE
-    assert agent.judge({"pid": marked.pid}, {"0ther": {}})[0] == agent.UNVERIFIED
+    assert judge({"pid": marked.pid}, {"feedf00d": {}})[0] == states.LIVE
+    assert judge({"pid": marked.pid}, {"0ther": {}})[0] == states.UNVERIFIED
 
 
-def test_a_server_the_agent_launched_is_pinned_by_ticks_and_boot_id(agent: Any,
-                                                                    procs: Start) -> None:
-    """Immune to a stepped wall clock: the start in ticks since boot does not move."""
+def test_a_server_tether_launched_is_pinned_by_its_start_since_boot_and_boot_id(
+        seed: Any, procs: Start) -> None:
+    """Immune to a stepped wall clock: the start since boot does not move."""
     launch = "c" * 32
-    write_launch(agent, launch)
+    write_launch(seed, launch)
     server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
-    agent.pin_launch(launch, server.pid)
-    launches = agent.read_launches()
-    assert launches[launch]["server"]["boot_id"] == agent.boot_id() != ""
+    host.pin_launch(launch, server.pid)
+    launches = host.read_launches()
+    assert launches[launch]["server"]["boot_id"] == states.identity.boot_id() != ""
     skewed = {"pid": server.pid, "create_time": server.create_time() + 3600}
-    assert agent.judge(skewed, launches)[0] == agent.LIVE
-    launches[launch]["server"]["start_ticks"] -= 1  # the pid is another process now
-    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
-    launches[launch]["server"]["start_ticks"] += 1
+    assert judge(skewed, launches)[0] == states.LIVE
+    launches[launch]["server"]["boot_start"] -= 0.01  # the pid is another process now
+    assert judge({"pid": server.pid}, launches)[0] == states.STALE
+    launches[launch]["server"]["boot_start"] += 0.01
     launches[launch]["server"]["boot_id"] = "an-earlier-boot"
-    assert agent.judge({"pid": server.pid}, launches)[0] == agent.STALE
+    assert judge({"pid": server.pid}, launches)[0] == states.STALE
 
 
-def test_scan_removes_and_reports_stale_files_only(agent: Any, procs: Start) -> None:
+def test_scan_removes_and_reports_stale_files_only(seed: Any, procs: Start) -> None:
     reused = procs("sleep", "30")
     live = procs("sleep", "30")
     unverified = procs("sleep", "30")
-    stale = write_state(agent, reused.pid,
+    stale = write_state(seed, reused.pid,
                         create_time=psutil.Process(reused.pid).create_time() - 3600)
-    good = write_state(agent, live.pid, create_time=psutil.Process(live.pid).create_time())
-    unknown = write_state(agent, unverified.pid)
-    scan = agent.scan_servers()
-    assert [s["pid"] for s in scan["live"]] == [live.pid]
-    assert [e["pid"] for e in scan["unverified"]] == [unverified.pid]
-    assert [e["pid"] for e in agent.stale_report()] == [reused.pid]
+    good = write_state(seed, live.pid, create_time=psutil.Process(live.pid).create_time())
+    unknown = write_state(seed, unverified.pid)
+    scan = host.scan_servers()
+    assert [s["pid"] for s in scan.live] == [live.pid]
+    assert [e["pid"] for e in scan.unverified] == [unverified.pid]
+    assert [e["pid"] for e in host.stale_report()] == [reused.pid]
     assert not stale.exists() and good.exists() and unknown.exists()
     assert reused.poll() is None  # judged, never signalled
 
 
 # -- the root: ours, private, writable; room for an environment -----------------------------------
 
-def test_a_root_left_open_is_made_private_and_one_not_ours_is_refused(agent: Any) -> None:
-    for path in (agent.ROOT, agent.RUNTIME):
+def test_a_root_left_open_is_made_private_and_one_not_ours_is_refused(seed: Any) -> None:
+    for path in (seed.ROOT, seed.RUNTIME):
         os.chmod(path, 0o755)  # as something else (an admin's script, a tar) may leave them
-    agent.ensure_root()
-    assert [stat.S_IMODE(os.stat(p).st_mode) for p in (agent.ROOT, agent.RUNTIME)] == [0o700] * 2
-    os.chown(agent.RUNTIME, 65534, 65534)
-    with pytest.raises(agent.Fail) as e:
-        agent.ensure_root()
+    seed.ensure_root()
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in (seed.ROOT, seed.RUNTIME)] == [0o700] * 2
+    os.chown(seed.RUNTIME, 65534, 65534)
+    with pytest.raises(seed.Fail) as e:
+        seed.ensure_root()
     assert e.value.kind == "cache-owner"
-    assert e.value.message.startswith(f"{agent.RUNTIME} on HOST belongs to uid 65534, not to ")
+    assert e.value.message.startswith(f"{seed.RUNTIME} on HOST belongs to uid 65534, not to ")
     assert "TETHER_REMOTE_CACHE=" in e.value.hint
 
 
-def test_a_folder_elsewhere_is_offered_tmpdir_first(agent: Any, tmp_path: Path,
+def test_a_folder_elsewhere_is_offered_tmpdir_first(seed: Any, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmpdir))
-    assert agent.writable_elsewhere() == f"{tmpdir}/tether-u{os.getuid()}"
+    assert seed.writable_elsewhere() == f"{tmpdir}/tether-u{os.getuid()}"
     monkeypatch.delenv("TMPDIR")
-    assert agent.writable_elsewhere() == f"/tmp/tether-u{os.getuid()}"
-    assert agent.writable_elsewhere(need=1 << 60) == ""  # no folder has an exbibyte free
+    assert seed.writable_elsewhere() == f"/tmp/tether-u{os.getuid()}"
+    assert seed.writable_elsewhere(need=1 << 60) == ""  # no folder has an exbibyte free
 
 
-def test_too_little_disk_is_said_before_anything_is_sent(agent: Any,
+def test_too_little_disk_is_said_before_anything_is_sent(seed: Any,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    free = agent.free_bytes(agent.ROOT)
-    monkeypatch.setitem(agent.NEED_BYTES, "offline", free + (1 << 40))
-    agent.PARAMS.update(action="up", requires_python="3.6", wheel_sha256="0" * 64, offline=True)
-    with pytest.raises(agent.Fail) as e:
-        agent.action_up()  # the first call: no wheel on stdin yet, so nothing was sent
+    free = seed.free_bytes(seed.ROOT)
+    monkeypatch.setitem(seed.NEED_BYTES, "offline", free + (1 << 40))
+    seed.PARAMS.update(action="up", requires_python="3.6", wheel_sha256="0" * 64, offline=True)
+    with pytest.raises(seed.Fail) as e:
+        seed.run("up")  # the first call: no wheel on stdin yet, so nothing was sent
     assert e.value.kind == "disk"
     need = (free + (1 << 40)) >> 20
-    assert e.value.message.startswith(f"{agent.ROOT} on HOST has ")  # (free: it moves)
+    assert e.value.message.startswith(f"{seed.ROOT} on HOST has ")  # (free: it moves)
     assert e.value.message.endswith(f" MiB free; a fresh environment needs about {need} MiB there")
-    monkeypatch.setitem(agent.NEED_BYTES, "offline", free // 2)
-    assert agent.action_up()["need_wheel"] is True
+    monkeypatch.setitem(seed.NEED_BYTES, "offline", free // 2)
+    assert seed.run("up")["need_wheel"] is True
+
+
+def test_status_and_down_need_this_builds_environment_only_where_something_may_run(
+        seed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(seed.NEED_BYTES, "offline", 0)
+    seed.PARAMS.update(requires_python="3.11", wheel_sha256="0" * 64, offline=True, purge=True)
+    status = seed.run("status")  # nothing recorded: answered by the seed alone
+    assert status["servers"] == [] and status["env_ready"] is False
+    down = seed.run("down")
+    assert down["stopped"] == down["strays"] == down["left"] == [] and "purged" in down
+    assert not os.path.exists(seed.ROOT)  # --purge: the whole folder
+    os.makedirs(seed.RUNTIME)
+    write_state(seed, os.getpid())  # a state file: judged and ended by this tether's own code
+    for action in ("status", "down"):
+        assert seed.run(action)["need_wheel"] is True
 
 
 # -- down --------------------------------------------------------------------------------------
 
-def test_down_ends_exactly_what_tether_recorded(agent: Any, procs: Start,
+def test_down_ends_exactly_what_tether_recorded(seed: Any, procs: Start,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent, "STRAY_DEADLINE", 2.0)
-    env_dir = Path(agent.ENV) / "lib"
+    monkeypatch.setattr(host, "STRAY_DEADLINE", 2.0)
+    env_dir = Path(seed.ENV) / "lib"
     env_dir.mkdir(parents=True)
     (env_dir / "sweep.py").write_text("x = 1\n")
     launch = "0123456789abcdef0123456789abcdef"
-    write_launch(agent, launch)
+    write_launch(seed, launch)
     # a server of ours (launched with the marker, its state file with its start time)
     server = procs(sys.executable, "-c", "import time; time.sleep(60)",
                    env={"TETHER_LAUNCH": launch})
-    write_state(agent, server.pid, create_time=psutil.Process(server.pid).create_time())
+    write_state(seed, server.pid, create_time=psutil.Process(server.pid).create_time())
     # an orphan of a crashed server: its state file is stale, its instance is on the orphan
     dead = procs("true")
     dead.wait(10)
     instance = f"{dead.pid}.12345.deadbeef"
-    write_state(agent, dead.pid, instance=instance, create_time=1.0)
+    write_state(seed, dead.pid, instance=instance, create_time=1.0)
     orphan = wait_started(procs("sleep", "60", env={"TETHER_SERVER_INSTANCE": instance},
                                 start_new_session=True))
     # a kernel's child that ignores SIGTERM
@@ -220,11 +227,11 @@ def test_down_ends_exactly_what_tether_recorded(agent: Any, procs: Start,
     # not ours: names tether's directories; another reuses a dead server's pid
     tail = procs("tail", "-f", str(env_dir / "sweep.py"), stdout=subprocess.DEVNULL)
     reused = procs("sleep", "60")
-    write_state(agent, reused.pid, instance=f"{reused.pid}.1.cafe",
+    write_state(seed, reused.pid, instance=f"{reused.pid}.1.cafe",
                 create_time=psutil.Process(reused.pid).create_time() - 7200)
-    Path(agent.TOKEN_FILE).write_text("a" * 48)
+    Path(seed.at("token_file")).write_text("a" * 48)
 
-    result = agent.action_down()
+    result = host.action_down()
 
     assert result["stopped"] == [server.pid]
     assert sorted(result["strays"]) == sorted([orphan.pid, stubborn.pid])
@@ -233,89 +240,89 @@ def test_down_ends_exactly_what_tether_recorded(agent: Any, procs: Start,
     assert server.wait(5) == -signal.SIGTERM and stubborn.wait(5) == -signal.SIGKILL
     assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
     assert tail.poll() is None and reused.poll() is None
-    assert list(Path(agent.RUNTIME).iterdir()) == []  # state files, launch record
-    assert not Path(agent.TOKEN_FILE).exists()
+    assert list(Path(seed.RUNTIME).iterdir()) == []  # state files, launch record
+    assert not Path(seed.at("token_file")).exists()
 
 
-def test_down_reports_what_it_could_not_end(agent: Any, procs: Start) -> None:
+def test_down_reports_what_it_could_not_end(seed: Any, procs: Start) -> None:
     unverified = procs("sleep", "30")
-    write_state(agent, unverified.pid)  # an older server: no start time, no marker
-    result = agent.action_down()
+    write_state(seed, unverified.pid)  # an older server: no start time, no marker
+    result = host.action_down()
     assert result["stopped"] == [] and unverified.poll() is None
     assert result["left"] == [{"pid": unverified.pid, "name": "sleep", "what": "unverified server",
-                               "why": agent.judge({"pid": unverified.pid}, {})[1]}]
+                               "why": judge({"pid": unverified.pid})[1]}]
 
 
 # -- options of a reused server ----------------------------------------------------------------
 
-def test_options_that_differ_from_the_running_servers(agent: Any) -> None:
+def test_options_that_differ_from_the_running_servers(seed: Any) -> None:
     running = {"kernel_python_used": "/usr/bin/python3",
                "options": {"notebook_dir": "/srv/nb", "idle_timeout": 3600,
                            "serve_args": ["--stop-after-idle", "20", "--reap"], "origins": [],
                            "kernel_python": None, "conda_env": None, "remote_port": None}}
     same = dict(running["options"])
-    assert agent.differing_options(same, running) == []
+    assert host.differing_options(same, running) == []
     # options left at their defaults ask for nothing
-    assert agent.differing_options({"idle_timeout": 3600, "serve_args": []}, running) == []
+    assert host.differing_options({"idle_timeout": 3600, "serve_args": []}, running) == []
     asked = dict(same, notebook_dir="/srv/other", idle_timeout=60, kernel_python="/usr/bin/python3",
                  serve_args=["--stop-after-idle=30", "--on-idle", "poweroff", "--reap"])
-    assert agent.differing_options(asked, running) == [
+    assert host.differing_options(asked, running) == [
         "--notebook-dir", "--idle-timeout", "--on-idle", "--stop-after-idle"]
 
 
-def test_reuse_warning_names_the_options_and_the_way_to_apply_them(agent: Any,
+def test_reuse_warning_names_the_options_and_the_way_to_apply_them(seed: Any,
                                                                    procs: Start) -> None:
     launch = "abcdef0123456789abcdef0123456789"
-    write_launch(agent, launch, notebook_dir="/srv/nb", idle_timeout=3600, serve_args=[])
+    write_launch(seed, launch, notebook_dir="/srv/nb", idle_timeout=3600, serve_args=[])
     server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
-    agent.PARAMS.update(notebook_dir="/srv/other", serve_args=["--stop-after-idle", "20"])
+    seed.PARAMS.update(notebook_dir="/srv/other", serve_args=["--stop-after-idle", "20"])
     try:
-        [warning] = agent.option_warnings({"pid": server.pid})
+        [warning] = host.option_warnings({"pid": server.pid})
     finally:
-        agent.PARAMS.pop("notebook_dir")
-        agent.PARAMS.pop("serve_args")
+        seed.PARAMS.pop("notebook_dir")
+        seed.PARAMS.pop("serve_args")
     assert "--notebook-dir, --stop-after-idle" in warning
     assert "`tether down HOST`, then `tether up HOST`" in warning
-    assert agent.option_warnings({"pid": server.pid}) == []
+    assert host.option_warnings({"pid": server.pid}) == []
 
 
 # -- messages ----------------------------------------------------------------------------------
 
-def test_kernel_python_is_checked_before_pip_is_suggested(agent: Any) -> None:
-    agent.PARAMS["kernel_python"] = "/bin/false"
+def test_kernel_python_is_checked_before_pip_is_suggested(seed: Any) -> None:
+    seed.PARAMS["kernel_python"] = "/bin/false"
     try:
-        with pytest.raises(agent.Fail) as e:
-            agent.kernel_python([])
+        with pytest.raises(seed.Fail) as e:
+            host.kernel_python([])
         assert e.value.message == "/bin/false is not a working Python on HOST (`/bin/false -c` " \
                                   "did not run)"
         assert "-m pip" not in e.value.hint
-        agent.PARAMS["kernel_python"] = "/nope/python"
-        with pytest.raises(agent.Fail) as e:
-            agent.kernel_python([])
+        seed.PARAMS["kernel_python"] = "/nope/python"
+        with pytest.raises(seed.Fail) as e:
+            host.kernel_python([])
         assert e.value.message == "/nope/python is not an executable on HOST"
     finally:
-        agent.PARAMS.pop("kernel_python")
+        seed.PARAMS.pop("kernel_python")
 
 
-def test_a_python_without_ipykernel_asks_for_consent_not_an_error(agent: Any,
+def test_a_python_without_ipykernel_asks_for_consent_not_an_error(seed: Any,
                                                                   tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")],
                    check=True, timeout=120)
     python = str(tmp_path / "bare" / "bin" / "python")
-    agent.PARAMS["kernel_python"] = python
+    seed.PARAMS["kernel_python"] = python
     try:
-        assert agent.kernel_python([]) == (python, {"python": python,
+        assert host.kernel_python([]) == (python, {"python": python,
                                                     "missing": ["ipykernel", "psutil"]})
     finally:
-        agent.PARAMS.pop("kernel_python")
+        seed.PARAMS.pop("kernel_python")
 
 
-def test_agent_errors_read_as_sentences_with_the_real_host() -> None:
+def test_remote_errors_read_as_sentences_with_the_real_host() -> None:
     from tether import _ssh
     from tether.errors import ConfigError, RemoteEnvironmentError, SSHError
 
     target = _ssh.SSHTarget("gpubox")
-    e = bootstrap._agent_error(target, {"kind": "kernel-python", "message":
+    e = bootstrap._remote_error(target, {"kind": "kernel-python", "message":
                                         "/bin/false is not a working Python on HOST",
                                         "hint": "Check with `ssh HOST /bin/false -V`."})
     assert isinstance(e, ConfigError) and e.exit_code == 2
@@ -338,13 +345,21 @@ def test_the_remote_layout_is_defined_once() -> None:
     home = Path("/home/u")
     assert layout.root({}, home=home) == home / ".cache" / "tether"
     assert layout.root({"XDG_CACHE_HOME": "/scratch/c"}) == Path("/scratch/c/tether")
-    params = {"version": "1.2.3", "layout": layout.params()}
-    _agent.configure(params, environ={"HOME": "/home/u"})
-    assert (_agent.ROOT, _agent.ENV, _agent.RUNTIME, _agent.TOKEN_FILE) == (
+    params = {"version": "1.2.3", **contract.seed_params()}
+    _seed.configure(params, environ={"HOME": "/home/u"})
+    assert (_seed.ROOT, _seed.ENV, _seed.RUNTIME, _seed.at("token_file")) == (
         "/home/u/.cache/tether", "/home/u/.cache/tether/env-1.2.3",
         "/home/u/.cache/tether/runtime", "/home/u/.cache/tether/token")
-    _agent.configure({"version": "1.2.3"}, environ={"HOME": "/home/u"})  # the agent's defaults
-    assert _agent.SOCKET == "/home/u/.cache/tether/runtime/tether.sock"
+    assert _seed.at("socket") == "/home/u/.cache/tether/runtime/tether.sock"
+    assert str(layout.path("socket", {"HOME": "/home/u"})).endswith("/tether/runtime/tether.sock")
+    # the names both ends agree on are defined once, in the contract
+    from tether.remote import kernel_helper, sweep
+
+    assert sweep.INSTANCE_ENV == contract.INSTANCE_ENV and sweep.MARKER_ENV == \
+        contract.KERNEL_MARKER_ENV
+    # kernel_helper also runs in kernels without tether (stdlib only): the same values
+    assert (kernel_helper.KERNEL_ID_ENV, kernel_helper.STATE_ENV) == (contract.KERNEL_ID_ENV,
+                                                                      contract.STATE_ENV)
 
 
 def test_a_consent_question_is_a_value_the_caller_answers() -> None:
@@ -507,35 +522,33 @@ def test_messages_for_a_remote_or_kernel_python_that_is_not_one(prepared: Any,
     assert not list((testbed.tether_root / "runtime").glob("tether-*.json"))
 
 
-OLD_PYTHONS = sorted(Path("/root/.pyenv/versions").glob("3.[6-8].*/bin/python3"))
+OLD_PYTHONS = sorted(Path("/root/.pyenv/versions").glob("3.[7-9].*/bin/python3")) + sorted(
+    Path("/root/.pyenv/versions").glob("3.10.*/bin/python3"))
 
 
-@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.6-3.8 on this machine")
-def test_down_on_the_oldest_python_without_pidfds(tmp_path: Path, procs: Start) -> None:
-    """The agent is stdlib-only for Python >= 3.6: there, no pidfd; pids are checked by start
-    time before each signal instead."""
-    params = bootstrap._params("down", bootstrap.RemoteOptions(), bootstrap.build_wheel())
-    runtime = tmp_path / ".cache" / "tether" / "runtime"
-    runtime.mkdir(parents=True)
-    launch = "00112233445566778899aabbccddeeff"
-    (runtime / f"launch-{launch}.json").write_text(json.dumps({"launch": launch}))
-    marked = wait_started(procs("sleep", "60", env={"TETHER_LAUNCH": launch}))
-    spared = procs("sleep", "60")
-    out = subprocess.run([str(OLD_PYTHONS[0]), "-I", "-c", bootstrap.agent_source(),
-                          json.dumps(params)], capture_output=True, text=True, timeout=60,
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no Python 3.7-3.10 on this machine")
+@pytest.mark.parametrize("python", OLD_PYTHONS, ids=lambda p: p.parent.parent.name)
+def test_the_seed_on_an_old_python_says_so_in_one_message(tmp_path: Path, python: Path) -> None:
+    """The seed needs Python >= 3.11 but still parses and answers on Python >= 3.7: one JSON
+    error the laptop shows (not a traceback)."""
+    params = bootstrap._params("up", bootstrap.RemoteOptions(), bootstrap.build_wheel())
+    out = subprocess.run([str(python), "-I", "-c", bootstrap.seed_source(), json.dumps(params)],
+                         capture_output=True, text=True, timeout=60,
                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
-    result = json.loads(out.stdout.splitlines()[-1])
-    assert result["event"] == "result", out.stderr
-    assert result["strays"] == [marked.pid] and result["left"] == []
-    assert spared.poll() is None and list(runtime.iterdir()) == []
+    assert out.returncode == contract.FAILED, out.stderr
+    error = json.loads(out.stdout.splitlines()[-1])
+    version = python.parent.parent.name.rsplit(".", 1)[0]
+    assert error["event"] == "error" and error["kind"] == "python"
+    assert error["message"] == f"{python} is Python {version}; tether needs Python >= 3.11"
+    assert not (tmp_path / ".cache").exists()
 
 
-def test_an_unverified_server_on_our_socket_is_named_not_ended(agent: Any, procs: Start) -> None:
+def test_an_unverified_server_on_our_socket_is_named_not_ended(seed: Any, procs: Start) -> None:
     older = procs("sleep", "30")
-    write_state(agent, older.pid, sock=agent.SOCKET)  # an older tether's: no start time
-    unverified = agent.scan_servers()["unverified"]
-    with pytest.raises(agent.Fail) as e:
-        agent.check_unverified(unverified)
+    write_state(seed, older.pid, sock=seed.at("socket"))  # an older tether's: no start time
+    unverified = host.scan_servers().unverified
+    with pytest.raises(seed.Fail) as e:
+        host.check_unverified(unverified)
     assert f"pid {older.pid} serves tether's socket" in e.value.message
     assert f"`ssh HOST kill {older.pid}`" in e.value.hint and older.poll() is None
 
@@ -544,23 +557,23 @@ PYTHON2 = Path("/root/.pyenv/versions/2.7.18/bin/python")
 
 
 @pytest.mark.skipif(not PYTHON2.exists(), reason="no Python 2.7 on this machine")
-def test_a_kernel_python_too_old_for_ipykernel(agent: Any) -> None:
-    agent.PARAMS["kernel_python"] = str(PYTHON2)
+def test_a_kernel_python_too_old_for_ipykernel(seed: Any) -> None:
+    seed.PARAMS["kernel_python"] = str(PYTHON2)
     try:
-        with pytest.raises(agent.Fail) as e:
-            agent.kernel_python([])
+        with pytest.raises(seed.Fail) as e:
+            host.kernel_python([])
     finally:
-        agent.PARAMS.pop("kernel_python")
+        seed.PARAMS.pop("kernel_python")
     assert e.value.message == f"{PYTHON2} is Python 2.7; kernels need Python >= 3.8"
 
 
-def test_launch_records_are_kept_while_a_process_carries_them(agent: Any, procs: Start) -> None:
+def test_launch_records_are_kept_while_a_process_carries_them(seed: Any, procs: Start) -> None:
     alive, dead = "a" * 32, "b" * 32
-    write_launch(agent, alive)
-    write_launch(agent, dead)
+    write_launch(seed, alive)
+    write_launch(seed, dead)
     wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": alive}))
-    agent.prune_launches()
-    assert sorted(agent.read_launches()) == [alive]
+    host.prune_launches()
+    assert sorted(host.read_launches()) == [alive]
 
 
 @ssh_tests
@@ -679,17 +692,17 @@ async def test_a_root_left_open_by_something_else_is_made_private(testbed: Any) 
     root.chmod(0o755)
     runtime.chmod(0o755)
     target = _ssh.SSHTarget("gpubox", str(testbed.config))
-    await bootstrap.call_agent(target, bootstrap.RemoteOptions(), "prepare")
+    await bootstrap.call_remote(target, bootstrap.RemoteOptions(), "prepare")
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
 
 
-def test_uv_searches_every_index_as_pip_and_the_lock_did(agent: Any) -> None:
+def test_uv_searches_every_index_as_pip_and_the_lock_did(seed: Any) -> None:
     """The laptop's lock is resolved over every index (pip's way); uv on the remote stops at the
     first index that has a package unless told otherwise, and a pin only a later index has
     (tornado 6.6.1 beside a mirror with 6.5.10 here) would not be found."""
-    online = agent.install_argv("uv", "/uv", "/py", False, "/pins")
+    online = seed.install_argv("uv", "/uv", "/py", False, "/pins")
     at = online.index("--index-strategy")
     assert online[at + 1] == "unsafe-best-match"
-    assert "--index-strategy" not in agent.install_argv("uv", "/uv", "/py", True, "/pins")
-    assert "--index-strategy" not in agent.install_argv("pip", "", "/py", False, "/pins")
+    assert "--index-strategy" not in seed.install_argv("uv", "/uv", "/py", True, "/pins")
+    assert "--index-strategy" not in seed.install_argv("pip", "", "/py", False, "/pins")

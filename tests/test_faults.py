@@ -276,7 +276,7 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        if phase == "bootstrap":  # the agent's ssh runs
+        if phase == "bootstrap":  # the remote side's ssh runs
             assert _wait_for(lambda: bool(ours()), 30)
         elif phase == "tunnel":  # the forward's ssh runs, not yet listening
             assert _wait_for(lambda: any("-N" in _cmdline(p) for p in ours()), 30)

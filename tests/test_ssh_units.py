@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tether import _ssh, bootstrap, tunnel
+from tether import _seed, _ssh, bootstrap, contract, tunnel
 from tether.errors import AuthenticationError, ForeignListenerError, HostUnreachableError, SSHError
 
 
@@ -72,23 +72,55 @@ def test_wheel_is_deterministic_and_complete() -> None:
     b = bootstrap.build_wheel()
     assert a.sha256 == b.sha256 and a.name == "tether-0.1.0-py3-none-any.whl"
     names = zipfile.ZipFile(io.BytesIO(a.data)).namelist()
-    for needed in ("tether/_agent.py", "tether/remote/server.py", "tether/cli/serve.py",
+    for needed in ("tether/_seed.py", "tether/host.py", "tether/contract.py",
+                   "tether/remote/server.py", "tether/cli/serve.py",
                    "tether-0.1.0.dist-info/METADATA", "tether-0.1.0.dist-info/entry_points.txt",
                    "tether-0.1.0.dist-info/RECORD"):
         assert needed in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
-def test_agent_runs_on_plain_python_and_reports_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The agent alone, as the remote runs it: stdlib only, one JSON line."""
+def test_the_seed_runs_on_plain_python_and_reports_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The seed alone, as the remote runs it: stdlib only, one JSON line; where no environment
+    exists and nothing of tether's runs, ``status`` is answered without one."""
     params = bootstrap._params("status", bootstrap.RemoteOptions(), bootstrap.build_wheel())
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-I", "-c", bootstrap.agent_source(), json.dumps(params)],
+    out = subprocess.run([sys.executable, "-I", "-c", bootstrap.seed_source(), json.dumps(params)],
                          capture_output=True, text=True, env=env, timeout=60)
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result == {"event": "result", "servers": [], "stale": [], "unverified": [],
-                      "env_ready": False, "root": f"{tmp_path}/.cache/tether", "envs": [],
-                      "disk_bytes": 0, "installed": {"installer": None, "source": None}}
+    assert result == {"event": "result", "protocol": contract.PROTOCOL, "servers": [],
+                      "stale": [], "unverified": [], "env_ready": False,
+                      "root": f"{tmp_path}/.cache/tether", "envs": [], "disk_bytes": 0,
+                      "installed": {"installer": None, "source": None}}
+
+
+def test_the_bytes_sent_inline_stay_well_under_the_argument_limit() -> None:
+    """The whole remote command travels as one argument (Linux refuses one over 128 KiB): the
+    seed, and the parameters of a cold second call with a large lock, under 48 KiB."""
+    target = _ssh.SSHTarget("gpubox", options=("ControlPath=/tmp/x",))
+    pins = [f"package-number-{i}==1.{i}.0" for i in range(150)]
+    wheels = [{"file": f"package_number_{i}-1.{i}.0-py3-none-any.whl", "sha256": "0" * 64}
+              for i in range(150)]
+    plan = {"offline": True, "pins": pins, "need": wheels, "lock": "k" * 64,
+            "incoming": [dict(w, size=1 << 20) for w in wheels]}
+    params, head = bootstrap.call_input("up", bootstrap.RemoteOptions(), wheel_data=b"w" * 100,
+                                        plan=plan)
+    assert head == json.dumps(plan).encode() + b"w" * 100  # the plan goes to stdin, first
+    assert params["plan_size"] == len(json.dumps(plan)) and "pins" not in params
+    inline = target.argv(command=bootstrap.remote_command("python3", params))[-1]
+    assert len(inline.encode()) < bootstrap.INLINE_LIMIT == 48 << 10
+    assert len(bootstrap.seed_source().encode()) < 40 << 10  # room for parameters
+
+
+def test_the_seed_is_only_the_standard_library() -> None:
+    import ast
+
+    tree = ast.parse(bootstrap.seed_source())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= set(sys.stdlib_module_names) - {"tether"}, names
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -155,10 +187,10 @@ def test_doctor_disk_check_says_read_only_or_short_with_a_fix() -> None:
     assert short.hint == "Free 288 MiB there (e.g. `ssh gpubox rm -rf x`)."
 
 
-def test_an_agent_failure_about_its_folder_names_tether_up_with_the_users_options() -> None:
+def test_a_remote_failure_about_its_folder_names_tether_up_with_the_users_options() -> None:
     target = _ssh.SSHTarget("gpubox", "/x/config", ("Port=2222",), ssh="ssh")
-    e = bootstrap._agent_error(target, {
-        "event": "error", "kind": "not-writable", "hint": "(the agent's)",
+    e = bootstrap._remote_error(target, {
+        "event": "error", "kind": "not-writable", "hint": "(the seed's)",
         "message": "/h/.cache/tether on HOST is not writable by u (permission denied)",
         "folder": "/h/.cache/tether", "cache_fix": "/scratch/u"})
     assert str(e) == ("/h/.cache/tether on gpubox is not writable by u (permission denied). Run "
@@ -243,3 +275,18 @@ def test_the_login_method_is_read_from_the_masters_log() -> None:
            b'Authenticated to 127.0.0.1 ([127.0.0.1]:2222) using "keyboard-interactive".\n')
     assert _master._AUTHENTICATED.findall(log) == [b"keyboard-interactive"]
     assert "keyboard-interactive" in _master.TYPED and "publickey" not in _master.TYPED
+
+
+def test_a_warm_call_goes_straight_to_tether_host_where_the_environment_is_this_build() -> None:
+    wheel = bootstrap.build_wheel()
+    params = bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=0)
+    argv = bootstrap.remote_command("python3", params)
+    assert argv[-2:] == [wheel.sha256, "up"]
+    assert f'exec "$e/bin/python" -I -c {shlex.quote(_seed.HOST_MAIN)} "$5" "$3"' in argv[2]
+    assert argv[2].index("exit 97") < argv[2].index("tether.host")  # --remote-python checked
+    # a call that sends files, and the seed's own action, run the seed
+    for params in (bootstrap._params("up", bootstrap.RemoteOptions(), wheel, wheel_size=9),
+                   bootstrap._params("probe", bootstrap.RemoteOptions(), wheel)):
+        argv = bootstrap.remote_command("python3", params)
+        assert "tether.host" not in argv[2] and len(argv) == 7
+    assert _seed.HOST_MAIN == "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"

@@ -1,9 +1,11 @@
 """Prepare a remote without sudo, idempotently, and start (or find) its server.
 
-The remote work is done by :mod:`tether._agent`, a standard-library script run by the remote's
-own ``python3`` over one SSH connection per call. On a prepared remote ``up`` is a single call;
-a cold one needs a second call that carries tether's wheel on stdin. The wheel is built here
-from the installed package, so both sides always run the same code.
+The remote side is :mod:`tether._seed`, a small standard-library script run by the remote's own
+``python3`` over one SSH connection per call (its source is the inline argument: it must stay
+small), which hands over to :mod:`tether.host` in tether's environment once that is current. On a
+prepared remote ``up`` is a single call; a cold one needs a second call that carries tether's
+wheel on stdin. The wheel is built here from the installed package, so both sides always run the
+same code; what both sides agree on is :mod:`tether.contract`.
 
 Between the two calls the laptop plans the install from the remote's answer (platform, index
 reachable or not, wheels it already has): the pinned set for that platform comes from
@@ -23,15 +25,23 @@ import os
 import shlex
 import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from tether import __version__
-from tether import _ssh, _wheels
+from tether import __version__, contract
+from tether import _seed, _ssh, _wheels
 from tether.config import COLAB_ORIGIN, REMOTE_CACHE_ENV
+from tether.contract import CACHE_KINDS as CACHE_KINDS
+from tether.contract import NO_PYTHON as NO_PYTHON
+from tether.contract import NO_TETHER as NO_TETHER
+from tether.contract import REMOTE_LAYOUT as REMOTE_LAYOUT
+from tether.contract import SCOPE_ENV as SCOPE_ENV
+from tether.contract import RemoteLayout as RemoteLayout
+from tether.contract import ServerInfo as ServerInfo
+from tether.contract import UpResult as UpResult
 from tether.errors import (
     ConfigError,
     RemoteEnvironmentError,
@@ -43,9 +53,8 @@ from tether.errors import (
 
 log = logging.getLogger(__name__)
 
-NO_PYTHON = 97
-# The remote command: find the interpreter, then run the agent with it (argv: python, src, params)
-_PREFIX = ('command -v "$1" >/dev/null 2>&1 || exit 97; '
+# The remote command: find the interpreter, then run the seed with it (argv: python, src, params)
+_PREFIX = (f'command -v "$1" >/dev/null 2>&1 || exit {NO_PYTHON}; '
            'exec "$1" -c "$2" "$3"')
 WHEEL_TAG = "py3-none-any"
 SERVER_CONFIG = {"ServerApp": {"jpserver_extensions": {"tether.remote": True}}}
@@ -86,54 +95,6 @@ class RemoteOptions:
 
 
 @dataclass(frozen=True)
-class RemoteLayout:
-    """Where tether keeps its files on a remote host: the one definition of that layout.
-
-    The agent gets it in its parameters; ``_ssh`` (shell expression) and ``tether ps`` on the
-    host itself (:meth:`root`) derive their paths from it. The root is
-    ``$XDG_CACHE_HOME/tether``, else ``~/.cache/tether``: it is resolved where it is used, so
-    every other entry is relative to it (``{version}`` is tether's version, ``{launch}`` a
-    launch id). ``TETHER_REMOTE_CACHE`` on the laptop sets that variable for every remote
-    command (:attr:`tether._ssh.SSHTarget.remote_env`).
-    """
-
-    cache_var: str = "XDG_CACHE_HOME"
-    cache_default: str = ".cache"  # under the home directory
-    dirname: str = "tether"
-    env: str = "env-{version}"
-    runtime: str = "runtime"  # JUPYTER_RUNTIME_DIR of the server: state files, kernel files
-    jupyter_path: str = "jupyter"
-    token_file: str = "token"
-    server_log: str = "server.log"
-    install_log: str = "install.log"
-    socket: str = "runtime/tether.sock"
-    launch_record: str = "runtime/launch-{launch}.json"  # 0600: launch id and options
-    wheels: str = "wheels"  # wheels the laptop sent (uv's; all of them for a host offline)
-    uv: str = "uv"  # uv unpacked from its wheel, one folder per version
-    uv_cache: str = "uv-cache"  # UV_CACHE_DIR of tether's installs: ~/.cache/uv is never used
-
-    def root(self, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
-        """The root on this machine, from ``environ`` (default: this process's)."""
-        env = os.environ if environ is None else environ
-        cache = env.get(self.cache_var) or str((home or Path.home()) / self.cache_default)
-        return Path(cache) / self.dirname
-
-    def path(self, name: str, environ: Mapping[str, str] | None = None) -> Path:
-        """An entry (``runtime``, ``token_file``, ...) resolved on this machine."""
-        return self.root(environ) / str(getattr(self, name)).format(version=__version__)
-
-    def root_expr(self) -> str:
-        """The root as a POSIX shell expression, for commands run on the remote."""
-        return f'"${{{self.cache_var}:-$HOME/{self.cache_default}}}/{self.dirname}"'
-
-    def params(self) -> dict[str, str]:
-        return asdict(self)
-
-
-REMOTE_LAYOUT = RemoteLayout()
-
-
-@dataclass(frozen=True)
 class ConsentNeeded:
     """The kernel's Python lacks packages kernels need; installing them needs the user's yes.
 
@@ -157,60 +118,6 @@ class ConsentNeeded:
 
 
 Consent = Callable[[ConsentNeeded], Awaitable[bool]]
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """A running remote server, as the agent reported it (parsed once, where it enters)."""
-
-    pid: int
-    token: str = field(repr=False)
-    sock: str = ""
-    port: int = 0
-    version: str = ""
-    started: float = 0.0
-    instance: str = ""
-    root_dir: str = ""
-
-    @classmethod
-    def from_agent(cls, host: str, data: Any) -> ServerInfo:
-        """Validate the agent's ``server`` object; anything malformed is one clear error."""
-        try:
-            pid, token = int(data["pid"]), str(data["token"])
-            sock, port = str(data.get("sock") or ""), int(data.get("port") or 0)
-        except (KeyError, TypeError, ValueError) as e:
-            raise RemoteEnvironmentError(
-                f"{host} described its server in a form this tether does not understand",
-                hint=f"Run `tether down {host}`, then `tether up {host}` (both sides of tether "
-                     "must be the same version).", host=host) from e
-        if not token or (not sock and not 0 < port < 65536):
-            raise RemoteEnvironmentError(f"{host} reported a server without a token or address",
-                                         hint=f"Run `tether up {host}` again.", host=host)
-        return cls(pid, token, sock, port, str(data.get("version") or ""),
-                   float(data.get("started") or 0.0), str(data.get("instance") or ""),
-                   str(data.get("root_dir") or ""))
-
-    @property
-    def address(self) -> str:
-        """What the tunnel forwards to: the Unix socket, else the loopback port."""
-        return self.sock or f"127.0.0.1:{self.port}"
-
-
-@dataclass(frozen=True)
-class UpResult:
-    """What ``up`` found or started on a host."""
-
-    server: ServerInfo
-    reused: bool
-    warnings: tuple[str, ...] = ()
-    kernel_python: str = ""
-
-    @classmethod
-    def from_agent(cls, host: str, result: dict[str, Any]) -> UpResult:
-        warnings = result.get("warnings") or ()
-        return cls(ServerInfo.from_agent(host, result.get("server")), bool(result.get("reused")),
-                   tuple(str(w).replace("HOST", host) for w in warnings),
-                   str(result.get("kernel_python") or ""))
 
 
 # -- the wheel ---------------------------------------------------------------------------------
@@ -266,20 +173,37 @@ def requires_python() -> str:
     return spec.replace(">=", "").split(",")[0].strip()
 
 
-def agent_source() -> str:
-    return resources.files("tether").joinpath("_agent.py").read_text()
+@lru_cache(maxsize=1)
+def seed_source() -> str:
+    """The seed's source: what the remote ``python3 -c`` runs (sent inline, so capped)."""
+    return resources.files("tether").joinpath("_seed.py").read_text()
 
 
-# -- calling the agent -------------------------------------------------------------------------
+# -- calling the remote side -------------------------------------------------------------------
 
-def agent_command(python: str, params: dict[str, Any]) -> list[str]:
-    return ["sh", "-c", _PREFIX, "sh", python, agent_source(), json.dumps(params)]
+# Linux refuses one argument over 128 KiB (MAX_ARG_STRLEN); the whole remote command is one
+# argument of `sh -c` on the far side of ssh. The seed stays well under it (tested).
+INLINE_LIMIT = 48 << 10
 
 
-# How a runtime's Slurm job is named and marked: the backend submits it so, and the agent
-# (`down --purge` on a login node) recognises our jobs by it.
-SLURM_JOB_NAME = "tether-runtime"
-SLURM_COMMENT = "tether:"
+def remote_command(python: str, params: dict[str, Any]) -> list[str]:
+    """``sh -c SCRIPT sh PYTHON SEED PARAMS [SHA ACTION]``: the seed on the remote's Python.
+
+    Where nothing comes on stdin and tether's environment of this very build is there (its
+    marker names the wheel's sha256), the shell execs :mod:`tether.host` at once, as the seed
+    would: a warm ``up``, ``status`` or ``down`` starts one interpreter, not two."""
+    if params.get("action") not in contract.HOST_ACTIONS or params.get("wheel_size") \
+            or params.get("plan_size"):
+        return ["sh", "-c", _PREFIX, "sh", python, seed_source(), json.dumps(params)]
+    layout = REMOTE_LAYOUT
+    env = f"{layout.root_expr()}/{layout.env.format(version=__version__)}"
+    # the marker is one line of JSON; `read` and `case` are built in (no grep to start)
+    ready = (f'e={env}; m=; read -r m 2>/dev/null < "$e/{layout.marker}"; case "$m" in '
+             f'*\\"$4\\"*) [ -x "$e/bin/python" ] && '
+             f'exec "$e/bin/python" -I -c {shlex.quote(_seed.HOST_MAIN)} "$5" "$3";; esac; ')
+    script = _PREFIX.replace("; exec", f"; {ready}exec", 1)
+    return ["sh", "-c", script, "sh", python, seed_source(), json.dumps(params),
+            str(params["wheel_sha256"]), str(params["action"])]
 
 
 def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dict[str, Any]:
@@ -290,20 +214,19 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
         "install_kernel_deps": opts.install_kernel_deps, "remote_port": opts.remote_port,
         "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
         "notebook_dir": opts.notebook_dir, "idle_timeout": opts.idle_timeout,
-        "serve_args": list(opts.serve_args), "layout": REMOTE_LAYOUT.params(),
-        "offline": opts.offline, "purge": opts.purge,
-        "slurm": {"job_name": SLURM_JOB_NAME, "comment": SLURM_COMMENT}, **extra,
+        "serve_args": list(opts.serve_args), "offline": opts.offline, "purge": opts.purge,
+        **contract.seed_params(), **extra,
     }
 
 
-# What each agent action does, in the user's words (for messages).
+# What each remote action does, in the user's words (for messages).
 _WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
          "down": "stopping tether on {host}", "status": "reading the status of {host}",
          "probe": "checking {host}"}
 
 
 def index_reach(host: str, index: Mapping[str, Any]) -> str:
-    """What the agent's index check (``index`` action, the same bounded connect a cold ``up``
+    """What the seed's index check (in ``probe``, the same bounded connect a cold ``up``
     makes) means for ``host``, in one line for ``tether doctor``."""
     url = str(index.get("url") or "the package index")
     if index.get("reachable"):
@@ -312,21 +235,34 @@ def index_reach(host: str, index: Mapping[str, Any]) -> str:
             f"reach {url}: {index.get('why') or 'no answer'}")
 
 
-async def call_agent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
-                     on_event: OnEvent | None = None, wheel_data: bytes = b"",
-                     files: Sequence[Path] = (), timeout: float = CALL_TIMEOUT,
-                     **extra: Any) -> dict[str, Any]:
-    """Run one agent action on the remote; stream its events; return its result.
+def call_input(action: str, opts: RemoteOptions, *, wheel_data: bytes = b"",
+               plan: Mapping[str, Any] | None = None,
+               **extra: Any) -> tuple[dict[str, Any], bytes]:
+    """(the seed's parameters, sent inline; what goes to its stdin before the files).
 
-    ``wheel_data`` (tether's wheel), then each of ``files``, go to the agent's stdin."""
-    wheel = build_wheel()
-    params = _params(action, opts, wheel, wheel_size=len(wheel_data), **extra)
-    command = agent_command(opts.remote_python, params)
+    The install plan (pins, the wheels needed and sent: it grows with the lock) travels on
+    stdin, ahead of the wheel, so that the inline command keeps its size whatever the lock."""
+    head = json.dumps(plan).encode() if plan else b""
+    params = _params(action, opts, build_wheel(), wheel_size=len(wheel_data),
+                     plan_size=len(head), **extra)
+    return params, head + wheel_data
+
+
+async def call_remote(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
+                      on_event: OnEvent | None = None, wheel_data: bytes = b"",
+                      plan: Mapping[str, Any] | None = None, files: Sequence[Path] = (),
+                      timeout: float = CALL_TIMEOUT, **extra: Any) -> dict[str, Any]:
+    """Run one action on the remote (the seed, then :mod:`tether.host`); stream its events;
+    return its result, checked to be of this tether's protocol.
+
+    ``wheel_data`` (tether's wheel), then each of ``files``, go to the seed's stdin."""
+    params, data = call_input(action, opts, wheel_data=wheel_data, plan=plan, **extra)
+    command = remote_command(opts.remote_python, params)
     what = _WHAT.get(action, action + " on {host}").format(host=target.host)
     proc = await _ssh.spawn(target, target.argv(command=command))
     try:
         return await asyncio.wait_for(
-            _converse(target, proc, wheel_data, files, on_event or (lambda e: None),
+            _converse(target, proc, data, files, on_event or (lambda e: None),
                       what=what, python=opts.remote_python), timeout)
     except asyncio.TimeoutError as e:
         raise SSHError(f"{what} took more than {timeout:.0f} s", host=target.host,
@@ -342,14 +278,14 @@ async def _converse(target: _ssh.SSHTarget, proc: asyncio.subprocess.Process, da
     assert proc.stdin and proc.stdout and proc.stderr
     async with asyncio.TaskGroup() as tg:  # on cancel, the stderr reader is cancelled too
         stderr_task = tg.create_task(proc.stderr.read())
-        # the events are read while we send: the agent reports progress as files arrive
+        # the events are read while we send: the seed reports progress as files arrive
         events_task = tg.create_task(_events(proc.stdout, on_event))
         try:
             await _send(proc.stdin, data, files)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the remote ended early; its exit status says why
         final = await events_task
-        # stdin stays open until the result: the agent takes EOF as "the laptop is gone"
+        # stdin stays open until the result: the remote takes EOF as "the laptop is gone"
         proc.stdin.close()
         status = await proc.wait()
     return _outcome(target, status, final, stderr_task.result(), what=what, python=python)
@@ -381,7 +317,7 @@ def _parse(raw: bytes) -> Event | None:
     try:
         event = json.loads(raw)
     except ValueError:
-        log.debug("agent said %r", raw[:200])
+        log.debug("the remote said %r", raw[:200])
         return None
     return event if isinstance(event, dict) else None
 
@@ -391,10 +327,11 @@ def _outcome(target: _ssh.SSHTarget, status: int, final: Event | None, stderr: b
     if status == NO_PYTHON:
         raise _no_python(target.host, python)
     if final is not None and final["event"] == "error":
-        raise _agent_error(target, final)
+        raise _remote_error(target, final)
     if final is None or status != 0:
         raise _no_answer(target, what or f"the remote step on {target.host}", python, status,
                          stderr)
+    contract.check_protocol(target.host, final)
     return final
 
 
@@ -414,7 +351,7 @@ def _no_python(host: str, python: str) -> RemoteEnvironmentError:
 
 def _no_answer(target: _ssh.SSHTarget, what: str, python: str, status: int,
                stderr: bytes) -> SSHError:
-    """ssh ended without the agent's result: ssh's own failure, or a remote Python that broke."""
+    """ssh ended without the remote's result: ssh's own failure, or a remote Python that broke."""
     error = _ssh.ssh_error(target, what, status, stderr)
     if type(error) is not SSHError:  # cannot reach or log in: already in the user's words
         return error
@@ -427,11 +364,11 @@ def _no_answer(target: _ssh.SSHTarget, what: str, python: str, status: int,
                     f"answering{said}.", hint=hint, **error.data)
 
 
-def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
+def _remote_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
     host = target.host
     kind = event.get("kind", "")
     said = _sentence(str(event.get("message", "a remote step failed")))
-    # The agent names the host HOST where a sentence needs it; otherwise say where it failed.
+    # The remote names the host HOST where a sentence needs it; otherwise say where it failed.
     message = said.replace("HOST", host) if "HOST" in said else f"{host}: {said}"
     hint = str(event.get("hint", "")).replace("HOST", host)
     log_tail = str(event.get("log_tail", ""))
@@ -439,24 +376,20 @@ def _agent_error(target: _ssh.SSHTarget, event: Event) -> TetherError:
     if log_tail:  # the user sees why without logging in: the last lines of the remote log
         lines = "\n".join("    " + line for line in log_tail.splitlines()[-LOG_LINES:])
         message = f"{message}\n  remote log (tail):\n{lines}\n "
-    if kind == "start":
+    if kind in contract.START_KINDS:
         log_path = str(event.get("log") or REMOTE_LAYOUT.server_log)
         return ServerStartError(
             message, hint=hint or f"Fix that and run `tether up {host}` again (full log: "
                                   f"{log_path} on {host}).", **data)
-    if kind in ("no-server", "stopped"):
+    if kind in contract.NO_SERVER_KINDS:
         return ServerNotFoundError(message, hint=f"`tether up {host}` starts one.", **data)
-    if kind == "kernel-python":  # a --kernel-python or --conda-env that cannot be used
+    if kind == contract.KERNEL_PYTHON:  # a --kernel-python or --conda-env that cannot be used
         return ConfigError(message, hint=hint, **data)
     fix = str(event.get("cache_fix") or "")
     if kind in CACHE_KINDS or (kind == "disk" and fix):
         hint = cache_hint(tether_command(target, "up"), host, fix)
         data.update(folder=str(event.get("folder") or ""), cache_fix=fix)
     return RemoteEnvironmentError(message, hint=hint, **data)
-
-
-# The agent's failures that another folder for tether's files fixes (TETHER_REMOTE_CACHE).
-CACHE_KINDS = ("read-only", "not-writable", "cache-owner")
 
 
 def tether_command(target: _ssh.SSHTarget, command: str, *extra: str) -> str:
@@ -471,7 +404,7 @@ def tether_command(target: _ssh.SSHTarget, command: str, *extra: str) -> str:
 
 def cache_hint(command: str, host: str, folder: str) -> str:
     """The fix for a remote where tether's folder cannot be used: ``command`` (a ``tether up``
-    line) again with TETHER_REMOTE_CACHE set to ``folder``, one the agent found writable."""
+    line) again with TETHER_REMOTE_CACHE set to ``folder``, one the remote found writable."""
     if folder:
         return (f"Run `{REMOTE_CACHE_ENV}={shlex.quote(folder)} {command}` to keep tether's "
                 f"files in {folder} on {host} instead.")
@@ -494,7 +427,7 @@ async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent |
     without one, or on a no, that is a :class:`ConfigError` whose hint says what to run.
     """
     result = await _with_consent(target, opts, "up", on_event, consent, attach=attach, **extra)
-    return UpResult.from_agent(target.host, result)
+    return UpResult.from_payload(target.host, result)
 
 
 async def prepare(target: _ssh.SSHTarget, opts: RemoteOptions, *,
@@ -516,15 +449,18 @@ async def _with_consent(target: _ssh.SSHTarget, opts: RemoteOptions, action: str
                               host=target.host, python=result.python)
         opts = RemoteOptions(**{**opts.__dict__, "install_kernel_deps": True})
         result = await _up_once(target, opts, action, on_event=on_event, **extra)
-        if isinstance(result, ConsentNeeded):  # the agent asks once per run: cannot happen twice
+        if isinstance(result, ConsentNeeded):  # asked once per run: cannot happen twice
             raise RemoteEnvironmentError(f"installing into {result.python} on {target.host} "
                                          "did not take.", host=target.host)
     return result
 
 
-async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
-                   on_event: OnEvent | None, **extra: Any) -> dict[str, Any] | ConsentNeeded:
-    result = await call_agent(target, opts, action, on_event=on_event, **extra)
+async def run_action(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
+                     on_event: OnEvent | None = None, **extra: Any) -> dict[str, Any]:
+    """One remote action that needs tether's environment (``status``, ``down``; ``up`` and
+    ``prepare`` through :func:`up`/:func:`prepare`): where the remote has none of this
+    version and it is needed, the wheel is sent (a second call) and the action goes on."""
+    result = await call_remote(target, opts, action, on_event=on_event, **extra)
     if result.get("need_wheel"):
         wheel = build_wheel()
         plan, files = await install_plan(target.host, result.get("probe") or {}, opts, on_event)
@@ -533,8 +469,15 @@ async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
             more = f" and {len(files)} wheel{'s' if len(files) != 1 else ''}" if files else ""
             on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
                       "label": f"sending {wheel.name}{more} ({size / 2**20:.1f} MiB)"})
-        result = await call_agent(target, opts, action, on_event=on_event, wheel_data=wheel.data,
-                                  files=files, timeout=INSTALL_TIMEOUT, **plan, **extra)
+        result = await call_remote(target, opts, action, on_event=on_event,
+                                   wheel_data=wheel.data, plan=plan, files=files,
+                                   timeout=INSTALL_TIMEOUT, **extra)
+    return result
+
+
+async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
+                   on_event: OnEvent | None, **extra: Any) -> dict[str, Any] | ConsentNeeded:
+    result = await run_action(target, opts, action, on_event=on_event, **extra)
     question = result.get("need_consent")
     if isinstance(question, dict):
         return ConsentNeeded(target.host, str(question.get("python", "")),
@@ -546,7 +489,7 @@ async def _up_once(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *,
 
 async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
                        on_event: OnEvent | None) -> tuple[dict[str, Any], list[Path]]:
-    """(agent parameters, files to stream) for a cold preparation of ``host``.
+    """(seed parameters, files to stream) for a cold preparation of ``host``.
 
     The pins and uv's wheel always come from this machine's lock; on a host that reaches no
     index (or with ``--offline``) every pinned wheel is sent as well, except those it has.
@@ -587,10 +530,6 @@ async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
 
 # -- where tether lives on a remote, seen from the laptop and from the remote's own CLI ----------
 
-# the remote `tether` is not installed (`tether up` was never run there, or another version)
-NO_TETHER = 96
-
-
 def remote_tether_argv(*args: str) -> list[str]:
     """argv running the ``tether`` that ``tether up`` installed on the remote, with ``args``.
 
@@ -602,12 +541,6 @@ def remote_tether_argv(*args: str) -> list[str]:
               f"[ -x \"$t\" ] || exit {NO_TETHER}; "
               f"JUPYTER_RUNTIME_DIR=\"$r/{layout.runtime}\" exec \"$t\" \"$@\"")
     return ["sh", "-c", script, "tether", *args]
-
-
-# A runtime dir that is the only place to look for servers: the Slurm backend runs the remote
-# tether inside its job with the job's own dir, so that a server of the login node's is not in
-# scope (`release --slurm` means the job's kernels).
-SCOPE_ENV = "TETHER_RUNTIME_SCOPE"
 
 
 def local_runtime_dirs() -> list[str | None]:

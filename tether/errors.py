@@ -28,7 +28,9 @@ An error keeps its class across the SSH hop: the remote ``tether ... --json`` pr
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # (typing is not imported at run time: tether.host pays per SSH call)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class TetherError(Exception):

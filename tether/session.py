@@ -382,7 +382,7 @@ async def _doctor(backend: Backend, master: _master.Master, opts: bootstrap.Remo
     target = master.target
     checks: list[Check] = []
     try:
-        probe = await bootstrap.call_agent(target, opts, "probe")
+        probe = await bootstrap.call_remote(target, opts, "probe")
     except SSHError as e:
         return [Check("ssh", False, e.message, e.hint)]
     except TetherError as e:

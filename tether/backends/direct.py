@@ -51,7 +51,7 @@ class DirectHost:
             return None
         log.info("%s refuses socket forwarding; restarting its server on a loopback port",
                  self.host)
-        await bootstrap.call_agent(self.target, self.opts, "down")
+        await bootstrap.run_action(self.target, self.opts, "down")
         self.opts = replace(self.opts, remote_port=0)
         return Placement(await bootstrap.up(self.target, self.opts, on_event=on_event),
                          self.target)
@@ -69,10 +69,10 @@ class DirectHost:
         return {}  # a host is what every command assumes
 
     async def stop(self) -> dict[str, Any]:
-        return await bootstrap.call_agent(self.target, self.opts, "down")
+        return await bootstrap.run_action(self.target, self.opts, "down")
 
     async def status(self) -> dict[str, Any]:
-        return await bootstrap.call_agent(self.target, self.opts, "status")
+        return await bootstrap.run_action(self.target, self.opts, "status")
 
     async def running(self) -> str:
         servers = (await self.status()).get("servers") or []

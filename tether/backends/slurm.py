@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from tether import __version__, _ssh, bootstrap
+from tether import __version__, _ssh, bootstrap, contract
 from tether.backends import OnEvent, OnNote, Placement
-from tether.bootstrap import REMOTE_LAYOUT, ServerInfo, UpResult
+from tether.contract import REMOTE_LAYOUT, ServerInfo, UpResult
 from tether.config import COLAB_ORIGIN
 from tether.errors import (
     ConfigError,
@@ -52,8 +52,8 @@ from tether.kernels import Kernels, RemoteKernels
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JOB_NAME = bootstrap.SLURM_JOB_NAME
-COMMENT_PREFIX = bootstrap.SLURM_COMMENT
+JOB_NAME = contract.SLURM_JOB_NAME
+COMMENT_PREFIX = contract.SLURM_COMMENT
 NO_SLURM = 95  # the login node has no sbatch/squeue/scontrol on its PATH
 WATCH_INTERVAL = 10.0
 READY_DEADLINE = 180.0  # from RUNNING to the server's state file
@@ -295,7 +295,7 @@ r={REMOTE_LAYOUT.root_expr()}
 d="$r/slurm/{nonce}"
 t="$r/{env}/bin/tether"
 # the job's server is the only one in its commands' scope (a login node's own is not)
-export JUPYTER_RUNTIME_DIR="$d" {bootstrap.SCOPE_ENV}="$d"
+export JUPYTER_RUNTIME_DIR="$d" {contract.SCOPE_ENV}="$d"
 export JUPYTER_PATH="$r/{REMOTE_LAYOUT.jupyter_path}"
 unset XDG_RUNTIME_DIR JUPYTER_TOKEN TETHER_TOKEN
 if [ ! -x "$t" ]; then
@@ -517,7 +517,7 @@ class SlurmJob:
                 if job.ended:
                     raise self._ended(job, log_tail, before_ready=True)
                 if job.state == "RUNNING" and states:
-                    server = ServerInfo.from_agent(self.host, _newest(states))
+                    server = ServerInfo.from_payload(self.host, _newest(states))
                     self.mode = "jump" if server.sock else "forward"
                     on_event({"event": "step", "key": "queue", "state": "done",
                               "label": f"job {job_id} running on {job.node}",
@@ -611,7 +611,7 @@ class SlurmJob:
         if not states:
             raise SlurmJobEndedError(f"the server of job {job.job_id} on {self.host} has "
                                      "stopped; the job is ending", host=self.host)
-        return await self._placement(ServerInfo.from_agent(self.host, _newest(states)),
+        return await self._placement(ServerInfo.from_payload(self.host, _newest(states)),
                                      job)
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
@@ -705,7 +705,7 @@ class SlurmJob:
         env = REMOTE_LAYOUT.env.format(version=__version__)
         script = (f'r={REMOTE_LAYOUT.root_expr()}; '
                   f'JUPYTER_RUNTIME_DIR="$r/slurm/{job.nonce}" '
-                  f'{bootstrap.SCOPE_ENV}="$r/slurm/{job.nonce}" exec "$r/{env}/bin/tether" "$@"')
+                  f'{contract.SCOPE_ENV}="$r/slurm/{job.nonce}" exec "$r/{env}/bin/tether" "$@"')
         argv = ["srun", f"--jobid={job.job_id}", "--overlap", "--ntasks=1", "--quiet", "sh",
                 "-c", script, "tether", *args]
         done = await _ssh.run(self.login, argv, timeout=120.0, check=False)

@@ -6,7 +6,9 @@ Nothing under ``tether.remote`` imports the local side (``tether.cli``, ``tether
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # (typing is not imported at run time: tether.host pays per SSH call)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:

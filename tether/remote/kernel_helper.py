@@ -66,19 +66,29 @@ def _connection(state: dict[str, Any], timeout: float) -> tuple[http.client.HTTP
 def api_request(state: dict[str, Any], method: str, path: str, body: Any = None,
                 timeout: float = TIMEOUT) -> Any:
     """``method`` on ``<base_url>/tether/api/<path>`` with the token; the decoded JSON reply."""
+    return request(state, method, f"{API}/{path.lstrip('/')}", body, timeout)
+
+
+def request(state: dict[str, Any], method: str, path: str, body: Any = None,
+            timeout: float = TIMEOUT) -> Any:
+    """``method`` on ``<base_url>/<path>`` of the server with the token; the decoded JSON
+    reply (Colab's ``)]}'`` prefix stripped). The one client of the server's machine: kernels,
+    ``tether ps``/``release``, ``tether.host``'s status."""
     conn, base = _connection(state, timeout)
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"token {state['token']}", "Accept": "application/json"}
     if data is not None:
         headers["Content-Type"] = "application/json"
     try:
-        conn.request(method, f"{base.rstrip('/')}/{API}/{path.lstrip('/')}", data, headers)
+        conn.request(method, f"{base.rstrip('/')}/{path.lstrip('/')}", data, headers)
         reply = conn.getresponse()
         raw = reply.read()
     except OSError as e:
         raise ApiError(f"the tether server did not answer: {e}") from e
     finally:
         conn.close()
+    if raw.startswith(b")]}'"):
+        raw = raw.partition(b"\n")[2]
     try:
         decoded = json.loads(raw) if raw else None
     except ValueError:

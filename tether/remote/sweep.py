@@ -18,19 +18,19 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import psutil
 
 from tether import identity
+from tether.contract import INSTANCE_ENV as INSTANCE_ENV  # (the names live in the contract)
+from tether.contract import KERNEL_ID_ENV as KERNEL_ID_ENV
+from tether.contract import KERNEL_MARKER_ENV
 from tether.remote import cgroups
 
 log = logging.getLogger(__name__)
-
-MARKER_ENV = "TETHER_KERNEL_MARKER"
-KERNEL_ID_ENV = "TETHER_KERNEL_ID"
-INSTANCE_ENV = "TETHER_SERVER_INSTANCE"
+MARKER_ENV = KERNEL_MARKER_ENV
 DENY_NAMES = frozenset(
     {"nvidia-persistenced", "nv-hostengine", "Xorg", "X", "Xwayland", "sshd", "systemd", "init",
      "dcgm", "nvidia-smi", "containerd", "dockerd"}
@@ -111,6 +111,19 @@ def iter_marked(key: str, value: str, uid: int) -> Iterator[psutil.Process]:
     for proc in psutil.process_iter():
         if same_uid(proc, uid) and environ_of(proc).get(key) == value:
             yield proc
+
+
+def carrying(markers: Mapping[str, Collection[str]], guard: Guard) -> list[psutil.Process]:
+    """This user's processes whose environment sets one of ``markers`` (variable -> values),
+    but the guarded ones (this process, its ancestors, pid 1): one pass over the table."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid in guard.protected or not same_uid(proc, guard.uid):
+            continue
+        env = environ_of(proc)
+        if any(env.get(key) in values for key, values in markers.items()):
+            found.append(proc)
+    return found
 
 
 def descendants(pid: int) -> list[psutil.Process]:
