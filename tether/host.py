@@ -671,16 +671,6 @@ def action_status() -> dict[str, Any]:
             "installed": seed.installed()}
 
 
-def _processes(pids: list[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            continue
-    return found
-
-
 def _name(pid: int) -> str:
     try:
         return str(psutil.Process(pid).name())
@@ -714,7 +704,7 @@ def action_down() -> dict[str, Any]:
     launches = read_launches()
     ids = set(launches) | {str(e["instance"]) for e in _stale if e.get("instance")}
     ids |= {str(s["instance"]) for s in scan.live if s.get("instance")}
-    servers_ = _processes([s["pid"] for s in scan.live])
+    servers_ = sweep.processes([s["pid"] for s in scan.live])
     forced, left = _end(servers_, STOP_DEADLINE, "tether server")
     for state in scan.live:  # a server that had to be killed leaves its state file
         seed.remove_quietly(state["_file"])

@@ -229,14 +229,15 @@ def kernel_processes(record: KernelRecord, guard: Guard,
     if record.marker:
         candidates += (table.marked.get(record.marker, []) if table
                        else iter_marked(MARKER_ENV, record.marker, guard.uid))
-    candidates += _processes(cgroups.members(record.cgroup))
+    candidates += processes(cgroups.members(record.cgroup))
     for proc in candidates:
         if proc.pid not in found and alive(proc):
             found[proc.pid] = proc
     return list(found.values())
 
 
-def _processes(pids: Iterable[int]) -> list[psutil.Process]:
+def processes(pids: Iterable[int]) -> list[psutil.Process]:
+    """The processes of ``pids`` that still exist."""
     found = []
     for pid in pids:
         try:
