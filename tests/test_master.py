@@ -106,7 +106,7 @@ def terminals(tmp_path: Path) -> Iterator[Callable[[list[str], dict[str, str]], 
 def pw(testbed: SSHBed) -> Iterator[tuple[str, Path]]:
     """The password of ``pwhost``'s user (new each test) and its home; its processes are ended
     afterwards (`tether down` would ask for the password)."""
-    password = secrets.token_urlsafe(12)
+    password = "p" + secrets.token_urlsafe(12)  # never a leading "-", which tmux reads as a flag
     user = password_user(password)
     yield password, Path(user.pw_dir)
     kill_user_processes(user.pw_uid)
