@@ -11,7 +11,6 @@ backend still finds its runtime by what it recorded on the remote (a job's comme
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -39,9 +38,9 @@ class RuntimeRecord:
 
 
 def _path(host: str) -> Path:
-    from tether.session import local_state_dir
+    from tether.session import host_file
 
-    return local_state_dir() / f"runtime-{hashlib.sha256(host.encode()).hexdigest()[:16]}.json"
+    return host_file("runtime", host)
 
 
 def remember(record: RuntimeRecord) -> None:

@@ -182,8 +182,14 @@ def local_state_dir(create: bool = False) -> Path:
     return private_dir(path, None if runtime else top) if create else path
 
 
+def host_file(kind: str, host: str) -> Path:
+    """The laptop's file of ``kind`` about ``host`` (``up``: the attached `up`; ``runtime``:
+    what `up` recorded, :mod:`tether.runtimes`)."""
+    return local_state_dir() / f"{kind}-{hashlib.sha256(host.encode()).hexdigest()[:16]}.json"
+
+
 def attached_path(host: str) -> Path:
-    return local_state_dir() / f"up-{hashlib.sha256(host.encode()).hexdigest()[:16]}.json"
+    return host_file("up", host)
 
 
 def _start(pid: int) -> float:
