@@ -166,7 +166,9 @@ def test_status_line_drops_whole_fields_to_fit_never_digits() -> None:
     live = Live(Status(State.RECONNECTING, reconnects=12, last_error="ssh: connect to host "
                        "login.cluster.example.org port 22: Connection timed out"),
                 kernels=3, gpu_used=40_000 << 20, gpu_total=81_920 << 20)
-    info = {"job": "12345678", "time_left": 3 * 3600 + 125}
+    from tether.backends.slurm import duration
+
+    info = {"job": "12345678", "left": f"{duration(3 * 3600 + 125, coarse=True)} left"}
     full = status_line("login.cluster.example.org", live, info, 10_000)
     fields = set(full.split(": ", 1)[1].split(" · "))
     assert {"job 12345678", "3 h 2 min left", "kernels 3", "reconnects 12"} <= fields, full

@@ -204,10 +204,10 @@ def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> K
             slurm = True
     target = make_target(host, config, options, ssh["batch"])
     if slurm:
-        from tether.backends.slurm import SlurmJob
+        from tether import backends
         from tether.bootstrap import RemoteOptions
 
-        return SlurmJob(target, RemoteOptions()).kernels()
+        return backends.create("slurm", target, RemoteOptions()).kernels()
     return kernels_for(target, server, acting)
 
 
