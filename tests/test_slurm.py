@@ -372,7 +372,7 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
     up = start(slurm_config, "--gpus", "1", "--port", str(free_port()))
     try:
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
-        done = tether(slurm_config, "release", "-H", "login", "--slurm", "--all",
+        done = tether(slurm_config, "release", "login", "--slurm", "--all",
                       "--stop-server")
         assert done.returncode == 0, done.stdout + done.stderr
         assert up.read_until(lambda u: u.proc.poll() is not None, 90), up.text
