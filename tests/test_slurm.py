@@ -12,6 +12,7 @@ import re
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures_ssh import Prepared, live_user_pids, start_up
+from tests.fixtures_ssh import Prepared, RemotePage, answers_on, live_user_pids, start_up
 from tests.slurm import Cluster, available, start_cluster
 from tests.sshd import SSHBed, free_port
 from tether.replay import ColabClient
@@ -246,14 +247,16 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         checks = {c["name"]: c for c in json.loads(doctor.stdout)}
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert checks["server"]["detail"].startswith("job ") and checks["kernel runs code"]["ok"]
-        port = free_port()
+        port, extra = free_port(), free_port()
+        page = RemotePage(socket.gethostbyname(cluster.host))  # a port on the job's node
         again = SlurmUp(subprocess.Popen(  # the printed hint, as printed (+ what the test reads)
-            [sys.executable, "-m", *shlex.split(hints[0]), "--json", "--port", str(port)],
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", *shlex.split(hints[0]), "--json", "--port", str(port),
+             "--forward", f"{page.port}:{extra}"], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         try:
             assert again.read_until(lambda u: bool(u.info), RUN_DEADLINE), again.text
             assert again.info["token"] == up.info["token"]
+            assert await answers_on(extra) == page.body  # --forward: to the node's port
             async with ColabClient(again.info["url"].rstrip("/"), again.info["token"]) as c:
                 kernel = (await c.get_json("/api/kernels"))[0]["id"]
                 out = await c.execute(kernel, "print(x * 6)")
@@ -265,6 +268,7 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
             assert again.proc.returncode == 1 and "CANCELLED" in again.text + rest
         finally:
             again.stop()
+            page.close()
     finally:
         up.stop()
         tether(slurm_config, "down", "login", "--slurm")

@@ -13,6 +13,8 @@ import pytest
 
 from tests.fixtures_ssh import (
     Prepared,
+    RemotePage,
+    answers_on,
     UpProcess,
     live_user_pids,
     run_tether,
@@ -340,55 +342,11 @@ def test_open_host_prints_a_page_that_answers_with_a_socket_server(prepared: Pre
         up.stop()
 
 
-class _Page:
-    """A small HTTP server here that plays the user's TensorBoard on the remote's loopback
-    (the test bed's sshd is on this machine): it answers with a body of its own."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        import http.server
-        import secrets
-        import threading
-
-        body = self.body = secrets.token_hex(8).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-async def through(port: int, deadline: float = RECONNECT_DEADLINE) -> bytes:
-    """What 127.0.0.1:``port`` answers, once it answers (bounded)."""
-    import urllib.request
-
-    t0 = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as reply:
-                return bytes(reply.read())
-        except OSError:
-            assert time.monotonic() - t0 < deadline, f"nothing answered on {port} in time"
-            await asyncio.sleep(0.05)
-
-
 async def test_extra_forward_answers_heals_and_refuses_a_taken_port(
         prepared: Prepared, testbed: SSHBed) -> None:
     """--forward REMOTE:LOCAL rides the supervised tunnel: it answers, comes back after the
     tunnel's ssh is killed, and a taken LOCAL is refused with one line before any SSH."""
-    page = _Page()
+    page = RemotePage()
     port, local = free_port(), free_port()
     try:
         with socket.socket() as taken:
@@ -411,11 +369,11 @@ async def test_extra_forward_answers_heals_and_refuses_a_taken_port(
             assert up.info, up.stop() or up.stderr()
             assert up.info["forwards"] == [{"local": f"http://127.0.0.1:{local}/",
                                             "remote_port": page.port}], up.info
-            assert await through(local) == page.body
+            assert await answers_on(local) == page.body
             for pid in up.tunnel_pids():  # the connection that carries both forwards
                 psutil.Process(pid).kill()
             await answers(up)
-            assert await through(local) == page.body
+            assert await answers_on(local) == page.body
         finally:
             assert up.stop() == 0
         with pytest.raises(ConnectionRefusedError):  # `up` ended: the forward with it
