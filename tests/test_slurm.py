@@ -173,6 +173,7 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert purged.returncode == 0 and "kept the environment" in purged.stderr, purged.stderr
         assert f"`tether down gpubox --slurm -F {slurm_config}` ends them" in purged.stderr
         assert list(testbed.tether_root.glob("env-*")), "the job's environment was removed"
+        assert list(testbed.tether_root.glob("uv/*/uv")), "the uv that updates it was removed"
         alive = tether(slurm_config, "ps", "-H", "login", "--slurm", "--json")
         assert alive.returncode == 0, alive.stderr  # the job's server still answers
         # named once: `up` recorded the job for `login`, so `down login` needs no --slurm

@@ -339,7 +339,20 @@ def test_open_host_prints_a_page_that_answers_with_a_socket_server(prepared: Pre
         with urllib.request.urlopen(url, timeout=30) as page:
             assert page.status == 200 and b"tether" in page.read()
     finally:
-        up.stop()
+        assert up.stop() == 0  # detached: the server keeps running
+    # no `up` runs here now: `open` holds a tunnel of its own until Ctrl-C
+    own = start_up(testbed, "gpubox", command="open")
+    try:
+        assert own.info, own.stop() or own.stderr()
+        url = own.info["status_url"]
+        assert url.startswith("http://127.0.0.1:") and own.info["token"] == up.info["token"]
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b"tether" in page.read()
+    finally:
+        assert own.stop() == 0
+    assert "Ctrl-C closes it" in own.stderr()
+    with pytest.raises(OSError):  # its tunnel went with it
+        urllib.request.urlopen(url, timeout=5)
 
 
 async def test_extra_forward_answers_heals_and_refuses_a_taken_port(

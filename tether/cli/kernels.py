@@ -335,6 +335,11 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
                                    "`tether up HOST` runs there.")
         url, token = str(state.get("url") or ""), str(state["token"])
     else:
+        from tether.session import attached_port
+
+        if attached_port(host) is None:  # no `up` here: a forward of its own, for the page
+            _open_own(host, ssh, print_url, as_json)
+            return
         url, token = _tunnelled(host, ssh)
     page = f"{url.rstrip('/')}/tether/?token={token}" if url else ""
     if as_json:
@@ -343,6 +348,35 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
         out.print(page, soft_wrap=True)
     else:
         _browse(page)
+
+
+def _open_own(host: str, ssh: dict[str, Any], print_url: bool, as_json: bool) -> None:
+    """HOST's page through a tunnel of this command's own (as `tether attach HOST` on a free
+    local port), until Ctrl-C: what runs there keeps running."""
+    from tether import session
+    from tether.cli.remote import ConsoleReporter, _up, make_backend, remote_options
+    from tether.tunnel import free_port
+
+    class PageReporter(ConsoleReporter):
+        def ready(self, runtime: session.Runtime) -> None:
+            self.close()
+            self.on_ready(runtime.host)
+            self.ready_hosts.append(runtime.host)
+            self.runtimes[runtime.host] = runtime
+            page = f"{runtime.url}tether/?token={runtime.token}"
+            if as_json:
+                print_json({"url": runtime.url, "token": runtime.token, "status_url": page})
+            elif print_url:
+                out.print(page, soft_wrap=True)
+            else:
+                _browse(page)
+            err.print(f"No `tether up {host}` runs here: this command holds the page's tunnel "
+                      f"(127.0.0.1:{runtime.local_port}); Ctrl-C closes it, the runtime keeps "
+                      "running.")
+
+    kw = {**ssh, "remote_python": "python3", "server": None}
+    backend = make_backend(host, kw, remote_options(**kw), attach=True)
+    _up([session.UpConfig(backend, free_port())], PageReporter(as_json))
 
 
 def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from tether.cli import (
 )
 from tether.cli.serve import LNA_HINT, serve, serve_options
 from tether.config import check_origin
-from tether.errors import ConfigError, SlurmJobEndedError, TetherError
+from tether.errors import ConfigError, RuntimeEndedError, TetherError
 from tether.tunnel import State
 
 T = TypeVar("T")
@@ -275,7 +275,7 @@ def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: boo
 
 def _forget_ended(error: TetherError, configs: list[session.UpConfig]) -> None:
     """A runtime that ended for good (its job) leaves nothing for later commands to find."""
-    if isinstance(error, SlurmJobEndedError):
+    if isinstance(error, RuntimeEndedError):
         runtimes.forget(str(error.data.get("host") or configs[0].backend.host))
 
 
