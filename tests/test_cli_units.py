@@ -202,6 +202,10 @@ def test_status_line_drops_whole_fields_to_fit_never_digits() -> None:
         assert "tunnel reconnecting" in shown, line
         assert ("job 12345678" in shown) == (width >= 66), line
     assert status_line("h", live, info, 78) != full  # something had to go at 78
+    # --forward: each extra port on the line, the first to go when it is short
+    forwarded = status_line("h", live, {**info, "forwards": ((16006, 6006),)}, 10_000)
+    assert "6006→127.0.0.1:16006" in forwarded.split(" · "), forwarded
+    assert "6006→" not in status_line("h", live, {**info, "forwards": ((16006, 6006),)}, 78)
 
 
 @pytest.mark.parametrize("value", ["relative/cache", "~/cache", "/tmp/a\nb"])
