@@ -149,6 +149,12 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
         assert "running on" in up.text
         assert up.info["on_ctrl_c"].startswith("Ctrl-C cancels job "), up.info  # no --keep
+        # jump mode: the node is reached through the connection `up` holds to the login node
+        # (`-W` over its ControlMaster), not with a second login there (ProxyJump)
+        tunnels = [" ".join(c.cmdline()) for c in psutil.Process(up.proc.pid).children()
+                   if c.name() == "ssh" and cluster.host in c.cmdline()]
+        assert tunnels and all("ProxyCommand=" in t and " -W %h:%p " in t
+                               and "ProxyJump" not in t for t in tunnels), tunnels
         async with ColabClient(up.info["url"].rstrip("/"), up.info["token"]) as c:
             session = await c.create_session("slurm.ipynb")
             kid = session["kernel"]["id"]
@@ -338,7 +344,9 @@ async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, t
         assert "TIMEOUT" in up.text + rest, up.text + rest
         assert hook.read_text().strip() == "saved"
         assert not psutil.pid_exists(kernel_pid)
-        done = next(testbed.tether_root.glob("slurm/*/walltime.json"))
+        # this job's (an earlier job's folder may still hold one of its own)
+        done = max(testbed.tether_root.glob("slurm/*/walltime.json"),
+                   key=lambda p: p.stat().st_mtime)
         assert json.loads(done.read_text().splitlines()[-1])["released"] is True
     finally:
         up.stop()

@@ -597,12 +597,20 @@ class SlurmJob(OverSSH):
         return Placement(result, self.login, remote_host=node)
 
     async def _node_target(self, node: str) -> _ssh.SSHTarget:
-        """``ssh NODE`` as the user's config has it if it says how to get there, else via
+        """``ssh NODE`` as the user's config has it if it says how to get there, else through
+        the login node: over the connection `up` holds to it where there is one (``-W`` through
+        the ControlMaster: no second login there, so no second password or 2FA prompt), else
         ``-J LOGIN``."""
         # same options and remote_env; not the login node's ControlMaster (another host)
         base = dataclasses.replace(self.login, host=node, control_path="")
         if await _configured_proxy(base):
             return base
+        if self.login.control_path:
+            hop = self.login.argv("-W", "@HOST@:@PORT@")  # ssh expands %h and %p, and only them
+            command = shlex.join(hop).replace("%", "%%")
+            command = command.replace("@HOST@", "%h").replace("@PORT@", "%p")
+            return dataclasses.replace(base, options=(*self.login.options,
+                                                      f"ProxyCommand={command}"))
         return dataclasses.replace(base, options=(*self.login.options,
                                                   f"ProxyJump={self.login.host}"))
 
