@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from tether import _ssh
 from tether.bootstrap import UpResult
+from tether.contract import RestartResult
 from tether.kernels import Kernels
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -55,6 +56,11 @@ class Backend(Protocol):
     async def restart(self, token: str, on_event: OnEvent) -> Placement:
         """The server behind the tunnel is gone: bring it back with the same token, or raise
         (:class:`~tether.errors.ServerNotFoundError`: stopped on purpose, supervision ends)."""
+        ...
+
+    async def restart_server(self, on_event: OnEvent) -> RestartResult:
+        """`tether restart`: a new server (this tether's version, the backend's options over the
+        running one's) that adopts the running server's kernels, on the same URL and token."""
         ...
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
