@@ -83,9 +83,9 @@ def instance_alive(instance: str) -> bool:
     created, _, _ = rest.partition(".")
     try:
         proc = psutil.Process(int(pid))
-        return round(identity.started(proc) * 100) == int(created)
+        return round(identity.started(proc) * 100) == int(created) and sweep.alive(proc)
     except (ValueError, psutil.Error):
-        return False
+        return False  # (a zombie is gone: no parent reaped it yet, e.g. a container's pid 1)
 
 
 def kernel_env(env: dict[str, str], kernel_id: str, marker: str,
