@@ -437,7 +437,8 @@ def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | No
         unit = ["systemd-run", "--user", "--quiet", "--collect",
                 "--unit", "tether-server-%d" % int(time.time()),
                 "-p", "StandardOutput=null", "-p", "StandardError=append:" + log_path,
-                "-p", "KillMode=mixed", "-p", "WorkingDirectory=" + os.path.expanduser("~")]
+                # KillMode=process: the unit's end leaves the kernels (tether.remote.adopt)
+                "-p", "KillMode=process", "-p", "WorkingDirectory=" + os.path.expanduser("~")]
         unit += [f"--setenv={k}={env[k]}" for k in ("JUPYTER_RUNTIME_DIR", "JUPYTER_PATH",
                                                      LAUNCH_ENV)]
         if subprocess.call(unit + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
