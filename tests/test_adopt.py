@@ -156,6 +156,56 @@ def _started(pid: int) -> float:
     return identity.started(psutil.Process(pid))
 
 
+async def test_a_colab_client_reconnects_to_the_adopted_kernel(tmp_path: Path) -> None:
+    """What Colab does when its runtime comes back: its open websocket closed, it finds the
+    notebook's session again and reconnects with the same client session id."""
+    from tether.replay import ColabClient, execute_request, replay
+
+    first = start_server(tmp_path)
+    pids: list[int] = []
+    try:
+        session, pid = await with_state(first, "colab.ipynb")
+        pids.append(pid)
+        kid, client_session = session["kernel"]["id"], "colab-client-1"
+        async with ColabClient(first.url, first.token) as c:
+            ws = await c.connect_kernel(kid, client_session)
+            kill9(first)
+            assert await asyncio.wait_for(ws.read_message(), 10) is None, "Colab sees it drop"
+        second = start_server(tmp_path, "--port", str(first.port))  # the same URL
+        try:
+            async with ColabClient(second.url, second.token) as c:
+                assert (await c.preflight("/api/sessions", "POST")).code < 300
+                sessions = await c.get_json("/api/sessions")
+                mine = [s for s in sessions if s["path"] == "colab.ipynb"]
+                assert [(s["id"], s["kernel"]["id"]) for s in mine] == [(session["id"], kid)]
+                assert "memory" in await c.get_json("/api/colab/resources")
+                ws = await c.connect_kernel(kid, client_session)
+                try:
+                    await ws.write_message(json.dumps(execute_request("m1", "print(x)",
+                                                                      client_session)))
+                    out = []
+                    while (raw := await asyncio.wait_for(ws.read_message(), 30)) is not None:
+                        msg = json.loads(raw)
+                        if msg.get("parent_header", {}).get("msg_id") != "m1":
+                            continue
+                        if msg["msg_type"] == "stream":
+                            out.append(msg["content"]["text"])
+                        if msg["msg_type"] == "status" and \
+                                msg["content"]["execution_state"] == "idle":
+                            break
+                    assert "".join(out).strip() == "42"
+                finally:
+                    ws.close()
+            # Colab's whole sequence still passes beside the adopted kernel, which it leaves be
+            checks = await replay(second.url, second.token)
+            assert all(ch.ok for ch in checks), [ch for ch in checks if not ch.ok]
+            assert [k["id"] for k in await api(second).call("GET", "/api/kernels")] == [kid]
+        finally:
+            stop_server(second)
+    finally:
+        kill_pids(pids)
+
+
 # -- a GPU holder: still accounted, and released by the next server's idle policy --------------
 
 async def test_an_adopted_gpu_holder_is_accounted_then_released_when_idle(tmp_path: Path) -> None:
