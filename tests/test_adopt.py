@@ -111,6 +111,46 @@ async def test_sigterm_leaves_the_kernels_and_a_release_ends_an_adopted_one(tmp_
         kill_pids(list(pids.values()))
 
 
+async def test_an_adopted_kernel_is_interrupted_and_restarted_like_any(tmp_path: Path) -> None:
+    first = start_server(tmp_path)
+    pids: list[int] = []
+    try:
+        session, pid = await with_state(first)
+        pids.append(pid)
+        kid = session["kernel"]["id"]
+        kill9(first)
+        second = start_server(tmp_path)
+        try:
+            ch = await api(second).connect(kid)
+            try:
+                cell = asyncio.ensure_future(ch.execute("time.sleep(60)", timeout=30))
+                await asyncio.sleep(0.5)  # (the cell has started; it fails within 30 s anyway)
+                await api(second).call("POST", f"/api/kernels/{kid}/interrupt")
+                with pytest.raises(AssertionError, match="KeyboardInterrupt"):
+                    await cell
+                # ipykernel aborts what comes right after a failed cell (stop_on_error: an
+                # aborted cell prints nothing, adopted kernel or not): ask again, bounded
+                outs = [(await ch.execute("print(x)", timeout=30)).strip()]
+                while outs[-1] != "42" and len(outs) < 20:
+                    outs.append((await ch.execute("print(x)", timeout=30)).strip())
+                assert outs[-1] == "42", f"interrupted, state kept: {outs}"
+            finally:
+                ch.close()
+            await api(second).call("POST", f"/api/kernels/{kid}/restart")
+            assert await wait_dead([pid]) == []
+            new_pid = int(await run(second, kid, "import os; print(os.getpid())"))
+            pids.append(new_pid)
+            assert await run(second, kid, "print('x' in globals())") == "False"
+            kept = json.loads((second.runtime_dir / "tether-kernels" / f"{kid}.json")
+                              .read_text())
+            assert kept["pid"] == new_pid and [s["session_id"] for s in kept["sessions"]] == \
+                [session["id"]], "a restarted kernel outlives its server too"
+        finally:
+            stop_server(second)
+    finally:
+        kill_pids(pids)
+
+
 async def test_a_kernel_that_died_meanwhile_is_reported_once(tmp_path: Path) -> None:
     first = start_server(tmp_path)
     session, pid = await with_state(first)
@@ -303,3 +343,21 @@ async def answers(up, deadline: float) -> None:
                 pass
             assert time.monotonic() < end, "the URL did not answer again in time"
             await asyncio.sleep(0.2)  # bounded above: polling the tunnel's own reconnect
+
+
+def test_up_says_when_the_running_server_is_older_than_this_tether(prepared, testbed) -> None:
+    from tests.fixtures_ssh import run_tether, start_up
+    from tests.sshd import free_port
+
+    first = start_up(testbed, "gpubox", "--port", str(free_port()))
+    first.stop()
+    assert first.info, first.stderr()
+    state_file = testbed.tether_root / "runtime" / f"tether-{first.info['remote_pid']}.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "version": "0.0.1"}))  # as an older tether's
+    again = start_up(testbed, "gpubox", "--port", str(free_port()))
+    again.stop()
+    assert again.info["reused"] is True, again.stderr()
+    [warning] = [w for w in again.info["warnings"] if "older" in w]
+    assert "tether 0.0.1" in warning and "`tether restart gpubox`" in warning
+    assert run_tether(testbed, "down", "gpubox").returncode == 0
