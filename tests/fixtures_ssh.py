@@ -7,6 +7,7 @@ the package index; the remote user's pip cache is kept between runs). Set
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -158,3 +159,47 @@ def prepared(testbed: SSHBed) -> Prepared:
     assert cold.info, f"cold `tether up` failed: {cold.stop() and cold.stderr()}"
     cold.stop()
     return Prepared(interrupted_rc, at_install, cold)
+
+
+class RemotePage:
+    """A small HTTP server here that plays the user's TensorBoard on the remote's loopback
+    (the test bed's sshd is on this machine): it answers with a body of its own."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import http.server
+        import secrets
+        import threading
+
+        body = self.body = secrets.token_hex(8).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def answers_on(port: int, deadline: float = 20.0) -> bytes:
+    """What 127.0.0.1:``port`` answers, once it answers (bounded)."""
+    import urllib.request
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3) as reply:
+                return bytes(reply.read())
+        except OSError:
+            assert time.monotonic() - t0 < deadline, f"nothing answered on {port} in time"
+            await asyncio.sleep(0.05)

@@ -85,7 +85,7 @@ async def test_a_remote_error_is_raised_here_as_the_same_class():
 
 @pytest.mark.parametrize("args, needle", [
     (["release"], "name the kernels to release, or give --all"),
-    (["release", "abcd", "--all"], "not both"),
+    (["release", "abcd", "ef01", "--all"], "not both"),
     (["release", "abcd", "--stop-server"], "--stop-server goes with --all"),
 ])
 def test_release_usage_mistakes_exit_2_with_one_line(args, needle):
@@ -95,6 +95,21 @@ def test_release_usage_mistakes_exit_2_with_one_line(args, needle):
     assert len(lines) == 1 and needle in lines[0], done.stderr
 
 
+@pytest.mark.parametrize("names, host_option, here, everything, expected", [
+    (("gpubox", "scratch.ipynb"), None, False, False, ("gpubox", ("scratch.ipynb",))),
+    (("gpubox",), None, False, True, ("gpubox", ())),
+    (("scratch.ipynb",), None, False, False, (None, ("scratch.ipynb",))),
+    ((), None, False, True, (None, ())),
+    (("a", "b"), None, True, False, (None, ("a", "b"))),
+    (("a", "b"), "gpubox", False, False, ("gpubox", ("a", "b"))),  # -H: the earlier spelling
+])
+def test_release_reads_host_first_where_there_is_one(names, host_option, here, everything,
+                                                     expected) -> None:
+    from tether.cli.kernels import release_target
+
+    assert release_target(names, host_option, here, everything) == expected
+
+
 def test_json_errors_are_json(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tether", "ps", "--json"], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=60,
@@ -102,7 +117,7 @@ def test_json_errors_are_json(tmp_path):
                                "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"]["type"] == "ServerNotFoundError"
-    assert "-H HOST" in done.stderr
+    assert "`tether ps HOST`" in done.stderr
 
 
 def test_usage_errors_are_config_errors():
@@ -129,6 +144,13 @@ def test_usage_errors_are_config_errors():
     (["up", "gpubox", "--slurm", "--walltime-signal", "5"], "--walltime-signal 5"),
     (["up", "gpubox", "--slurm", "--gpus", "-1"], "-1 is not in the range"),
     (["ps", "--slurm"], "--slurm needs the login node"),
+    (["up", "gpubox", "--forward", "tensorboard"], "expected REMOTE[:LOCAL]"),
+    (["up", "gpubox", "--forward", "6006:0"], "ports go from 1 to 65535"),
+    (["attach", "gpubox", "--forward", "6006:x"], "expected REMOTE[:LOCAL]"),
+    (["up", "--forward", "6006"], "--forward needs a HOST"),
+    (["up", "a", "b", "--forward", "6006"], "--forward with several hosts"),
+    (["release", "a", "b", "--here", "-H", "c"], "--here and -H"),
+    (["release", "gpubox", "a", "--all"], "not both"),
 ])
 def test_bad_options_fail_before_any_ssh_with_one_line(args, needle):
     """Nothing is started: these fail in the argument checks (an unknown host would take ssh)."""
@@ -166,7 +188,9 @@ def test_status_line_drops_whole_fields_to_fit_never_digits() -> None:
     live = Live(Status(State.RECONNECTING, reconnects=12, last_error="ssh: connect to host "
                        "login.cluster.example.org port 22: Connection timed out"),
                 kernels=3, gpu_used=40_000 << 20, gpu_total=81_920 << 20)
-    info = {"job": "12345678", "time_left": 3 * 3600 + 125}
+    from tether.backends.slurm import duration
+
+    info = {"job": "12345678", "left": f"{duration(3 * 3600 + 125, coarse=True)} left"}
     full = status_line("login.cluster.example.org", live, info, 10_000)
     fields = set(full.split(": ", 1)[1].split(" · "))
     assert {"job 12345678", "3 h 2 min left", "kernels 3", "reconnects 12"} <= fields, full

@@ -37,7 +37,7 @@ async def test_ps_and_release_through_ssh(prepared: Prepared, testbed: SSHBed) -
         table = await asyncio.to_thread(run_tether, testbed, "ps", "gpubox")
         assert "remote.ipynb" in table.stdout, table.stderr
 
-        released = await asyncio.to_thread(run_tether, testbed, "release", "-H", "gpubox", kid[:8])
+        released = await asyncio.to_thread(run_tether, testbed, "release", "gpubox", kid[:8])
         assert released.returncode == 0, released.stdout + released.stderr
         assert "released" in released.stderr
         assert await wait_dead(pids) == []

@@ -174,8 +174,11 @@ def test_password_host_asks_once_and_heals_without_asking(
     assert f"ssh-copy-id -F {testbed.config} pwhost" in screen, screen  # said once, runnable
     assert screen.count("ssh-copy-id") == 1, screen
     copy_id = shlex.split(re.search(r"`(ssh-copy-id [^`]+)`", screen).group(1))  # type: ignore[union-attr]
+    mine = runtime / "home"  # ssh-copy-id works in ~/.ssh, which a fresh machine may lack
+    (mine / ".ssh").mkdir(parents=True, mode=0o700)
     dry = subprocess.run([copy_id[0], "-n", "-f", "-i", str(testbed.dir / "id_test.pub"),
-                          *copy_id[1:]], capture_output=True, text=True, timeout=30)
+                          *copy_id[1:]], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "HOME": str(mine)})
     assert dry.returncode == 0 and "Would have added" in dry.stdout + dry.stderr, dry  # parses
     assert _answers(port, token)
 

@@ -12,6 +12,7 @@ import re
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures_ssh import Prepared, live_user_pids, start_up
+from tests.fixtures_ssh import Prepared, RemotePage, answers_on, live_user_pids, start_up
 from tests.slurm import Cluster, available, start_cluster
 from tests.sshd import SSHBed, free_port
 from tether.replay import ColabClient
@@ -172,6 +173,7 @@ async def test_queued_then_running_then_released_and_down(prepared: Prepared, te
         assert purged.returncode == 0 and "kept the environment" in purged.stderr, purged.stderr
         assert f"`tether down gpubox --slurm -F {slurm_config}` ends them" in purged.stderr
         assert list(testbed.tether_root.glob("env-*")), "the job's environment was removed"
+        assert list(testbed.tether_root.glob("uv/*/uv")), "the uv that updates it was removed"
         alive = tether(slurm_config, "ps", "-H", "login", "--slurm", "--json")
         assert alive.returncode == 0, alive.stderr  # the job's server still answers
         # named once: `up` recorded the job for `login`, so `down login` needs no --slurm
@@ -246,14 +248,16 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
         checks = {c["name"]: c for c in json.loads(doctor.stdout)}
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert checks["server"]["detail"].startswith("job ") and checks["kernel runs code"]["ok"]
-        port = free_port()
+        port, extra = free_port(), free_port()
+        page = RemotePage(socket.gethostbyname(cluster.host))  # a port on the job's node
         again = SlurmUp(subprocess.Popen(  # the printed hint, as printed (+ what the test reads)
-            [sys.executable, "-m", *shlex.split(hints[0]), "--json", "--port", str(port)],
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", *shlex.split(hints[0]), "--json", "--port", str(port),
+             "--forward", f"{page.port}:{extra}"], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         try:
             assert again.read_until(lambda u: bool(u.info), RUN_DEADLINE), again.text
             assert again.info["token"] == up.info["token"]
+            assert await answers_on(extra) == page.body  # --forward: to the node's port
             async with ColabClient(again.info["url"].rstrip("/"), again.info["token"]) as c:
                 kernel = (await c.get_json("/api/kernels"))[0]["id"]
                 out = await c.execute(kernel, "print(x * 6)")
@@ -265,6 +269,7 @@ async def test_forward_mode_keep_attach_and_cancel_from_outside(
             assert again.proc.returncode == 1 and "CANCELLED" in again.text + rest
         finally:
             again.stop()
+            page.close()
     finally:
         up.stop()
         tether(slurm_config, "down", "login", "--slurm")
@@ -372,7 +377,7 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
     up = start(slurm_config, "--gpus", "1", "--port", str(free_port()))
     try:
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
-        done = tether(slurm_config, "release", "-H", "login", "--slurm", "--all",
+        done = tether(slurm_config, "release", "login", "--slurm", "--all",
                       "--stop-server")
         assert done.returncode == 0, done.stdout + done.stderr
         assert up.read_until(lambda u: u.proc.poll() is not None, 90), up.text

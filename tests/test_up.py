@@ -13,6 +13,8 @@ import pytest
 
 from tests.fixtures_ssh import (
     Prepared,
+    RemotePage,
+    answers_on,
     UpProcess,
     live_user_pids,
     run_tether,
@@ -337,4 +339,57 @@ def test_open_host_prints_a_page_that_answers_with_a_socket_server(prepared: Pre
         with urllib.request.urlopen(url, timeout=30) as page:
             assert page.status == 200 and b"tether" in page.read()
     finally:
-        up.stop()
+        assert up.stop() == 0  # detached: the server keeps running
+    # no `up` runs here now: `open` holds a tunnel of its own until Ctrl-C
+    own = start_up(testbed, "gpubox", command="open")
+    try:
+        assert own.info, own.stop() or own.stderr()
+        url = own.info["status_url"]
+        assert url.startswith("http://127.0.0.1:") and own.info["token"] == up.info["token"]
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and b"tether" in page.read()
+    finally:
+        assert own.stop() == 0
+    assert "Ctrl-C closes it" in own.stderr()
+    with pytest.raises(OSError):  # its tunnel went with it
+        urllib.request.urlopen(url, timeout=5)
+
+
+async def test_extra_forward_answers_heals_and_refuses_a_taken_port(
+        prepared: Prepared, testbed: SSHBed) -> None:
+    """--forward REMOTE:LOCAL rides the supervised tunnel: it answers, comes back after the
+    tunnel's ssh is killed, and a taken LOCAL is refused with one line before any SSH."""
+    page = RemotePage()
+    port, local = free_port(), free_port()
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", local))
+            taken.listen()
+            refused = run_tether(testbed, "up", "gpubox", "--port", str(port),
+                                 "--forward", f"{page.port}:{local}", timeout=30)
+        assert refused.returncode != 0
+        lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+        assert f"--forward {page.port}:{local}: local port {local} is already in use" \
+            in lines[0], refused.stderr
+        assert len(lines) <= 2, refused.stderr  # the error and its fix
+
+        bad = run_tether(testbed, "up", "gpubox", "--forward", "tensorboard", timeout=30)
+        assert bad.returncode == 2 and "REMOTE[:LOCAL]" in bad.stderr, bad.stderr
+
+        up = start_up(testbed, "gpubox", "--port", str(port), "--forward",
+                      f"{page.port}:{local}")
+        try:
+            assert up.info, up.stop() or up.stderr()
+            assert up.info["forwards"] == [{"local": f"http://127.0.0.1:{local}/",
+                                            "remote_port": page.port}], up.info
+            assert await answers_on(local) == page.body
+            for pid in up.tunnel_pids():  # the connection that carries both forwards
+                psutil.Process(pid).kill()
+            await answers(up)
+            assert await answers_on(local) == page.body
+        finally:
+            assert up.stop() == 0
+        with pytest.raises(ConnectionRefusedError):  # `up` ended: the forward with it
+            socket.create_connection(("127.0.0.1", local), timeout=5).close()
+    finally:
+        page.close()

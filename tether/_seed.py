@@ -865,8 +865,8 @@ def purge() -> dict[str, Any]:
         return {"removed_bytes": 0}
     before, jobs = disk_bytes(ROOT), live_jobs()
     keep = {LAYOUT["lock"]}
-    if jobs:
-        keep |= {LAYOUT["slurm"], LAYOUT["jupyter_path"]} | set(env_dirs_names())
+    if jobs:  # (and the uv the kept environments are updated with: they have no pip)
+        keep |= {LAYOUT["slurm"], LAYOUT["jupyter_path"], LAYOUT["uv"]} | set(env_dirs_names())
     fd = lock_root()
     try:
         if jobs and os.path.isdir(at("slurm")):

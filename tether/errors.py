@@ -10,7 +10,8 @@ they enter, and each exception carries the data a user needs to act::
     ├── ServerError                  the local/remote Jupyter server
     │   ├── PortInUseError           the port is taken (we never move to another one silently)
     │   ├── ServerNotFoundError      no running tether server where one was expected
-    │   │   └── SlurmJobEndedError   the runtime's Slurm job ended (state and reason attached)
+    │   │   └── RuntimeEndedError    the runtime ended for good (its job: nothing to attach to)
+    │   │       └── SlurmJobEndedError  the Slurm job ended (state and reason attached)
     │   └── ServerStartError         did not become ready before its deadline (log tail attached)
     ├── SSHError                     the OpenSSH client failed (host, command, exit status, stderr)
     │   ├── HostUnreachableError
@@ -114,7 +115,11 @@ class ServerStartError(ServerError):
     pass
 
 
-class SlurmJobEndedError(ServerNotFoundError):
+class RuntimeEndedError(ServerNotFoundError):
+    pass
+
+
+class SlurmJobEndedError(RuntimeEndedError):
     pass
 
 

@@ -70,7 +70,7 @@ def find_local_server(server: str | None = None, acting: bool = False) -> dict[s
     if not servers:
         raise ServerNotFoundError("no running tether server for this user on this machine",
                                   hint="Start one with `tether serve`, or name the machine it "
-                                       "runs on with -H HOST.")
+                                       "runs on: `tether ps HOST`, `tether release HOST ...`.")
     if acting and len(servers) > 1:
         listed = "; ".join(describe_server(s) for s in servers)
         raise ConfigError(f"{len(servers)} tether servers of this user run here: {listed}",

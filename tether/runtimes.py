@@ -1,7 +1,7 @@
 """What runs for a host, as `tether up` left it: so that later commands need no backend flags.
 
 After ``tether up LOGIN --slurm --keep`` and Ctrl-C, ``tether status LOGIN``, ``down``,
-``attach``, ``ps -H``, ``release -H`` and ``doctor`` find the job without ``--slurm`` (and with
+``attach``, ``ps``, ``release``, ``open`` and ``doctor`` find the job without ``--slurm`` (and with
 the ssh options ``up`` was given, where they are given none). The record is a 0600 file per host
 in the laptop's private state folder: the backend's own description (:meth:`Backend.record`)
 plus the ssh options. ``up`` writes it once the runtime is ready; ``down`` and the end of the

@@ -14,20 +14,20 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
-from tether import _http, _master, _ssh, bootstrap, identity
+from tether import _http, bootstrap, identity
 from tether._private import private_dir, write_private
-from tether.backends import Backend, Placement
+from tether.backends import Backend, Forwarder, Link, Placement, Report
 from tether.bootstrap import ServerInfo
 from tether.config import DEFAULT_PORT
-from tether.errors import ConfigError, SSHError, TetherError, TunnelError
-from tether.tunnel import Forward, State, Status, Tunnel, check_local_port, free_port
+from tether.errors import ConfigError, PortInUseError, SSHError, TetherError, TunnelError
+from tether.tunnel import Forward, State, Status, check_local_port, free_port
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,12 @@ ABANDON_DEADLINE = 60.0  # undoing what must not outlive `up` (cancelling a Slur
 
 @dataclass(frozen=True)
 class UpConfig:
-    """One runtime of ``tether up``/``attach``: where it runs, and which local port."""
+    """One runtime of ``tether up``/``attach``: where it runs, which local port, and the
+    user's extra forwards (local port, remote port), carried by the same tunnel."""
 
     backend: Backend
     local_port: int = DEFAULT_PORT
+    forwards: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Runtime:
     reused: bool
     warnings: tuple[str, ...] = ()
     on_ctrl_c: str = ""  # what Ctrl-C does to it (the backend says)
+    forwards: tuple[tuple[int, int], ...] = ()  # the user's extra (local, remote) ports
 
     # kernel id -> notebook, as last seen through the tunnel: who was lost if the server dies
     seen: dict[str, str] = field(default_factory=dict, compare=False)
@@ -84,7 +87,9 @@ class Runtime:
                 "token": self.token, "port": self.local_port, "reused": self.reused,
                 "remote_pid": self.server.pid, "remote_sock": self.server.sock,
                 "remote_port": self.server.port, "version": self.server.version,
-                "warnings": list(self.warnings), "on_ctrl_c": self.on_ctrl_c}
+                "warnings": list(self.warnings), "on_ctrl_c": self.on_ctrl_c,
+                "forwards": [{"local": f"http://127.0.0.1:{local}/", "remote_port": remote}
+                             for local, remote in self.forwards]}
 
 
 @dataclass(frozen=True)
@@ -107,45 +112,58 @@ class Reporter(Protocol):
 async def up(cfg: UpConfig, reporter: Reporter) -> None:
     """Prepare, start or find the server, open the tunnel, report, and supervise until cancelled.
 
-    One connection to the host for all of it (:mod:`tether._master`), ended with ``up``.
+    One connection to the host for all of it (the backend's :meth:`~Backend.link`), ended
+    with ``up``.
     """
-    check_local_port(cfg.local_port)  # fail before any SSH round trip
+    check_ports(cfg)  # fail before any SSH round trip
     host = cfg.backend.host
-    master = connection(cfg.backend.target, reporter)
+    link = cfg.backend.link(_on_prompt(host, reporter))
     try:
-        await master.start()
-        if master.auth_method in _master.TYPED:
-            reporter.note(host, _master.password_note(cfg.backend.target, master.auth_method))
-        cfg.backend.share(master.target)
-        await _up(cfg, reporter, master)
+        for note in await link.start():
+            reporter.note(host, note)
+        await _up(cfg, reporter)
     finally:
-        await master.aclose()  # bounded; the last, after the forward and a job are gone
+        await link.aclose()  # bounded; the last, after the forward and a job are gone
 
 
-def connection(target: _ssh.SSHTarget, reporter: Reporter | None = None) -> _master.Master:
-    """The one connection ``up`` (or ``doctor``) holds to the host; the reporter's progress
-    line pauses while ssh asks the user something."""
+def check_ports(cfg: UpConfig) -> None:
+    """Every local port ``up`` will listen on is free (the server's, then each --forward's)."""
+    check_local_port(cfg.local_port)
+    locals_ = [cfg.local_port, *(local for local, _ in cfg.forwards)]
+    if len(set(locals_)) != len(locals_):
+        raise ConfigError("two forwards use the same local port",
+                          hint="Give each --forward REMOTE:LOCAL its own LOCAL, other than "
+                               "--port.")
+    for local, remote in cfg.forwards:
+        try:
+            check_local_port(local)
+        except PortInUseError as e:
+            raise PortInUseError(f"--forward {remote}:{local}: local port {local} is already "
+                                 "in use", hint=f"Pick a free one: --forward {remote}:LOCAL.",
+                                 port=local) from e
+
+
+def _on_prompt(host: str, reporter: Reporter) -> Callable[[bool], None]:
+    """The progress line pauses while the connection asks the user something."""
     def on_prompt(waiting: bool) -> None:
-        if reporter is not None:
-            reporter.event(target.host, {"event": "prompt",
-                                         "state": "start" if waiting else "done"})
+        reporter.event(host, {"event": "prompt", "state": "start" if waiting else "done"})
 
-    return _master.Master(target, on_prompt)
+    return on_prompt
 
 
-async def _up(cfg: UpConfig, reporter: Reporter, master: _master.Master) -> None:
+async def _up(cfg: UpConfig, reporter: Reporter) -> None:
     backend = cfg.backend
     host = backend.host
     try:
         placement = await backend.start(lambda e: reporter.event(host, e),
                                         lambda text: reporter.note(host, text))
-        tunnel, placement = await _open(cfg, placement, reporter, master)
+        tunnel, placement = await _open(cfg, placement, reporter)
     except BaseException:
         await _bounded(backend.abandon(), host)
         raise
     result = placement.result
     runtime = Runtime(host, cfg.local_port, result.server, result.reused, result.warnings,
-                      backend.on_ctrl_c())
+                      backend.on_ctrl_c(), forwards=cfg.forwards)
     tunnel.restart_server = lambda: _restart(backend, runtime, reporter)
     record = attached_path(host)
     try:
@@ -220,12 +238,12 @@ def attached_port(host: str) -> int | None:
     return port
 
 
-async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter,
-                master: _master.Master) -> tuple[Tunnel, Placement]:
+async def _open(cfg: UpConfig, placement: Placement,
+                reporter: Reporter) -> tuple[Forwarder, Placement]:
     """The first tunnel; where sshd refuses socket forwarding, the backend may move the server
     to a loopback port."""
     host = cfg.backend.host
-    tunnel = _tunnel(cfg, placement, reporter, master)
+    tunnel = _tunnel(cfg, placement, reporter)
     t0 = time.monotonic()
     label = f"opening the tunnel on 127.0.0.1:{cfg.local_port}"
     reporter.event(host, {"event": "step", "key": "tunnel", "state": "start", "label": label})
@@ -238,7 +256,7 @@ async def _open(cfg: UpConfig, placement: Placement, reporter: Reporter,
         if moved is None:
             raise
         placement = moved
-        tunnel = _tunnel(cfg, placement, reporter, master)
+        tunnel = _tunnel(cfg, placement, reporter)
         await tunnel.open()
     reporter.event(host, {"event": "step", "key": "tunnel", "state": "done", "label": label,
                           "seconds": round(time.monotonic() - t0, 2)})
@@ -260,7 +278,7 @@ async def _restart(backend: Backend, runtime: Runtime, reporter: Reporter) -> Fo
         runtime.seen = {k: v for k, v in runtime.seen.items() if k in server.adopted}
         runtime.server = server
     log.info("server on %s restarted (pid %s)", host, server.pid)
-    return _forward(runtime.local_port, placement)
+    return placement.forward(runtime.local_port)
 
 
 def kernels_fate(runtime: Runtime, server: ServerInfo) -> str:
@@ -278,20 +296,13 @@ def kernels_fate(runtime: Runtime, server: ServerInfo) -> str:
     return "; ".join(parts) or "no kernel was running"
 
 
-def _forward(local_port: int, placement: Placement) -> Forward:
-    server = placement.result.server
-    return Forward(local_port, server.sock, server.port, placement.remote_host)
-
-
-def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter,
-            master: _master.Master) -> Tunnel:
+def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter) -> Forwarder:
     host = cfg.backend.host
-    return Tunnel(placement.target, _forward(cfg.local_port, placement),
-                  placement.result.server.token,
-                  on_status=lambda s: reporter.live(host, Live(s)), master=master)
+    return cfg.backend.forwarder(placement, cfg.local_port, placement.result.server.token,
+                                 cfg.forwards, on_status=lambda s: reporter.live(host, Live(s)))
 
 
-async def _watch(runtime: Runtime, tunnel: Tunnel, reporter: Reporter) -> None:
+async def _watch(runtime: Runtime, tunnel: Forwarder, reporter: Reporter) -> None:
     """Every few seconds, kernels and GPU memory through the tunnel, for the status line.
 
     Only reports: the tunnel's own health probe decides when the forward is down.
@@ -339,12 +350,12 @@ async def up_many(configs: Sequence[UpConfig], reporter: Reporter) -> None:
             tg.create_task(up(cfg, reporter))
 
 
-async def down(backend: Backend) -> dict[str, Any]:
+async def down(backend: Backend) -> Report:
     """End the runtime; report what was stopped and what is left."""
     return await backend.stop()
 
 
-async def status(backend: Backend) -> dict[str, Any]:
+async def status(backend: Backend) -> Report:
     return await backend.status()
 
 
@@ -357,68 +368,51 @@ class Check:
     warn: bool = False  # works, with a limit the user may want to lift (the hint says how)
 
 
-async def doctor(backend: Backend, target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
-                 local_port: int | None, up_command: str = "") -> list[Check]:
+async def doctor(backend: Backend, local_port: int | None,
+                 up_command: str = "") -> list[Check]:
     """SSH, Python, disk, GPU driver, environment, ports, then Colab's requests via a tunnel.
 
-    ``target`` is the host tether logs in to (a VM, or a cluster's login node); ``backend``
-    finds the running runtime there (in attach mode: the doctor starts nothing).
-    ``up_command`` is the `tether up` line for this host that fixes can name.
+    ``backend`` logs in to the host (a VM, or a cluster's login node) and finds the running
+    runtime there (in attach mode: the doctor starts nothing). ``up_command`` is the
+    `tether up` line for this host that fixes can name.
     """
-    master = connection(target)
+    link = backend.link(lambda waiting: None)
     try:
         t0 = time.monotonic()
         try:
-            await master.start()
+            await link.start()
         except SSHError as e:
             return [Check("ssh", False, e.message, e.hint)]
-        backend.share(master.target)
-        return await _doctor(backend, master, opts, local_port, up_command, t0)
+        return await _doctor(backend, link, local_port, up_command, t0)
     finally:
-        await master.aclose()
+        await link.aclose()
 
 
-async def _auth_check(master: _master.Master) -> Check:
-    """How ssh logs in: a typed password is named, with the command that ends the typing."""
-    method = master.auth_method
-    if master.mode is not _master.Mode.OWN:
-        method = await _master.auth_method(master.base)
-    if not method:
-        return Check("auth", True, "a connection of your own ControlMaster carried it"
-                     if master.mode is _master.Mode.USER else "not known")
-    shared = {_master.Mode.OWN: "one connection of tether's for all commands",
-              _master.Mode.USER: "your ControlMaster settings",
-              _master.Mode.NONE: "one connection per command (this ssh has no ControlMaster)"}
-    detail = f"{method} ({shared[master.mode]})"
-    if method in _master.TYPED:
-        detail += ": " + _master.password_note(master.base, method)
-    return Check("auth", True, detail)
-
-
-async def _doctor(backend: Backend, master: _master.Master, opts: bootstrap.RemoteOptions,
-                  local_port: int | None, up_command: str, t0: float) -> list[Check]:
-    target = master.target
+async def _doctor(backend: Backend, link: Link, local_port: int | None, up_command: str,
+                  t0: float) -> list[Check]:
+    host = backend.host
     checks: list[Check] = []
     try:
-        probe = await bootstrap.call_remote(target, opts, "probe")
+        probe = await backend.probe()
     except SSHError as e:
         return [Check("ssh", False, e.message, e.hint)]
     except TetherError as e:
         return [Check("ssh", True, f"{time.monotonic() - t0:.2f} s"),
                 Check("python", False, e.message, e.hint)]
-    checks.append(Check("ssh", True, f"{target.host} answered in {time.monotonic() - t0:.2f} s"))
-    checks.append(await _auth_check(master))
-    checks += _probe_checks(target.host, probe,
-                            up_command or bootstrap.tether_command(target, "up"))
-    checks.append(_port_check(target.host, local_port))
+    checks.append(Check("ssh", True, f"{host} answered in {time.monotonic() - t0:.2f} s"))
+    detail, _ = await link.auth()
+    checks.append(Check("auth", True, detail))
+    checks += _probe_checks(host, probe,
+                            up_command or bootstrap.tether_command(backend.target, "up"))
+    checks.append(_port_check(host, local_port))
     try:
         running = await backend.running()
     except TetherError as e:
         return [*checks, Check("server", False, e.message, e.hint)]
     checks.append(Check("server", bool(running), running or "no server running",
-                        f"Start one with `tether up {target.host}`."))
+                        f"Start one with `{up_command or 'tether up ' + host}`."))
     if running:
-        checks += await _replay_checks(backend, master)
+        checks += await _replay_checks(backend)
     return checks
 
 
@@ -476,7 +470,7 @@ def _port_check(host: str, port: int | None) -> Check:
     return Check("local port", True, f"127.0.0.1:{port} is free for `tether up {host}`")
 
 
-async def _replay_checks(backend: Backend, master: _master.Master) -> list[Check]:
+async def _replay_checks(backend: Backend) -> list[Check]:
     from tether.replay import replay
 
     def quiet(_: Any) -> None:
@@ -487,8 +481,8 @@ async def _replay_checks(backend: Backend, master: _master.Master) -> list[Check
     except TetherError as e:
         return [Check("server", False, e.message, e.hint)]
     server = placement.result.server
-    forward = _forward(free_port(), placement)
-    tunnel = Tunnel(placement.target, forward, server.token, master=master)
+    tunnel = backend.forwarder(placement, free_port(), server.token)
+    forward = tunnel.forward
     try:
         await tunnel.open()
     except TetherError as e:

@@ -1,4 +1,5 @@
-"""A supervised ``ssh -N -L``: one local port to the remote server, restarted when it dies.
+"""A supervised ``ssh -N -L``: one local port to the remote server (and the user's extra
+forwards, ``--forward``), restarted when it dies.
 
 The forward is the user's own ``ssh`` with ``ExitOnForwardFailure`` and keep-alives. When it
 exits (network gone, laptop slept, sshd killed) it is started again with exponential backoff and
@@ -25,10 +26,11 @@ import enum
 import errno
 import logging
 import random
+import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from tether import _http, _master, _ssh
@@ -200,8 +202,9 @@ class Tunnel:
     def __init__(self, target: _ssh.SSHTarget, forward: Forward, token: str,
                  on_status: Callable[[Status], None] | None = None,
                  restart_server: Callable[[], Awaitable[Forward]] | None = None,
-                 master: _master.Master | None = None) -> None:
+                 master: _master.Master | None = None, extra: Sequence[Forward] = ()) -> None:
         self.target = target
+        self.extra = tuple(extra)  # more forwards the same ssh carries (healed with it)
         # the forward goes through the master only where the target is the master's
         self.master = master if master is not None and master.path \
             and target.control_path == master.path else None
@@ -222,7 +225,13 @@ class Tunnel:
         for keepalive in _ssh.KEEPALIVE:
             options += ["-o", keepalive]
         own = replace(self.target, control_path="")  # a connection of its own, as said above
-        return own.argv("-N", "-T", *options, "-L", self.forward.spec)
+        forwards = [arg for f in self.forwards for arg in ("-L", f.spec)]
+        return own.argv("-N", "-T", *options, *forwards)
+
+    @property
+    def forwards(self) -> tuple[Forward, ...]:
+        """The server's forward first, then the extra ones."""
+        return (self.forward, *self.extra)
 
     def _set(self, state: State, error: str = "", reconnects: int | None = None) -> None:
         self.status = replace(self.status, state=state, since=time.time(), last_error=error,
@@ -237,13 +246,15 @@ class Tunnel:
 
     async def open(self) -> None:
         """Start the forward and check the server behind it; raises on the first failure."""
-        check_local_port(self.forward.local_port)
+        for forward in self.forwards:
+            check_local_port(forward.local_port)
         deadline = INTERACTIVE_DEADLINE if self._prompts else CONNECT_DEADLINE
         try:
             await self._connect(deadline, first=True)
         except Exception:
-            if self.master is not None:  # the port is free again (for a tunnel to a new place)
-                await self.master.cancel(self.forward.spec)
+            if self.master is not None:  # the ports are free again (for a tunnel to a new place)
+                for forward in self.forwards:
+                    await self.master.cancel(forward.spec)
             raise
         self._set(State.UP)
 
@@ -269,14 +280,16 @@ class Tunnel:
 
         A stale forward of an earlier server (another socket or port) is removed first.
         """
+        specs = [forward.spec for forward in self.forwards]
         try:
             async with asyncio.timeout(deadline):
                 await master.ensure()
                 for spec in list(master.forwards):
-                    if spec != self.forward.spec:
+                    if spec not in specs:
                         await master.cancel(spec)
                 mark = master.log_size()
-                await master.forward(self.forward.spec)
+                for spec in specs:
+                    await master.forward(spec)
         except TimeoutError as e:
             await master.reset()
             raise TunnelError(f"the tunnel to {self.target.host} was not up after "
@@ -337,8 +350,11 @@ class Tunnel:
         assert self.proc is not None and self.proc.returncode is not None
         text = stderr.decode(errors="replace")
         if "Address already in use" in text or "cannot listen to port" in text:
-            raise PortInUseError(f"local port {self.forward.local_port} is already in use",
-                                 hint="Pick another with --port N.", port=self.forward.local_port)
+            said = re.search(r"cannot listen to port: (\d+)", text)
+            port = int(said.group(1)) if said else self.forward.local_port
+            how = "--port N" if port == self.forward.local_port else "another --forward R:L"
+            raise PortInUseError(f"local port {port} is already in use",
+                                 hint=f"Pick another with {how}.", port=port)
         raise _ssh.ssh_error(self.target, "ssh -N -L " + self.forward.spec,
                              self.proc.returncode, stderr)
 
@@ -451,7 +467,8 @@ class Tunnel:
         closes, says what it means (a detach line, an error), with nothing printed after it."""
         await self._stop()
         if self.master is not None:
-            await self.master.cancel(self.forward.spec)
+            for forward in self.forwards:
+                await self.master.cancel(forward.spec)
         self.status = replace(self.status, state=State.CLOSED, since=time.time())
 
 

@@ -31,13 +31,14 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from tether import __version__, _ssh, bootstrap, contract
-from tether.backends import OnEvent, OnNote, Placement
+from tether.backends import OnEvent, OnNote, Placement, Report
+from tether.backends.ssh import OverSSH
 from tether.contract import REMOTE_LAYOUT, RestartResult, ServerInfo, UpResult
 from tether.config import COLAB_ORIGIN
 from tether.errors import (
@@ -46,6 +47,7 @@ from tether.errors import (
     SlurmError,
     SlurmJobEndedError,
     SSHError,
+    TetherError,
 )
 from tether.kernels import Kernels, RemoteKernels
 
@@ -374,8 +376,13 @@ squeue --me -h -n @NAME@ -o "%i|%k|%T" 2>&1
 
 
 @dataclass
-class SlurmJob:
+class SlurmJob(OverSSH):
     """A runtime as a Slurm job; ``login`` is the login node, as the user's ssh knows it."""
+
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({
+        "gpus", "partition", "walltime", "account", "sbatch_args", "keep", "on_walltime",
+        "node_access"})
+    WHAT: ClassVar[str] = "a Slurm job on that login node"
 
     login: _ssh.SSHTarget
     opts: bootstrap.RemoteOptions
@@ -386,6 +393,20 @@ class SlurmJob:
     mode: str = ""
     ready: bool = False
 
+    @classmethod
+    def create(cls, target: _ssh.SSHTarget, opts: bootstrap.RemoteOptions,
+               options: Mapping[str, Any], attach: bool,
+               consent: bootstrap.Consent | None) -> SlurmJob:
+        job = SlurmOptions(
+            gpus=options.get("gpus"), partition=options.get("partition"),
+            time=options.get("walltime"), account=options.get("account"),
+            sbatch_args=tuple(options.get("sbatch_args") or ()),
+            keep=bool(options.get("keep")) or attach,
+            node_access=options.get("node_access") or "auto",
+            on_walltime=options.get("on_walltime"),
+            walltime_signal=options.get("walltime_signal") or 300)
+        return cls(target, opts, job, attach=attach, consent=consent)
+
     @property
     def host(self) -> str:
         return self.login.host
@@ -393,6 +414,9 @@ class SlurmJob:
     @property
     def target(self) -> _ssh.SSHTarget:
         return self.login
+
+    def flags(self) -> tuple[str, ...]:
+        return ("--slurm",)
 
     def share(self, target: _ssh.SSHTarget) -> None:
         self.login = target
@@ -636,7 +660,7 @@ class SlurmJob:
             if job.ended:
                 raise self._ended(job, log_tail, before_ready=False)
             left = job.time_left
-            info["time_left"] = left
+            info["left"] = f"{duration(left, coarse=True)} left" if left is not None else ""
             for mark in WARN_BEFORE:
                 if left is not None and left <= mark and mark not in warned:
                     warned.update(m for m in WARN_BEFORE if m >= mark)
@@ -656,6 +680,13 @@ class SlurmJob:
                     "its walltime (the command that stops it is printed then).")
         return (f"Ctrl-C cancels {job}: the server and its kernels end with it (--keep "
                 "detaches instead).")
+
+    def leaving(self) -> str:
+        if self.slurm.keep:
+            return ""
+        job = self.job.job_id if self.job else "the job"
+        return (f"Cancelled job {job} on {self.host} (its kernels ended with it); with --keep, "
+                "Ctrl-C detaches and leaves the job running.")
 
     async def abandon(self) -> None:
         """Ctrl-C: the job goes unless --keep (a job kept on purpose outlives the laptop)."""
@@ -677,14 +708,30 @@ class SlurmJob:
                 await asyncio.sleep(0.5)
         return left
 
-    async def stop(self) -> dict[str, Any]:
+    async def stop(self) -> Report:
         jobs = await self.find_jobs()
         ids = [j.job_id for j in jobs if j.state not in ENDED]
         left = await self._cancel(ids)
-        return {"cancelled": [j for j in ids if j not in left], "left": left,
-                "jobs": [{"job": j.job_id, "state": j.state} for j in jobs]}
+        cancelled = [j for j in ids if j not in left]
+        lines = []
+        if not cancelled and not left:
+            lines.append(f"No tether job was queued or running on {self.host}.")
+        elif cancelled:
+            lines.append(f"Cancelled job(s) {', '.join(cancelled)} on {self.host}; Slurm lists "
+                         "none of them any more.")
+        problem = TetherError(
+            f"job(s) {', '.join(left)} on {self.host} are still listed after scancel",
+            hint=f"`ssh {self.host} squeue --me` shows them; ask the admins if they hang in "
+                 "COMPLETING.") if left else None
+        return Report({"cancelled": cancelled, "left": left,
+                       "jobs": [{"job": j.job_id, "state": j.state} for j in jobs]},
+                      tuple(lines), problem)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> Report:
+        jobs = await self._jobs()
+        return Report({"jobs": jobs}, _status_lines(self.host, jobs))
+
+    async def _jobs(self) -> list[dict[str, Any]]:
         jobs = []
         for found in await self.find_jobs():
             job, states, _ = await self.poll(found.job_id, found.nonce)
@@ -693,7 +740,7 @@ class SlurmJob:
                          "expected_start": iso_start(job.start) if job.state == "PENDING" else "",
                          "server": {k: v for k, v in (_newest(states) if states
                                                       else {}).items() if k != "token"}})
-        return {"jobs": jobs}
+        return jobs
 
     async def running(self) -> str:
         jobs = [j for j in await self.find_jobs() if j.state == "RUNNING"]
@@ -721,6 +768,25 @@ class SlurmJob:
             raise _ssh.ssh_error(self.login, f"tether {args[0]} in job {job.job_id}",
                                  done.returncode, done.stderr)
         return done.returncode, done.text
+
+
+def _status_lines(host: str, jobs: list[dict[str, Any]]) -> tuple[str, ...]:
+    if not jobs:
+        return (f"{host}: no tether job queued or running.",)
+    lines = []
+    for job in jobs:
+        left = job.get("time_left")
+        walltime = f", {duration(left)} of walltime left" if left is not None else ""
+        where = f" on {job['node']}" if job.get("node") else ""
+        reason = f" ({job['reason']})" if job.get("state") == "PENDING" and job.get("reason") \
+            else ""
+        if job.get("state") == "PENDING" and expected_start(job.get("expected_start", "")):
+            reason += f", expected start {expected_start(job['expected_start'])}"
+        server = job.get("server") or {}
+        served = (f", server pid {server.get('pid')}" if server.get("pid") else "")
+        lines.append(f"{host}: job {job['job']} {job['state']}{reason}{where}{walltime}"
+                     f"{', ' + job['gres'] if job.get('gres') else ''}{served}")
+    return tuple(lines)
 
 
 def server_states(text: str) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
-"""``tether ps [-H HOST]`` and ``tether release [-H HOST] KERNEL...|--all``.
+"""``tether ps [HOST]`` and ``tether release [HOST] KERNEL...|--all``.
 
-Without a host they talk to the tether server on this machine; with ``-H HOST`` they run the same
+Without a host they talk to the tether server on this machine; with ``HOST`` they run the same
 command with ``--json`` there (:mod:`tether.kernels`) and show its answer here, so both ends
 print the same thing. ``release`` exits 0 when everything was freed, 3
 (:class:`ReleaseError`) when something is left or could not be verified.
@@ -8,6 +8,7 @@ print the same thing. ``release`` exits 0 when everything was freed, 3
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,7 @@ from tether.cli import (
     run,
     shared_ssh_options,
 )
-from tether.errors import ConfigError, ReleaseError
+from tether.errors import ConfigError, ReleaseError, SSHError
 from tether.kernels import Kernels, kernels_for
 
 MIB = 1024 * 1024
@@ -180,8 +181,8 @@ def host_option(f: F) -> F:
     f = click.option("--slurm", is_flag=True,
                      help="HOST is a Slurm login node: the runtime of our job there.")(f)
     return click.option("-H", "--host", "host_option", metavar="HOST",
-                        help="The host the runtime runs on (anything your ssh understands); "
-                             "default: this machine.")(f)
+                        help="Same as the HOST argument (the earlier spelling, accepted until "
+                             "the next release).")(f)
 
 
 def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> Kernels:
@@ -189,7 +190,8 @@ def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> K
     server = ssh.pop("server", None)
     if host is None:
         if slurm:
-            raise ConfigError("--slurm needs the login node: -H LOGIN")
+            raise ConfigError("--slurm needs the login node",
+                              hint="Name it first: `tether ps LOGIN --slurm`.")
         return kernels_for(None, server, acting)
     if slurm and server:
         raise ConfigError("--server and --slurm: a job runs one server",
@@ -204,10 +206,10 @@ def kernels_at(host: str | None, ssh: dict[str, Any], acting: bool = False) -> K
             slurm = True
     target = make_target(host, config, options, ssh["batch"])
     if slurm:
-        from tether.backends.slurm import SlurmJob
+        from tether import backends
         from tether.bootstrap import RemoteOptions
 
-        return SlurmJob(target, RemoteOptions()).kernels()
+        return backends.create("slurm", target, RemoteOptions()).kernels()
     return kernels_for(target, server, acting)
 
 
@@ -220,7 +222,7 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
     """Kernels with notebook, state, idle time, RSS and GPU memory (on HOST, or here)."""
     if host and host_option and host != host_option:
         raise ConfigError(f"two hosts given ({host} and -H {host_option})",
-                          hint="Name one, with -H HOST or as the argument.")
+                          hint="Name one, as the argument (-H is its earlier spelling).")
     where = host or host_option
     data = run(lambda: kernels_at(where, ssh).listing())
     if as_json:
@@ -234,8 +236,10 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
 
 
 @cli.command()
-@click.argument("kernels", nargs=-1, metavar="KERNEL...")
+@click.argument("names", nargs=-1, metavar="[HOST] KERNEL...")
 @host_option
+@click.option("--here", is_flag=True, help="The kernels are on this machine: every argument is "
+              "a KERNEL (needed for several of them).")
 @click.option("--all", "everything", is_flag=True, help="Every kernel, and every other process "
               "the server started.")
 @click.option("--force", is_flag=True, help="Also end what survived, within the same scope: "
@@ -244,13 +248,15 @@ def ps(host: str | None, host_option: str | None, as_json: bool, **ssh: Any) -> 
 @click.option("--stop-server", is_flag=True, help="With --all: stop the server afterwards.")
 @shared_ssh_options
 @json_option
-def release(kernels: tuple[str, ...], host_option: str | None, everything: bool, force: bool,
-            stop_server: bool, as_json: bool, **ssh: Any) -> None:
+def release(names: tuple[str, ...], host_option: str | None, here: bool, everything: bool,
+            force: bool, stop_server: bool, as_json: bool, **ssh: Any) -> None:
     """Shut kernels down for sure and free their memory and GPU; verify it.
 
-    KERNEL is an id, a unique id prefix, or a notebook path; -H HOST releases them on HOST.
-    Exit status 0: everything was freed; 3: something is left (listed).
+    `tether release HOST KERNEL...` or `tether release HOST --all` acts on HOST's runtime;
+    one KERNEL alone, or --here, on this machine's. KERNEL is an id, a unique id prefix, or a
+    notebook path. Exit status 0: everything was freed; 3: something is left (listed).
     """
+    host, kernels = release_target(names, host_option, here, everything)
     if kernels and everything:
         raise ConfigError("name kernels or give --all, not both",
                           hint="`tether ps` lists the kernels with their ids.")
@@ -261,12 +267,19 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
         raise ConfigError("--stop-server goes with --all",
                           hint="`tether release --all --stop-server` frees everything and stops "
                                "the server.")
-    result = run(lambda: kernels_at(host_option, ssh, acting=True).release(
-        list(kernels), everything, force, stop_server))
+    try:
+        result = run(lambda: kernels_at(host, ssh, acting=True).release(
+            list(kernels), everything, force, stop_server))
+    except SSHError as e:
+        if host is not None and not host_option and len(names) > 1:  # HOST read from names
+            e.hint = (e.hint + " " if e.hint else "") + (
+                f"If {host} is a kernel on this machine: `tether release --here "
+                f"{shlex.join(names)}`.")
+        raise
     if as_json:
         print_json(result)
     else:
-        show_release(result, host_option)
+        show_release(result, host)
     if not result.get("released"):
         if as_json:
             raise SystemExit(ReleaseError.exit_code)
@@ -274,6 +287,23 @@ def release(kernels: tuple[str, ...], host_option: str | None, everything: bool,
                            hint="--force ends what is left of what you named (a GPU holder of "
                                 "no kernel is listed with the command that ends it); D/Z "
                                 "processes need a GPU reset or a reboot.")
+
+
+def release_target(names: tuple[str, ...], host_option: str | None, here: bool,
+                   everything: bool) -> tuple[str | None, tuple[str, ...]]:
+    """(HOST or None for this machine, the kernels) from `release`'s arguments: HOST comes
+    first where there is one (with KERNELs after it, or alone with --all); a single KERNEL,
+    or --here, is this machine's; -H HOST is the earlier spelling."""
+    if here and host_option:
+        raise ConfigError("--here and -H: name one place",
+                          hint="-H HOST releases on HOST; --here on this machine.")
+    if host_option or here:
+        return host_option, names
+    if everything and len(names) == 1:
+        return names[0], ()
+    if len(names) >= 2 and not everything:
+        return names[0], names[1:]
+    return None, names
 
 
 @cli.command("open")
@@ -305,6 +335,11 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
                                    "`tether up HOST` runs there.")
         url, token = str(state.get("url") or ""), str(state["token"])
     else:
+        from tether.session import attached_port
+
+        if attached_port(host) is None:  # no `up` here: a forward of its own, for the page
+            _open_own(host, ssh, print_url, as_json)
+            return
         url, token = _tunnelled(host, ssh)
     page = f"{url.rstrip('/')}/tether/?token={token}" if url else ""
     if as_json:
@@ -313,6 +348,35 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
         out.print(page, soft_wrap=True)
     else:
         _browse(page)
+
+
+def _open_own(host: str, ssh: dict[str, Any], print_url: bool, as_json: bool) -> None:
+    """HOST's page through a tunnel of this command's own (as `tether attach HOST` on a free
+    local port), until Ctrl-C: what runs there keeps running."""
+    from tether import session
+    from tether.cli.remote import ConsoleReporter, _up, make_backend, remote_options
+    from tether.tunnel import free_port
+
+    class PageReporter(ConsoleReporter):
+        def ready(self, runtime: session.Runtime) -> None:
+            self.close()
+            self.on_ready(runtime.host)
+            self.ready_hosts.append(runtime.host)
+            self.runtimes[runtime.host] = runtime
+            page = f"{runtime.url}tether/?token={runtime.token}"
+            if as_json:
+                print_json({"url": runtime.url, "token": runtime.token, "status_url": page})
+            elif print_url:
+                out.print(page, soft_wrap=True)
+            else:
+                _browse(page)
+            err.print(f"No `tether up {host}` runs here: this command holds the page's tunnel "
+                      f"(127.0.0.1:{runtime.local_port}); Ctrl-C closes it, the runtime keeps "
+                      "running.")
+
+    kw = {**ssh, "remote_python": "python3", "server": None}
+    backend = make_backend(host, kw, remote_options(**kw), attach=True)
+    _up([session.UpConfig(backend, free_port())], PageReporter(as_json))
 
 
 def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:

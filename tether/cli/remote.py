@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
-import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,9 +13,9 @@ import click
 from rich.markup import escape
 from rich.status import Status as Spinner
 
-from tether import _ssh, runtimes, session
-from tether.backends import Backend, slurm
-from tether.backends.direct import DirectHost
+from tether import _ssh, backends, runtimes, session
+from tether.backends import Backend, Report
+from tether.backends.slurm import NODE_ACCESS
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
 from tether.cli import (
     F,
@@ -32,7 +31,7 @@ from tether.cli import (
 )
 from tether.cli.serve import LNA_HINT, serve, serve_options
 from tether.config import check_origin
-from tether.errors import ConfigError, SlurmJobEndedError, TetherError
+from tether.errors import ConfigError, RuntimeEndedError, TetherError
 from tether.tunnel import State
 
 T = TypeVar("T")
@@ -119,6 +118,8 @@ class ConsoleReporter:
         err.print(LNA_HINT)
         err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
                   f"/tether/?token=… (same token), or `tether open {runtime.host}`")
+        for local, remote in runtime.forwards:
+            err.print(f"Forwarded: port {remote} on {runtime.host} → http://127.0.0.1:{local}/")
         err.print(runtime.on_ctrl_c)
 
     def note(self, host: str, text: str) -> None:
@@ -130,7 +131,8 @@ class ConsoleReporter:
 
     def live(self, host: str, live: session.Live) -> None:
         t = live.tunnel
-        info = self.runtimes[host].info if host in self.runtimes else {}
+        runtime = self.runtimes.get(host)
+        info = {**runtime.info, "forwards": runtime.forwards} if runtime else {}
         width = err.width - 2 if self.tty else 10_000  # a live line fits the terminal (- spinner)
         self.lines[host] = status_line(host, live, info, width)
         if self.tty:
@@ -151,10 +153,11 @@ def status_line(host: str, live: session.Live, info: dict[str, Any], width: int)
     if live.gpu_total:
         parts.append((5, f"GPU {(live.gpu_used or 0) >> 20} / {live.gpu_total >> 20} MiB"))
     if info.get("job"):
-        left = info.get("time_left")
         parts.append((8, f"job {info['job']}"))
-        if left is not None:
-            parts.append((7, f"{slurm.duration(left, coarse=True)} left"))
+    if info.get("left"):
+        parts.append((7, str(info["left"])))
+    for local, remote in info.get("forwards") or ():
+        parts.append((3, f"{remote}→127.0.0.1:{local}"))
     if t.state is State.RECONNECTING and t.last_error:
         parts.append((4, t.last_error.splitlines()[-1][:60]))
 
@@ -218,7 +221,7 @@ def slurm_options(f: F) -> F:
         click.option("--keep", is_flag=True,
                      help="With --slurm: leave the job running when this command ends "
                           "(`tether attach HOST --slurm` finds it); default: cancel it."),
-        click.option("--node-access", type=click.Choice(slurm.NODE_ACCESS), default="auto",
+        click.option("--node-access", type=click.Choice(NODE_ACCESS), default="auto",
                      show_default=True,
                      help="With --slurm: jump = ssh -J to the node and a Unix socket there; "
                           "forward = a port on the node through the login node (token only)."),
@@ -234,8 +237,29 @@ def slurm_options(f: F) -> F:
     return f
 
 
-_SLURM_ONLY = ("gpus", "partition", "walltime", "account", "sbatch_args", "keep",
-               "on_walltime")
+def forward_option(f: F) -> F:
+    return click.option(
+        "--forward", "forwards", multiple=True, metavar="REMOTE[:LOCAL]", callback=_forwards,
+        help="Also carry the remote's loopback port REMOTE to 127.0.0.1:LOCAL here (default: "
+             "the same number) through the same healed tunnel, e.g. --forward 6006 for "
+             "TensorBoard; repeatable. For a Slurm job, the port on its node.")(f)
+
+
+def _forwards(ctx: click.Context, param: click.Parameter,
+              values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """``REMOTE[:LOCAL]`` -> (local, remote); a usage error names the value and the form."""
+    pairs = []
+    for value in values:
+        remote, _, local = value.partition(":")
+        try:
+            ports = int(remote), int(local or remote)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected REMOTE[:LOCAL], two port numbers "
+                                     "(e.g. 6006 or 6006:16006)") from None
+        if not all(1 <= port <= 65535 for port in ports):
+            raise click.BadParameter(f"{value!r}: ports go from 1 to 65535")
+        pairs.append((ports[1], ports[0]))
+    return tuple(pairs)
 
 
 def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: bool = False,
@@ -245,26 +269,13 @@ def make_backend(host: str, kw: dict[str, Any], opts: RemoteOptions, attach: boo
     if recorded:
         kw = _as_recorded(host, kw)
     target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    if not kw.get("slurm"):
-        given = [name for name in _SLURM_ONLY if kw.get(name)]
-        if given or kw.get("node_access", "auto") != "auto":
-            flag = "--" + (given[0] if given else "node_access").replace("_", "-")
-            flag = "--time" if flag == "--walltime" else flag
-            raise ConfigError(f"{flag} goes with --slurm",
-                              hint=f"`tether up {host} --slurm ...` runs the runtime as a Slurm "
-                                   "job on that login node.")
-        return DirectHost(target, opts, attach=attach, consent=consent)
-    job = slurm.SlurmOptions(
-        gpus=kw.get("gpus"), partition=kw.get("partition"), time=kw.get("walltime"),
-        account=kw.get("account"), sbatch_args=tuple(kw.get("sbatch_args") or ()),
-        keep=bool(kw.get("keep")) or attach, node_access=kw.get("node_access") or "auto",
-        on_walltime=kw.get("on_walltime"), walltime_signal=kw.get("walltime_signal") or 300)
-    return slurm.SlurmJob(target, opts, job, attach=attach, consent=consent)
+    name = "slurm" if kw.get("slurm") else backends.DEFAULT
+    return backends.create(name, target, opts, kw, attach=attach, consent=consent)
 
 
 def _forget_ended(error: TetherError, configs: list[session.UpConfig]) -> None:
     """A runtime that ended for good (its job) leaves nothing for later commands to find."""
-    if isinstance(error, SlurmJobEndedError):
+    if isinstance(error, RuntimeEndedError):
         runtimes.forget(str(error.data.get("host") or configs[0].backend.host))
 
 
@@ -280,19 +291,9 @@ def _as_recorded(host: str, kw: dict[str, Any]) -> dict[str, Any]:
             "node_access": record.backend.get("node_access") if access == "auto" else access}
 
 
-def _leaving(configs: list[session.UpConfig]) -> str:
-    """What stays behind when `up` ends here (Ctrl-C): for the detach line."""
-    backend = configs[0].backend
-    if isinstance(backend, slurm.SlurmJob) and not backend.slurm.keep:
-        job = backend.job.job_id if backend.job else "the job"
-        return (f"Cancelled job {job} on {backend.host} (its kernels ended with it); "
-                "with --keep, Ctrl-C detaches and leaves the job running.")
-    return ""
-
-
 def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
     hosts = ", ".join(c.backend.host for c in configs)
-    targets = {c.backend.host: _target_of(c.backend) for c in configs}  # the user's, as given
+    targets = {c.backend.host: c.backend.target for c in configs}  # the user's, as given
 
     def remember(host: str) -> None:  # ready: later commands find it without its flags
         backend = next(c.backend for c in configs if c.backend.host == host)
@@ -307,7 +308,7 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
         reporter.close()
         backend = configs[0].backend
         again = shlex.join(["tether", *sys.argv[1:]])  # the command as typed: every option
-        cancelled = _leaving(configs)
+        cancelled = configs[0].backend.leaving()
         if cancelled:
             for host in targets:
                 runtimes.forget(host)
@@ -339,17 +340,11 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
         reporter.close()
 
 
-def _target_of(backend: Backend) -> _ssh.SSHTarget:
-    target: _ssh.SSHTarget = getattr(backend, "target", None) or getattr(backend, "login")
-    return target
-
-
 def command_for(command: str, backend: Backend) -> str:
     """The tether command line for ``backend``'s runtime, with the user's own -F and -o options
-    (and --slurm for a job: without it, attach and down would look for a server on the login
-    node and find none)."""
-    extra = ("--slurm",) if isinstance(backend, slurm.SlurmJob) else ()
-    return tether_command(_target_of(backend), command, *extra)
+    (and the backend's flags, --slurm for a job: without it, attach and down would look for a
+    server on the login node and find none)."""
+    return tether_command(backend.target, command, *backend.flags())
 
 
 def _cache_hint(error: TetherError, configs: list[session.UpConfig]) -> TetherError:
@@ -427,10 +422,12 @@ def consent_prompt(reporter: ConsoleReporter) -> Consent | None:
 @click.option("--offline", is_flag=True,
               help="Prepare HOST from wheels this machine sends, as for a host with no package "
                    "index (detected by itself otherwise).")
+@forward_option
 @slurm_options
 @click.pass_context
 def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[str, ...],
-       notebook_dir: Path | None, idle_timeout: int, as_json: bool, **kw: Any) -> None:
+       notebook_dir: Path | None, idle_timeout: int, as_json: bool,
+       forwards: tuple[tuple[int, int], ...], **kw: Any) -> None:
     """Prepare HOST, start a runtime there, tunnel it here and print the Colab URL.
 
     HOST is anything your `ssh` understands (an alias from ~/.ssh/config, user@host, ...).
@@ -440,6 +437,9 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
         if kw.get("slurm"):
             raise ConfigError("--slurm needs the cluster's login node",
                               hint="`tether up LOGIN --slurm` (LOGIN as your ssh knows it).")
+        if forwards:
+            raise ConfigError("--forward needs a HOST: here, the ports are already local",
+                              hint="`tether up HOST --forward 6006` carries HOST's port 6006.")
         local = {k: v for k, v in kw.items() if k in {p.name for p in serve.params}}
         ctx.invoke(serve, port=port, origins=origins, notebook_dir=notebook_dir,
                    idle_timeout=idle_timeout, as_json=as_json, **local)
@@ -449,8 +449,11 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
                           **kw)
     reporter = ConsoleReporter(as_json)
     ask = consent_prompt(reporter)
-    configs = [session.UpConfig(make_backend(h, kw, opts, consent=ask, recorded=False), port + i)
-               for i, h in enumerate(hosts)]
+    if forwards and len(hosts) > 1:
+        raise ConfigError("--forward with several hosts: which host's port is ambiguous",
+                          hint="Run one `tether up HOST --forward ...` per host.")
+    configs = [session.UpConfig(make_backend(h, kw, opts, consent=ask, recorded=False), port + i,
+                                forwards) for i, h in enumerate(hosts)]
     _up(configs, reporter)
 
 
@@ -461,10 +464,12 @@ def up(ctx: click.Context, /, hosts: tuple[str, ...], port: int, origins: tuple[
 @json_option
 @ssh_options
 @click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: attach to our job.")
-def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:
+@forward_option
+def attach(host: str, port: int, as_json: bool, forwards: tuple[tuple[int, int], ...],
+           **kw: Any) -> None:
     """Tunnel to the server already running on HOST (same URL and token as before)."""
     backend = make_backend(host, kw, remote_options(**kw), attach=True)
-    _up([session.UpConfig(backend, port)], ConsoleReporter(as_json))
+    _up([session.UpConfig(backend, port, forwards)], ConsoleReporter(as_json))
 
 
 @cli.command()
@@ -477,44 +482,21 @@ def attach(host: str, port: int, as_json: bool, **kw: Any) -> None:
 def down(host: str, as_json: bool, **kw: Any) -> None:
     """Shut down the kernels and the server on HOST; nothing of tether's is left running."""
     backend = make_backend(host, kw, remote_options(**kw))
-    result = run(lambda: session.down(backend))
-    result.pop("event", None)
-    runtimes.forget(host)  # what ran there is ended (or `left` says what could not be)
+    report = run(lambda: session.down(backend))
+    runtimes.forget(host)  # what ran there is ended (or the report says what could not be)
+    _show(report, as_json, err.print)
+
+
+def _show(report: Report, as_json: bool, say: Callable[[str], None]) -> None:
     if as_json:
-        print_json(result)
-        return
-    if isinstance(backend, slurm.SlurmJob):
-        _show_slurm_down(host, result)
-        return
-    stopped, strays = result.get("stopped", []), result.get("strays", [])
-    if not stopped and not strays:
-        err.print(f"No tether server was running on {host}.")
+        print_json(dict(report.data))
     else:
-        err.print(f"Stopped {len(stopped)} server(s) on {host} (pids "
-                  f"{', '.join(map(str, stopped)) or '-'}); kernels shut down"
-                  + (f"; {len(strays)} other process(es) of tether's ended." if strays else "."))
-    for stale in result.get("stale", []):
-        err.print(f"Removed a stale state file (pid {stale.get('pid')}: {stale.get('why')}).")
-    if "purged" in result:
-        freed = int(result["purged"].get("removed_bytes") or 0)
-        kept = result["purged"].get("kept_for_jobs") or []
-        if kept:
-            err.print(f"Removed tether's caches and logs on {host} ({freed / 2**20:.0f} MiB); "
-                      f"kept the environment and the folders of {len(kept)} Slurm job(s) of "
-                      f"yours still queued or running there "
-                      f"(`{tether_command(_target_of(backend), 'down', '--slurm')}` ends them; "
-                      "`--purge` again then removes the rest).")
-        else:
-            err.print(f"Removed tether's environments, caches and logs on {host} "
-                      f"({freed / 2**20:.0f} MiB): nothing of tether's is left there.")
-    left = result.get("left", [])
-    for row in left:
-        err.print(f"  still running: pid {row.get('pid')} {row.get('name')} "
-                  f"({row.get('what')}): {row.get('why')}")
-    if left:
-        raise TetherError(f"{len(left)} process(es) of tether's could not be ended on {host} "
-                          "(listed above)", hint=f"End them by hand (`ssh {host} kill PID`), or "
-                                                 "reboot if they are stuck in the driver.")
+        for line in report.lines:
+            say(line)
+    if report.problem is not None and not as_json:
+        raise report.problem
+    if report.problem is not None:
+        raise SystemExit(report.problem.exit_code)
 
 
 @cli.command()
@@ -525,33 +507,7 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
 def status(host: str, as_json: bool, **kw: Any) -> None:
     """The runtime on HOST: server, kernels, GPU memory."""
     backend = make_backend(host, kw, remote_options(**kw))
-    result = run(lambda: session.status(backend))
-    result.pop("event", None)
-    if as_json:
-        print_json(result)
-        return
-    if isinstance(backend, slurm.SlurmJob):
-        _show_slurm_status(host, result)
-        return
-    servers = result.get("servers", [])
-    if result.get("disk_bytes") is not None:
-        envs = result.get("envs") or []
-        out.print(f"{host}: {int(result['disk_bytes']) / 2**20:.0f} MiB used under "
-                  f"{result.get('root')} ({len(envs)} environment{'s' if len(envs) != 1 else ''}"
-                  f"{': ' + ', '.join(envs) if envs else ''}).")
-    if not servers:
-        out.print(f"{host}: no tether server running "
-                  f"(environment {'ready' if result.get('env_ready') else 'not prepared'}).")
-        return
-    for s in servers:
-        up_for = time.time() - float(s.get("started") or time.time())
-        kernels = s.get("kernels") or []
-        out.print(f"{host}: server pid {s['pid']} (tether {s.get('version')}), up "
-                  f"{up_for / 60:.0f} min, {len(kernels)} kernel(s), "
-                  f"{'socket ' + s['sock'] if s.get('sock') else 'port ' + str(s.get('port'))}")
-        for g in (s.get("resources") or {}).get("gpus", []):
-            out.print(f"  GPU {g.get('name')}: {int(g.get('memoryUsedBytes', 0)) >> 20} / "
-                      f"{int(g.get('memoryTotalBytes', 0)) >> 20} MiB")
+    _show(run(lambda: session.status(backend)), as_json, out.print)
 
 
 @cli.command()
@@ -564,11 +520,8 @@ def status(host: str, as_json: bool, **kw: Any) -> None:
 @click.option("--slurm", is_flag=True, help="HOST is a Slurm login node: check our job there.")
 def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     """Check SSH, Python, GPU driver, ports, and replay Colab's requests through a tunnel."""
-    target = make_target(host, kw["ssh_config"], kw["ssh_opts"], kw["batch"])
-    opts = remote_options(**kw)
-    backend = make_backend(host, kw, opts, attach=True)
-    checks = run(lambda: session.doctor(backend, target, opts, port,
-                                        up_command=command_for("up", backend)))
+    backend = make_backend(host, kw, remote_options(**kw), attach=True)
+    checks = run(lambda: session.doctor(backend, port, up_command=command_for("up", backend)))
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
@@ -578,35 +531,3 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
                 f"\n    → {c.hint}" if (not c.ok or c.warn) and c.hint else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)
-
-
-def _show_slurm_down(host: str, result: dict[str, Any]) -> None:
-    cancelled, left = result.get("cancelled", []), result.get("left", [])
-    if not cancelled and not left:
-        err.print(f"No tether job was queued or running on {host}.")
-    elif cancelled:
-        err.print(f"Cancelled job(s) {', '.join(cancelled)} on {host}; Slurm lists none of them "
-                  "any more.")
-    if left:
-        raise TetherError(f"job(s) {', '.join(left)} on {host} are still listed after scancel",
-                          hint=f"`ssh {host} squeue --me` shows them; ask the admins if they "
-                               "hang in COMPLETING.")
-
-
-def _show_slurm_status(host: str, result: dict[str, Any]) -> None:
-    jobs = result.get("jobs", [])
-    if not jobs:
-        out.print(f"{host}: no tether job queued or running.")
-        return
-    for job in jobs:
-        left = job.get("time_left")
-        walltime = f", {slurm.duration(left)} of walltime left" if left is not None else ""
-        where = f" on {job['node']}" if job.get("node") else ""
-        reason = f" ({job['reason']})" if job.get("state") == "PENDING" and job.get("reason") \
-            else ""
-        if job.get("state") == "PENDING" and slurm.expected_start(job.get("expected_start", "")):
-            reason += f", expected start {slurm.expected_start(job['expected_start'])}"
-        server = job.get("server") or {}
-        served = (f", server pid {server.get('pid')}" if server.get("pid") else "")
-        out.print(f"{host}: job {job['job']} {job['state']}{reason}{where}{walltime}"
-                  f"{', ' + job['gres'] if job.get('gres') else ''}{served}")
