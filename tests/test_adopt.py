@@ -320,7 +320,7 @@ async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(p
         listing = json.loads((await asyncio.to_thread(
             run_tether, testbed, "ps", "gpubox", "--json")).stdout)
         assert listing["server"]["idle_timeout"] == 7200, "the restart took the new option"
-        released = await asyncio.to_thread(run_tether, testbed, "release", "-H", "gpubox",
+        released = await asyncio.to_thread(run_tether, testbed, "release", "gpubox",
                                            "--all", "--json")
         assert released.returncode == 0, released.stderr
         assert alive_pids([pid]) == []

@@ -77,6 +77,12 @@ class Tether(LoggingConfigurable):
         "whose processes use a GPU is never idle. 0: the general timeout for every kernel."
     ).tag(config=True)
 
+    keep_kernels = Bool(
+        True, help="Kernels outlive the server when it ends by SIGTERM or a crash, and the next "
+        "server of this runtime dir adopts them. Off inside a Slurm job (the job ends with its "
+        "server, and its kernels with it): there SIGTERM shuts the kernels down."
+    ).tag(config=True)
+
     verify_timeout = Float(
         30.0, help="Seconds a release waits for the kernel's GPU memory to be given back."
     ).tag(config=True)
@@ -157,7 +163,9 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         if ctx.cgroup:
             atexit.register(_remove_cgroups, ctx)
             cgroups.remove_stale(ctx.cgroup, lifecycle.instance_alive)
-    _keep_kernels(serverapp, ctx)
+    ctx.independent = settings.keep_kernels and not os.environ.get("SLURM_JOB_ID")
+    if ctx.independent:
+        _keep_kernels(serverapp, ctx)
     serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
@@ -166,6 +174,33 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
     web_app.settings[api.SETTINGS_KEY] = service
     web_app.add_handlers(".*$", api.handlers(serverapp.base_url))
     service.policy = _take_over_culling(serverapp.kernel_manager, settings)
+    if ctx.independent:
+        _adopt_before_listening(serverapp, service)
+
+
+ADOPT_DEADLINE = 120.0
+
+
+def _adopt_before_listening(serverapp: Any, service: api.Lifecycle) -> None:
+    """Adopt the kernels a gone server left before this one answers a request: a client that
+    comes back (Colab) must find its session, or it starts a new kernel. The server binds its
+    socket once its loop runs; here the loop is not running yet (where it already runs, an
+    embedded server, adoption waits for the extension's start)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    try:
+        service.adoption = serverapp.io_loop.run_sync(
+            lambda: adopt.adopt(serverapp, service.ctx), timeout=ADOPT_DEADLINE)
+    except TimeoutError:
+        serverapp.log.warning("tether: adopting the kernels of the server before took over "
+                              "%.0f s; those not adopted keep running (`tether down` ends them)",
+                              ADOPT_DEADLINE)
+        service.adoption = ([], [])
 
 
 def _remove_cgroups(ctx: lifecycle.ServerContext) -> None:
@@ -219,7 +254,9 @@ async def _start_jupyter_server_extension(serverapp: Any) -> None:
     settings = Tether(parent=serverapp)
     runtime_dir = serverapp.runtime_dir
     service: api.Lifecycle = serverapp.web_app.settings[api.SETTINGS_KEY]
-    adopted, lost = await adopt.adopt(serverapp, service.ctx)  # before anyone can find us
+    if service.adoption is None and service.ctx.independent:  # (an embedded server)
+        service.adoption = await adopt.adopt(serverapp, service.ctx)
+    adopted, lost = service.adoption or ([], [])
     state = server_state(serverapp, settings.origins, adopted, lost)
     write_state(state, runtime_dir)
     atexit.register(remove_state, state.pid, runtime_dir)

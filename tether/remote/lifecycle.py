@@ -54,6 +54,7 @@ class ServerContext:
     adopting: dict[str, adopt.KeptKernel] = field(default_factory=dict)  # kernel id -> to adopt
     adopted_instances: set[str] = field(default_factory=set)  # what adopted kernels carry
     keep_kernels: bool = False  # the server ends, its kernels do not (SIGTERM)
+    independent: bool = True  # kernels may outlive the server (off in a Slurm job: c.Tether)
 
     def instances(self) -> set[str]:
         """The instance ids this server's kernels carry: its own and adopted kernels'."""
@@ -208,7 +209,7 @@ class SweepingProvisioner(LocalProvisioner):
         if cgroup:
             cmd = cgroups.wrap(cmd, cgroup)
         # independent: no JPY_PARENT_PID, so the kernel outlives its server (adopted later)
-        info = await super().launch_kernel(cmd, **{**kwargs, "independent": True})
+        info = await super().launch_kernel(cmd, **{**kwargs, "independent": ctx.independent})
         try:
             started = identity.started(psutil.Process(self.pid))
         except psutil.Error:
@@ -223,7 +224,7 @@ class SweepingProvisioner(LocalProvisioner):
     def _keep(self, record: KernelRecord) -> None:
         """The kernel's file for a later server (sessions kept across a restart of the kernel)."""
         ctx = server_context()
-        if not ctx.runtime_dir or not record.started:
+        if not ctx.runtime_dir or not record.started or not ctx.independent:
             return
         km: Any = self.parent
         try:
