@@ -93,9 +93,12 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
     return RunningServer(proc, json.loads(line), root, runtime)
 
 
-def stop_server(server: RunningServer, timeout: float = 30.0) -> int:
+def stop_server(server: RunningServer, timeout: float = 30.0,
+                signum: int = signal.SIGINT) -> int:
+    """Stop the server: SIGINT (Ctrl-C) shuts its kernels down; SIGTERM leaves them running for
+    the next server to adopt (tether.remote.adopt)."""
     if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signum)
         try:
             server.proc.wait(timeout)
         except subprocess.TimeoutExpired:

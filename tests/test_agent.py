@@ -282,7 +282,7 @@ def test_reuse_warning_names_the_options_and_the_way_to_apply_them(seed: Any,
         seed.PARAMS.pop("notebook_dir")
         seed.PARAMS.pop("serve_args")
     assert "--notebook-dir, --stop-after-idle" in warning
-    assert "`tether down HOST`, then `tether up HOST`" in warning
+    assert "`tether restart HOST` with them" in warning
     assert host.option_warnings({"pid": server.pid}) == []
 
 
@@ -496,7 +496,7 @@ def test_reusing_a_server_with_other_options_warns_once(prepared: Any, testbed: 
         assert again["reused"] is True and again["remote_pid"] == first["remote_pid"]
         [warning] = again["warnings"]
         assert "--notebook-dir, --stop-after-idle" in warning
-        assert "`tether down gpubox`, then `tether up gpubox`" in warning
+        assert "`tether restart gpubox` with them" in warning
         assert started_server(testbed, "--stop-after-idle", "7200")["warnings"] == []
         assert started_server(testbed)["warnings"] == []  # asking for nothing differs from nothing
     finally:

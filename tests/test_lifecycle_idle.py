@@ -143,13 +143,16 @@ async def test_reaper_reports_then_ends_what_a_crashed_server_left(tmp_path, cle
     first.proc.send_signal(signal.SIGKILL)  # the server crashes; its kernel lives on
     first.proc.wait(10)
     assert alive_pids(pids)
+    # the kernel dies too while no server runs (a live one would be adopted): its children stay
+    os.kill(pids["kernel"], signal.SIGKILL)
+    assert await wait_dead([pids["kernel"]]) == []
 
     second = start_server(tmp_path)  # same runtime dir: same setup
     try:
         listing = await Api(second.url, second.token).call("GET", "/tether/api/kernels")
     finally:
         stop_server(second)
-    # the kernel itself may have gone (ipykernel notices its parent died); its children stay
+    assert second.info["lost"] == ["crash.ipynb"] and second.info["adopted"] == []
     children = [pid for what, pid in pids.items() if what not in ("kernel", "mp_daemon")]
     assert set(alive_pids(children)) == set(children)
     assert set(children) <= {o["pid"] for o in listing["orphans"]}
@@ -160,6 +163,7 @@ async def test_reaper_reports_then_ends_what_a_crashed_server_left(tmp_path, cle
         assert await wait_dead(pids, 10) == []
     finally:
         stop_server(third)
+    assert third.info["lost"] == [], "a kernel that died is reported once"
 
 
 def replace(path: Path, text: str) -> None:

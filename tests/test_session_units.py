@@ -121,6 +121,7 @@ class FakeBackend:
     links: list[FakeLink] = field(default_factory=list)
     forwarders: list[FakeForwarder] = field(default_factory=list)
     abandoned: int = 0
+    adopts: bool = False  # a restarted server adopts the kernels (tether.remote.adopt)
 
     @property
     def host(self) -> str:
@@ -144,8 +145,8 @@ class FakeBackend:
                                              on_status or (lambda s: None)))
         return self.forwarders[-1]
 
-    def _placement(self) -> Placement:
-        info = ServerInfo(pid=self.server.pid, token="t0k3n", sock="/r/s.sock")
+    def _placement(self, adopted: tuple[str, ...] = ()) -> Placement:
+        info = ServerInfo(pid=self.server.pid, token="t0k3n", sock="/r/s.sock", adopted=adopted)
         return Placement(UpResult(info, reused=False), self.target)
 
     async def probe(self) -> dict[str, Any]:
@@ -158,8 +159,9 @@ class FakeBackend:
         return self._placement()
 
     async def restart(self, token: str, on_event: Any) -> Placement:
-        self.server = FakeServer(self.server.pid + 1, [])  # a new server: the kernel is gone
-        return self._placement()
+        kernels = self.server.kernels if self.adopts else []  # else the kernel is gone
+        self.server = FakeServer(self.server.pid + 1, kernels)
+        return self._placement(tuple(k["id"] for k in kernels))
 
     async def socket_refused(self, on_event: Any) -> Placement | None:
         return None
@@ -256,6 +258,22 @@ async def test_up_reports_ready_supervises_and_cleans_up_on_cancel() -> None:
     assert session.attached_port("fakehost") is None
 
 
+async def test_a_server_that_died_comes_back_with_its_kernels_adopted() -> None:
+    backend, reporter = FakeBackend(adopts=True), Recorder()
+    task = asyncio.ensure_future(session.up(session.UpConfig(backend, free_port()), reporter))
+    try:
+        await reporter.until(lambda: any(live.kernels == 1 for live in reporter.lives))
+        backend.forwarders[0].dropped.set()
+        await reporter.until(lambda: any("was started again" in n for n in reporter.notes))
+        note = next(n for n in reporter.notes if "was started again" in n)
+        assert "its kernels kept running (train.ipynb)" in note and "lost" not in note, note
+        assert reporter.runtime is not None and reporter.runtime.kernels_seen == ["train.ipynb"]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_a_server_that_died_is_restarted_on_the_same_url_and_its_kernels_named() -> None:
     backend, reporter = FakeBackend(), Recorder()
     task = asyncio.ensure_future(session.up(session.UpConfig(backend, free_port()), reporter))
@@ -264,7 +282,7 @@ async def test_a_server_that_died_is_restarted_on_the_same_url_and_its_kernels_n
         backend.forwarders[0].dropped.set()
         await reporter.until(lambda: any("was started again" in n for n in reporter.notes))
         note = next(n for n in reporter.notes if "was started again" in n)
-        assert "its kernels were lost (train.ipynb)" in note, note
+        assert "kernels lost: train.ipynb" in note, note
         assert reporter.runtime is not None and reporter.runtime.server.pid == 101
         await reporter.until(lambda: reporter.lives[-1].kernels == 0)
     finally:

@@ -222,7 +222,7 @@ def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dic
 # What each remote action does, in the user's words (for messages).
 _WHAT = {"up": "preparing {host}", "prepare": "preparing {host}",
          "down": "stopping tether on {host}", "status": "reading the status of {host}",
-         "probe": "checking {host}"}
+         "probe": "checking {host}", "restart": "restarting the server on {host}"}
 
 
 def index_reach(host: str, index: Mapping[str, Any]) -> str:
@@ -428,6 +428,15 @@ async def up(target: _ssh.SSHTarget, opts: RemoteOptions, *, on_event: OnEvent |
     """
     result = await _with_consent(target, opts, "up", on_event, consent, attach=attach, **extra)
     return UpResult.from_payload(target.host, result)
+
+
+async def restart(target: _ssh.SSHTarget, opts: RemoteOptions, *,
+                  on_event: OnEvent | None = None,
+                  consent: Consent | None = None) -> contract.RestartResult:
+    """A new server on the remote (this tether's version, ``opts`` over the running one's
+    options) that adopts the running server's kernels; same token and socket."""
+    result = await _with_consent(target, opts, "restart", on_event, consent)
+    return contract.RestartResult.from_payload(target.host, result)
 
 
 async def prepare(target: _ssh.SSHTarget, opts: RemoteOptions, *,

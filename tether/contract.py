@@ -62,7 +62,7 @@ KERNEL_PYTHON = "kernel-python"
 
 # -- the actions: which run in the stdlib seed alone, which need tether's environment ------------
 SEED_ACTIONS = ("probe",)
-HOST_ACTIONS = ("up", "prepare", "status", "down")
+HOST_ACTIONS = ("up", "prepare", "status", "down", "restart")
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def seed_params() -> dict[str, Any]:
 
 # What a server's description holds (the token only where ``up`` answers).
 PUBLIC_KEYS = ("pid", "token", "port", "sock", "version", "started", "root_dir", "base_url",
-               "instance", "create_time")
+               "instance", "create_time", "adopted", "lost")
 
 if TYPE_CHECKING:  # the shapes, for the type checker (TypedDicts are plain dicts at run time)
     from typing import TypedDict
@@ -163,6 +163,8 @@ if TYPE_CHECKING:  # the shapes, for the type checker (TypedDicts are plain dict
         base_url: str | None
         instance: str | None
         create_time: float | None
+        adopted: list[str]  # ids of the kernels it took over from the server before it
+        lost: list[str]  # kernels (notebook, else id) that had ended while no server ran
 
 
     class StaleEntry(TypedDict):
@@ -196,6 +198,9 @@ if TYPE_CHECKING:  # the shapes, for the type checker (TypedDicts are plain dict
         prepared: bool  # `prepare`
         env: str
         root: str
+        restarted: list[int]  # `restart`: the pids of the servers it replaced
+        old_version: str | None  # `restart`: the tether version the replaced server ran
+        kernels_before: list[str]  # `restart`: the kernels kept for the new server
 
 
     class StatusPayload(TypedDict, total=False):
@@ -254,6 +259,8 @@ class ServerInfo:
     started: float = 0.0
     instance: str = ""
     root_dir: str = ""
+    adopted: tuple[str, ...] = ()  # kernel ids it took over from the server before it
+    lost: tuple[str, ...] = ()  # kernels that had ended while no server ran (said once)
 
     @classmethod
     def from_payload(cls, host: str, data: Any) -> ServerInfo:
@@ -271,12 +278,17 @@ class ServerInfo:
                                          hint=f"Run `tether up {host}` again.", host=host)
         return cls(pid, token, sock, port, str(data.get("version") or ""),
                    float(data.get("started") or 0.0), str(data.get("instance") or ""),
-                   str(data.get("root_dir") or ""))
+                   str(data.get("root_dir") or ""), _strings(data.get("adopted")),
+                   _strings(data.get("lost")))
 
     @property
     def address(self) -> str:
         """What the tunnel forwards to: the Unix socket, else the loopback port."""
         return self.sock or f"127.0.0.1:{self.port}"
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
 
 @dataclass(frozen=True)
@@ -295,3 +307,32 @@ class UpResult:
                    bool(result.get("reused")),
                    tuple(str(w).replace("HOST", host) for w in warnings),
                    str(result.get("kernel_python") or ""))
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    """What ``restart`` did on a host: the new server, and what became of the kernels."""
+
+    server: ServerInfo
+    replaced: tuple[int, ...] = ()  # pids of the servers it stopped (none: it only started one)
+    old_version: str = ""
+    kernels_before: tuple[str, ...] = ()  # ids of the kernels that were running
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        return self.server.adopted
+
+    @property
+    def lost(self) -> tuple[str, ...]:
+        """Kernels that were running and did not come back (ids where no notebook is known)."""
+        missing = [k for k in self.kernels_before if k not in self.server.adopted]
+        return (*self.server.lost, *(k[:8] for k in missing if k[:8] not in self.server.lost))
+
+    @classmethod
+    def from_payload(cls, host: str, result: Mapping[str, Any]) -> RestartResult:
+        replaced = result.get("restarted")
+        return cls(ServerInfo.from_payload(host, result.get("server")),
+                   tuple(int(p) for p in replaced) if isinstance(replaced, list) else (),
+                   str(result.get("old_version") or ""), _strings(result.get("kernels_before")),
+                   tuple(str(w).replace("HOST", host) for w in result.get("warnings") or ()))

@@ -34,8 +34,8 @@ import psutil
 from tether import _seed as seed
 from tether import identity
 from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS
+from tether.remote import adopt, cgroups, sweep
 from tether.remote import state as states
-from tether.remote import sweep
 
 Fail, Step = seed.Fail, seed.Step
 STOP_DEADLINE = 25.0
@@ -364,11 +364,13 @@ def remove_old_envs() -> list[str]:
     env = seed.LAYOUT["env"]
     in_use = {os.path.realpath(os.path.join(seed.ROOT, env.format(version=s.get("version", ""))))
               for s in servers()}
+    running = kernel_executables()
     removed = []
     for path, marker in seed.env_dirs().items():
         real = os.path.realpath(path)
-        if real in in_use or real == os.path.realpath(seed.ENV):
-            continue
+        if real in in_use or real == os.path.realpath(seed.ENV) \
+                or any(exe.startswith(real + os.sep) for exe in running):
+            continue  # (an adopted kernel may run from an older environment)
         if isinstance(marker, dict) and float(marker.get("created") or 0) >= float(
                 current.get("created") or 0):
             continue  # prepared by a newer tether since: not ours to judge
@@ -377,6 +379,20 @@ def remove_old_envs() -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def kernel_executables() -> list[str]:
+    """The programs the kernels that outlive servers run (real paths)."""
+    found = []
+    for kernel in adopt.read_all(seed.RUNTIME):
+        proc = adopt.verify(kernel, os.getuid())
+        if proc is None:
+            continue
+        try:
+            found.append(os.path.realpath(proc.exe()))
+        except psutil.Error:
+            continue
+    return found
 
 
 def remove_old_envs_locked() -> list[str]:
@@ -421,7 +437,8 @@ def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes] | No
         unit = ["systemd-run", "--user", "--quiet", "--collect",
                 "--unit", "tether-server-%d" % int(time.time()),
                 "-p", "StandardOutput=null", "-p", "StandardError=append:" + log_path,
-                "-p", "KillMode=mixed", "-p", "WorkingDirectory=" + os.path.expanduser("~")]
+                # KillMode=process: the unit's end leaves the kernels (tether.remote.adopt)
+                "-p", "KillMode=process", "-p", "WorkingDirectory=" + os.path.expanduser("~")]
         unit += [f"--setenv={k}={env[k]}" for k in ("JUPYTER_RUNTIME_DIR", "JUPYTER_PATH",
                                                      LAUNCH_ENV)]
         if subprocess.call(unit + argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -578,8 +595,8 @@ def option_warnings(state: Record) -> list[str]:
     """One warning when this `up` asks for options the reused server does not run with."""
     asked = asked_options()
     record = read_launches().get(marks(state["pid"]).get(LAUNCH_ENV) or "")
-    how = ("they apply to a new server only: run `tether down HOST`, then `tether up HOST` "
-           "with them again")
+    how = ("they apply to a new server only: `tether restart HOST` with them starts one that "
+           "keeps the running kernels")
     if record is None:
         names = [flag for key, flag in OPTION_FLAGS if given(key, asked.get(key))]
         names += sorted(serve_flags(asked.get("serve_args") or []))
@@ -594,6 +611,23 @@ def option_warnings(state: Record) -> list[str]:
             f"asked; {how}"]
 
 
+def older(version: str, than: str) -> bool:
+    """Whether tether ``version`` is older than ``than`` (release numbers; unknown: no)."""
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("+")[0].split(".") if x.isdigit())
+
+    return bool(version and than and parts(version) < parts(than))
+
+
+def version_warnings(state: Record) -> list[str]:
+    """One warning when the reused server runs an older tether than the laptop's."""
+    running, laptop = str(state.get("version") or ""), str(params().get("version") or "")
+    if not older(running, laptop):
+        return []
+    return [f"the server on HOST runs tether {running}, older than this one ({laptop}); "
+            "`tether restart HOST` starts the new one without losing the running kernels"]
+
+
 def stale_warnings() -> list[str]:
     return [f"a tether server on HOST had stopped without cleaning up ({e['why']}): its state "
             "file was removed, and kernels it ran are lost" for e in _stale]
@@ -604,7 +638,11 @@ def stale_warnings() -> list[str]:
 def action_up() -> dict[str, Any]:
     p = params()
     if p.get("token_sha256"):
-        check_token(str(p["token_sha256"]))
+        fd = seed.lock_root()  # (a `tether restart` holds it while it replaces the server)
+        try:
+            check_token(str(p["token_sha256"]))
+        finally:
+            os.close(fd)
     if p.get("attach"):
         running = servers()
         if not running:
@@ -617,7 +655,8 @@ def action_up() -> dict[str, Any]:
     running = servers()
     if running:
         return {"server": public(running[0]), "reused": True, "stale": stale_report(),
-                "warnings": stale_warnings() + option_warnings(running[0])}
+                "warnings": stale_warnings() + option_warnings(running[0])
+                + version_warnings(running[0])}
     warnings: list[str] = []
     python, question = kernel_python(warnings)
     if question is not None:
@@ -702,8 +741,10 @@ def action_down() -> dict[str, Any]:
     """
     scan = scan_servers()
     launches = read_launches()
+    kept = adopt.read_all(seed.RUNTIME)  # kernels that outlived a server: theirs too
     ids = set(launches) | {str(e["instance"]) for e in _stale if e.get("instance")}
     ids |= {str(s["instance"]) for s in scan.live if s.get("instance")}
+    ids |= {k.instance for k in kept if k.instance}
     servers_ = sweep.processes([s["pid"] for s in scan.live])
     forced, left = _end(servers_, STOP_DEADLINE, "tether server")
     for state in scan.live:  # a server that had to be killed leaves its state file
@@ -713,6 +754,7 @@ def action_down() -> dict[str, Any]:
     strays = sweep.carrying({LAUNCH_ENV: ids, INSTANCE_ENV: ids}, guard)
     stray_forced, stray_left = _end(strays, STRAY_DEADLINE, "process of a tether server")
     left += stray_left
+    end_kept(kept)
     still_marked = {v for e in left for v in marks(e["pid"]).values()}
     left += [{"pid": e["pid"], "name": _name(e["pid"]), "what": "unverified server",
               "why": e["why"]} for e in scan.unverified]
@@ -732,8 +774,80 @@ def action_down() -> dict[str, Any]:
     return result
 
 
+def end_kept(kept: list[adopt.KeptKernel]) -> None:
+    """What is left in the kernels' own cgroups (a child that shed every marker), then their
+    files: no later server adopts a kernel `down` ended."""
+    for kernel in kept:
+        if kernel.cgroup:
+            cgroups.empty(kernel.cgroup, sweep.KILL_WAIT)
+            cgroups.remove(kernel.cgroup)
+        adopt.remove(seed.RUNTIME, kernel.kernel_id)
+
+
+# -- restart: a new server that adopts the running one's kernels -------------------------------------
+
+RESTART_KEYS = ("notebook_dir", "idle_timeout", "serve_args", "origins", "remote_port")
+
+
+def restart_params(record: Record | None) -> None:
+    """The options the running server was launched with, where this restart gives none."""
+    p = params()
+    options = (record or {}).get("options") or {}
+    for key in RESTART_KEYS:
+        if not given(key, p.get(key)) and given(key, options.get(key)):
+            p[key] = options[key]
+    used = (record or {}).get("kernel_python_used") or options.get("kernel_python")
+    # (tether's own environment is chosen anew: the old one goes with its version)
+    if not p.get("kernel_python") and not p.get("conda_env") and used \
+            and not os.path.realpath(used).startswith(os.path.realpath(seed.ROOT) + os.sep):
+        p["kernel_python"] = used
+
+
+def stop_for_restart(live: list[Record]) -> list[int]:
+    """SIGTERM: the servers end, their kernels stay for the new one (SIGKILL after the
+    deadline: the kernels stay then too); their state files go."""
+    procs = sweep.processes([s["pid"] for s in live])
+    _, left = _end(procs, STOP_DEADLINE, "tether server")
+    if left:
+        raise Fail("restart", f"the running server (pid {left[0]['pid']}) could not be stopped: "
+                   f"{left[0]['why']}", hint="Stop it by hand (`ssh HOST kill PID`), then run "
+                   "`tether restart HOST` again.")
+    for state in live:
+        seed.remove_quietly(state["_file"])
+    return [p.pid for p in procs]
+
+
+def action_restart() -> dict[str, Any]:
+    """A new server for the runtime (new options, or this tether's version) that adopts the
+    kernels of the one running: same token and socket (an attached `up` keeps its URL)."""
+    seed.ensure_root()
+    if params().get("installed"):
+        remove_old_envs_locked()
+    fd = seed.lock_root()  # a supervising `up` that lost its server waits for the new one
+    try:
+        scan = scan_servers()
+        if not scan.live:
+            check_unverified(scan.unverified)
+        old = scan.live[0] if scan.live else None
+        restart_params(read_launches().get(marks(old["pid"]).get(LAUNCH_ENV) or "")
+                       if old else None)
+        warnings: list[str] = []
+        python, question = kernel_python(warnings)
+        if question is not None:
+            return {"need_consent": question, "stale": stale_report()}
+        before = [k.kernel_id for k in adopt.read_all(seed.RUNTIME)]
+        stopped = stop_for_restart(scan.live)
+        state = start_server(python)
+    finally:
+        os.close(fd)
+    return {"server": public(state), "reused": False, "kernel_python": python,
+            "restarted": stopped, "old_version": old.get("version") if old else None,
+            "kernels_before": before, "stale": stale_report(),
+            "warnings": stale_warnings() + warnings}
+
+
 ACTIONS = {"up": action_up, "prepare": action_prepare, "status": action_status,
-           "down": action_down}
+           "down": action_down, "restart": action_restart}
 
 
 def main(argv: list[str]) -> int:

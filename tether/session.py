@@ -273,15 +273,27 @@ async def _restart(backend: Backend, runtime: Runtime, reporter: Reporter) -> Fo
     placement = await backend.restart(runtime.token, lambda e: reporter.event(host, e))
     server = placement.result.server
     if server.pid != runtime.server.pid or server.instance != runtime.server.instance:
-        lost = runtime.kernels_seen
-        what = (f"its kernels were lost ({', '.join(lost)})" if lost
-                else "kernels that were running there were lost")
         reporter.note(host, f"the server on {host} had stopped (pid {runtime.server.pid}) and "
-                            f"was started again on the same URL; {what}.")
-        runtime.seen.clear()
+                            f"was started again on the same URL; {kernels_fate(runtime, server)}.")
+        runtime.seen = {k: v for k, v in runtime.seen.items() if k in server.adopted}
         runtime.server = server
     log.info("server on %s restarted (pid %s)", host, server.pid)
     return placement.forward(runtime.local_port)
+
+
+def kernels_fate(runtime: Runtime, server: ServerInfo) -> str:
+    """What became of the kernels seen before the server was replaced (a new server adopts
+    those still alive: tether.remote.adopt)."""
+    kept = [path or kid[:8] for kid, path in runtime.seen.items() if kid in server.adopted]
+    lost = [path or kid[:8] for kid, path in runtime.seen.items() if kid not in server.adopted]
+    lost += [name for name in server.lost if name not in lost]
+    parts = []
+    if kept or server.adopted:
+        parts.append(f"its kernels kept running ({', '.join(kept)})" if kept
+                     else f"{len(server.adopted)} kernel(s) kept running")
+    if lost:
+        parts.append(f"kernels lost: {', '.join(lost)}")
+    return "; ".join(parts) or "no kernel was running"
 
 
 def _tunnel(cfg: UpConfig, placement: Placement, reporter: Reporter) -> Forwarder:

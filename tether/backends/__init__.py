@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from tether import _ssh
 from tether.bootstrap import Consent, RemoteOptions, UpResult
+from tether.contract import RestartResult
 from tether.errors import ConfigError, TetherError
 from tether.kernels import Kernels
 from tether.tunnel import Forward, Status
@@ -139,6 +140,11 @@ class Backend(Protocol):
     async def restart(self, token: str, on_event: OnEvent) -> Placement:
         """The server behind the tunnel is gone: bring it back with the same token, or raise
         (:class:`~tether.errors.ServerNotFoundError`: stopped on purpose, supervision ends)."""
+        ...
+
+    async def restart_server(self, on_event: OnEvent) -> RestartResult:
+        """`tether restart`: a new server (this tether's version, the backend's options over the
+        running one's) that adopts the running server's kernels, on the same URL and token."""
         ...
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:

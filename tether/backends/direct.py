@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from tether import _ssh, bootstrap
 from tether.backends import OnEvent, OnNote, Placement, Report
 from tether.backends.ssh import OverSSH
+from tether.contract import RestartResult
 from tether.errors import RemoteEnvironmentError, TetherError
 from tether.kernels import Kernels, RemoteKernels, ssh_runner
 
@@ -59,6 +60,10 @@ class DirectHost(OverSSH):
             raise RemoteEnvironmentError(f"could not start the server on {self.host} again",
                                          hint=f"Run `tether up {self.host}`.")
         return Placement(result, self.target)
+
+    async def restart_server(self, on_event: OnEvent) -> RestartResult:
+        return await bootstrap.restart(self.target, self.opts, on_event=on_event,
+                                       consent=self.consent)
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
         """Restart the server we just started on a loopback port (never one we reused)."""

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, TypeVar
 from tether import __version__, _ssh, bootstrap, contract
 from tether.backends import OnEvent, OnNote, Placement, Report
 from tether.backends.ssh import OverSSH
-from tether.contract import REMOTE_LAYOUT, ServerInfo, UpResult
+from tether.contract import REMOTE_LAYOUT, RestartResult, ServerInfo, UpResult
 from tether.config import COLAB_ORIGIN
 from tether.errors import (
     ConfigError,
@@ -645,6 +645,14 @@ class SlurmJob(OverSSH):
                                      "stopped; the job is ending", host=self.host)
         return await self._placement(ServerInfo.from_payload(self.host, _newest(states)),
                                      job)
+
+    async def restart_server(self, on_event: OnEvent) -> RestartResult:
+        # The job's script runs one `tether serve` and ends with it (and Slurm then ends every
+        # process of the job, kernels included): a restart inside the job needs the script to
+        # start the server again on request. Not built yet.
+        raise ConfigError(f"`tether restart` does not work for a Slurm job yet ({self.host})",
+                          hint=f"Kernels of a job end with it; `tether down {self.host} --slurm` "
+                               "then `tether up ... --slurm` starts a new job.", host=self.host)
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
         return None  # the job's socket is the job's: `--node-access forward` is the way

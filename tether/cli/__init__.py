@@ -93,7 +93,7 @@ def _console(name: str) -> Console:
 # Which module defines each command; imported when the command runs (or for the help).
 COMMANDS = {"serve": "serve", "up": "remote", "attach": "remote", "down": "remote",
             "status": "remote", "doctor": "remote", "ps": "kernels", "release": "kernels",
-            "open": "kernels"}
+            "open": "kernels", "restart": "restart"}
 
 
 class _LazyGroup(click.Group):

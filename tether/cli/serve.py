@@ -125,6 +125,11 @@ def serve(
             print_json({**state.to_json(), "colab_url": state.colab_url,
                         "status_url": state.status_url})
             return
+        if state.adopted:
+            say(f"Kept {len(state.adopted)} kernel(s) of the server before this one running "
+                "(same ids and sessions).")
+        if state.lost:
+            say(f"Kernels that had ended while no server ran: {', '.join(state.lost)}.")
         if state.sock:
             say(f"Jupyter server ready on socket {state.sock} (pid {state.pid}).")
             say("Forward it to a local port, e.g. with `tether up HOST` from your laptop.")
@@ -135,6 +140,7 @@ def serve(
         say(LNA_HINT)
         say(f"Kernels, GPU memory and Release buttons: {state.url.rstrip('/')}/tether/"
             "?token=… (same token)")
-        say("Ctrl-C stops the server and shuts its kernels down.")
+        say("Ctrl-C stops the server and shuts its kernels down (SIGTERM leaves them running "
+            "for the next server).")
 
     run_server(cfg, ready)

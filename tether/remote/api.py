@@ -63,6 +63,8 @@ class Lifecycle:
         self.releaser = rel.Releaser(serverapp.kernel_manager, self.delete_kernel, self.ctx,
                                      grace=grace, verify_timeout=verify_timeout)
         self.orphans: list[dict[str, Any]] = []  # found by the reaper at start
+        # (adopted, lost): kernels of a gone server (tether.remote.adopt), once done
+        self.adoption: tuple[list[Any], list[Any]] | None = None
         self.idle_watcher: Any = None  # tether.remote.idle.IdleWatcher, when one is configured
         self.policy = IdlePolicy(0.0, 0.0)  # set by the extension from the culler's knobs
         self.monitor: KernelMonitor | None = None  # the GPU-aware idle policy, once started

@@ -10,7 +10,10 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import signal
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -19,7 +22,7 @@ from traitlets.config import LoggingConfigurable
 
 from tether import __version__, identity
 from tether.config import COLAB_ORIGIN, check_origin
-from tether.remote import api, bridge, cgroups, colab, lifecycle, redact
+from tether.remote import adopt, api, bridge, cgroups, colab, lifecycle, redact
 from tether.remote.idle import IdlePolicy, KernelMonitor
 from tether.remote.state import ServerState, remove_state, state_path, write_state
 
@@ -74,6 +77,12 @@ class Tether(LoggingConfigurable):
         "whose processes use a GPU is never idle. 0: the general timeout for every kernel."
     ).tag(config=True)
 
+    keep_kernels = Bool(
+        True, help="Kernels outlive the server when it ends by SIGTERM or a crash, and the next "
+        "server of this runtime dir adopts them. Off inside a Slurm job (the job ends with its "
+        "server, and its kernels with it): there SIGTERM shuts the kernels down."
+    ).tag(config=True)
+
     verify_timeout = Float(
         30.0, help="Seconds a release waits for the kernel's GPU memory to be given back."
     ).tag(config=True)
@@ -84,7 +93,8 @@ def origin_pattern(origins: list[str]) -> str:
     return "^(" + "|".join(re.escape(o) for o in origins) + ")$"
 
 
-def server_state(serverapp: Any, origins: list[str]) -> ServerState:
+def server_state(serverapp: Any, origins: list[str], adopted: Sequence[adopt.KeptKernel] = (),
+                 lost: Sequence[adopt.KeptKernel] = ()) -> ServerState:
     ctx = lifecycle.server_context()
     base = serverapp.connection_url
     if not serverapp.sock:
@@ -106,6 +116,8 @@ def server_state(serverapp: Any, origins: list[str]) -> ServerState:
         boot_start=identity.started(psutil.Process()),
         boot_id=identity.boot_id(),
         cgroup=ctx.cgroup,
+        adopted=tuple(k.kernel_id for k in adopted),
+        lost=tuple(k.label for k in lost),
     )
 
 
@@ -144,12 +156,16 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         factory.default_provisioner_name = lifecycle.PROVISIONER_NAME
     ctx = lifecycle.server_context()
     ctx.state_file = str(state_path(os.getpid(), serverapp.runtime_dir))
+    ctx.runtime_dir = str(serverapp.runtime_dir)
     ctx.ipc_kernels = settings.ipc_kernels
     if settings.kernel_cgroups and not ctx.cgroup:
         ctx.cgroup = cgroups.server_dir(ctx.instance)
         if ctx.cgroup:
-            atexit.register(cgroups.remove, ctx.cgroup)
+            atexit.register(_remove_cgroups, ctx)
             cgroups.remove_stale(ctx.cgroup, lifecycle.instance_alive)
+    ctx.independent = settings.keep_kernels and not os.environ.get("SLURM_JOB_ID")
+    if ctx.independent:
+        _keep_kernels(serverapp, ctx)
     serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")
     grace = serverapp.config.get("SweepingProvisioner", {}).get("grace", lifecycle.DEFAULT_GRACE)
     web_app = serverapp.web_app
@@ -158,6 +174,66 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
     web_app.settings[api.SETTINGS_KEY] = service
     web_app.add_handlers(".*$", api.handlers(serverapp.base_url))
     service.policy = _take_over_culling(serverapp.kernel_manager, settings)
+    if ctx.independent:
+        _adopt_before_listening(serverapp, service)
+
+
+ADOPT_DEADLINE = 120.0
+
+
+def _adopt_before_listening(serverapp: Any, service: api.Lifecycle) -> None:
+    """Adopt the kernels a gone server left before this one answers a request: a client that
+    comes back (Colab) must find its session, or it starts a new kernel. The server binds its
+    socket once its loop runs; here the loop is not running yet (where it already runs, an
+    embedded server, adoption waits for the extension's start)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    try:
+        service.adoption = serverapp.io_loop.run_sync(
+            lambda: adopt.adopt(serverapp, service.ctx), timeout=ADOPT_DEADLINE)
+    except TimeoutError:
+        serverapp.log.warning("tether: adopting the kernels of the server before took over "
+                              "%.0f s; those not adopted keep running (`tether down` ends them)",
+                              ADOPT_DEADLINE)
+        service.adoption = ([], [])
+
+
+def _remove_cgroups(ctx: lifecycle.ServerContext) -> None:
+    if not (ctx.keep_kernels and ctx.records):  # kept kernels stay in theirs
+        cgroups.remove(ctx.cgroup)
+
+
+def _keep_kernels(serverapp: Any, ctx: lifecycle.ServerContext) -> None:
+    """SIGTERM ends the server, not its kernels (a later server adopts them); every other way
+    to stop it (Ctrl-C of `tether serve`, ``/api/shutdown``, ``release --all --stop-server``,
+    idle) still shuts them down first. Sessions are kept with the kernels where the server
+    runs tether's session manager (``tether serve`` does)."""
+    from tether.remote.sessions import KeptSessionManager
+
+    if isinstance(serverapp.session_manager, KeptSessionManager):
+        serverapp.session_manager.runtime_dir = ctx.runtime_dir
+    shutdown_all = serverapp.cleanup_kernels
+
+    async def cleanup_kernels() -> None:
+        if not ctx.keep_kernels:
+            await shutdown_all()
+            return
+        kept = adopt.detach(serverapp.kernel_manager)
+        serverapp.log.info("tether: %d kernel(s) keep running for the next server: %s",
+                           len(kept), ", ".join(kept) or "-")
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        ctx.keep_kernels = True
+        serverapp._signal_stop(signum, frame)
+
+    serverapp.cleanup_kernels = cleanup_kernels
+    if threading.current_thread() is threading.main_thread():  # (signals go to that one)
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _take_over_culling(km: Any, settings: Tether) -> IdlePolicy:
@@ -177,11 +253,14 @@ async def _start_jupyter_server_extension(serverapp: Any) -> None:
     # Runs once the loop is up and the port is bound (port 0 is resolved by then).
     settings = Tether(parent=serverapp)
     runtime_dir = serverapp.runtime_dir
-    state = server_state(serverapp, settings.origins)
+    service: api.Lifecycle = serverapp.web_app.settings[api.SETTINGS_KEY]
+    if service.adoption is None and service.ctx.independent:  # (an embedded server)
+        service.adoption = await adopt.adopt(serverapp, service.ctx)
+    adopted, lost = service.adoption or ([], [])
+    state = server_state(serverapp, settings.origins, adopted, lost)
     write_state(state, runtime_dir)
     atexit.register(remove_state, state.pid, runtime_dir)
-    service: api.Lifecycle = serverapp.web_app.settings[api.SETTINGS_KEY]
-    await _reap(service, settings.reap)
+    await _reap(service, settings.reap, frozenset(k.marker for k in adopted))
     on_ready = serverapp.web_app.settings.get(READY_CALLBACK)
     if on_ready is not None:
         on_ready(state)
@@ -197,7 +276,7 @@ async def _start_jupyter_server_extension(serverapp: Any) -> None:
         serverapp.log.warning("tether: on_idle is ignored without stop_after_idle")
 
 
-async def _reap(service: api.Lifecycle, kill: bool) -> None:
+async def _reap(service: api.Lifecycle, kill: bool, kept: frozenset[str]) -> None:
     """Report (and with ``reap`` kill) what a crashed tether server of this user left behind."""
     import asyncio
 
@@ -205,7 +284,8 @@ async def _reap(service: api.Lifecycle, kill: bool) -> None:
 
     ctx = service.ctx
     runtime_dir = os.path.dirname(ctx.state_file) if ctx.state_file else None
-    orphans = await asyncio.to_thread(lifecycle.find_orphans, ctx.guard, ctx.instance, runtime_dir)
+    orphans = await asyncio.to_thread(lifecycle.find_orphans, ctx.guard, ctx.instance,
+                                      runtime_dir, kept)
     if not orphans:
         return
     rows = await asyncio.to_thread(release.leftover_rows, orphans, {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -22,11 +23,12 @@ from typing import Any
 
 import psutil
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float
 
 from tether import identity
 from tether.errors import ConfigError
-from tether.remote import cgroups, sweep
+from tether.remote import adopt, cgroups, sweep
 from tether.remote.sweep import INSTANCE_ENV, KERNEL_ID_ENV, MARKER_ENV, Guard, KernelRecord
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ class ServerContext:
     cgroup: str = ""  # cgroup v2 directory of this server's kernel cgroups ("" where none)
     ipc_kernels: bool = True  # kernels' ZMQ sockets as files in a 0700 directory, not TCP
     short_ipc_dir: str = ""  # a private dir for them when the runtime dir's path is too long
+    runtime_dir: str = ""  # where kernels leave their files for a later server (tether.remote.adopt)
+    adopting: dict[str, adopt.KeptKernel] = field(default_factory=dict)  # kernel id -> to adopt
+    adopted_instances: set[str] = field(default_factory=set)  # what adopted kernels carry
+    keep_kernels: bool = False  # the server ends, its kernels do not (SIGTERM)
+    independent: bool = True  # kernels may outlive the server (off in a Slurm job: c.Tether)
+
+    def instances(self) -> set[str]:
+        """The instance ids this server's kernels carry: its own and adopted kernels'."""
+        return {self.instance, *self.adopted_instances}
 
 
 _context: ServerContext | None = None
@@ -73,15 +84,16 @@ def instance_alive(instance: str) -> bool:
     created, _, _ = rest.partition(".")
     try:
         proc = psutil.Process(int(pid))
-        return round(identity.started(proc) * 100) == int(created)
+        return round(identity.started(proc) * 100) == int(created) and sweep.alive(proc)
     except (ValueError, psutil.Error):
-        return False
+        return False  # (a zombie is gone: no parent reaped it yet, e.g. a container's pid 1)
 
 
 def kernel_env(env: dict[str, str], kernel_id: str, marker: str,
                ctx: ServerContext) -> dict[str, str]:
     """The launch environment of a kernel: markers, and what ``tether.release()`` needs."""
     env = dict(env)
+    env.pop("JPY_PARENT_PID", None)  # a kernel outlives its server (ipykernel polls this pid)
     env[MARKER_ENV] = marker
     env[KERNEL_ID_ENV] = kernel_id
     env[INSTANCE_ENV] = ctx.instance
@@ -164,6 +176,9 @@ class SweepingProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         ctx = server_context()
+        kept = ctx.adopting.get(self.kernel_id)
+        if kept is not None:
+            return await self._pre_adopt(kept, **kwargs)
         use_ipc(self.parent, self.kernel_id, ctx)
         self._marker = secrets.token_hex(16)
         base = kwargs.get("env") or dict(os.environ)
@@ -171,14 +186,30 @@ class SweepingProvisioner(LocalProvisioner):
         result: dict[str, Any] = await super().pre_launch(**kwargs)
         return result
 
+    async def _pre_adopt(self, kept: adopt.KeptKernel, **kwargs: Any) -> dict[str, Any]:
+        """A kernel a gone server left: its manager reads the connection it was started with."""
+        km: Any = self.parent
+        km.connection_file = await asyncio.to_thread(
+            adopt.connection_file, server_context().runtime_dir, kept)
+        km.load_connection_file()
+        km._connection_file_written = True  # (removed again when the kernel is shut down)
+        self.connection_info = km.get_connection_info()
+        kwargs.pop("extra_arguments", None)
+        result: dict[str, Any] = await KernelProvisionerBase.pre_launch(self, cmd=[], **kwargs)
+        return result
+
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         ctx = server_context()
+        kept = ctx.adopting.pop(self.kernel_id, None)
+        if kept is not None:
+            return await self._adopt(kept)
         cmd = ipc_launcher(cmd, self.parent)
         cgroup = await asyncio.to_thread(cgroups.kernel_dir, ctx.cgroup, self.kernel_id) \
             if ctx.cgroup else ""
         if cgroup:
             cmd = cgroups.wrap(cmd, cgroup)
-        info = await super().launch_kernel(cmd, **kwargs)
+        # independent: no JPY_PARENT_PID, so the kernel outlives its server (adopted later)
+        info = await super().launch_kernel(cmd, **{**kwargs, "independent": ctx.independent})
         try:
             started = identity.started(psutil.Process(self.pid))
         except psutil.Error:
@@ -186,8 +217,39 @@ class SweepingProvisioner(LocalProvisioner):
         self.record = KernelRecord(self.kernel_id, int(self.pid or 0), self.pgid, self._marker,
                                    started, cgroup=cgroup)
         server_context().records[self.kernel_id] = self.record
+        await asyncio.to_thread(self._keep, self.record)
         log.debug("kernel %s launched: pid %s, pgid %s", self.kernel_id, self.pid, self.pgid)
         return info
+
+    def _keep(self, record: KernelRecord) -> None:
+        """The kernel's file for a later server (sessions kept across a restart of the kernel)."""
+        ctx = server_context()
+        if not ctx.runtime_dir or not record.started or not ctx.independent:
+            return
+        km: Any = self.parent
+        try:
+            with open(km.connection_file) as f:
+                connection = json.load(f)
+            before = adopt.read(ctx.runtime_dir, self.kernel_id)
+            adopt.write(ctx.runtime_dir, adopt.KeptKernel(
+                self.kernel_id, str(km.kernel_name), record.pid, record.started,
+                identity.boot_id(), record.marker, record.pgid, record.cgroup, ctx.instance,
+                ctx.instance, connection, before.sessions if before else ()))
+        except (OSError, ValueError) as e:
+            log.warning("kernel %s will not outlive its server: %s", self.kernel_id, e)
+
+    async def _adopt(self, kept: adopt.KeptKernel) -> Any:
+        """Take over the recorded process instead of starting one (verified again: it may
+        have ended since the claim)."""
+        proc = await asyncio.to_thread(adopt.verify, kept, server_context().guard.uid)
+        if proc is None:
+            raise ProcessLookupError(f"kernel {self.kernel_id} ended before it was adopted")
+        self.process = adopt.AdoptedProcess(proc)  # type: ignore[assignment]
+        self.pid, self.pgid = kept.pid, kept.pgid
+        self._marker = kept.marker
+        self.record = await asyncio.to_thread(sweep.snapshot_descendants, kept.record())
+        server_context().records[self.kernel_id] = self.record
+        return self.connection_info
 
     def remember_descendants(self) -> None:
         """Record the kernel's children while it still lives (orphans lose their parent)."""
@@ -220,7 +282,10 @@ class SweepingProvisioner(LocalProvisioner):
                     log.warning("kernel %s: %d process(es) survived its sweep, %d refused",
                                 record.kernel_id, len(result.survivors), len(result.refused))
         finally:
-            server_context().records.pop(self.kernel_id, None)
+            ctx = server_context()
+            ctx.records.pop(self.kernel_id, None)
+            if ctx.runtime_dir and not restart:  # shut down on purpose: no later server adopts it
+                adopt.remove(ctx.runtime_dir, self.kernel_id)
             km = self.parent
             if km is not None and km.transport == "ipc":
                 # jupyter_client removes the five channel sockets; the pipe is ours to remove
@@ -229,12 +294,13 @@ class SweepingProvisioner(LocalProvisioner):
             await super().cleanup(restart=restart)
 
 
-def find_orphans(guard: Guard, own_instance: str,
-                 runtime_dir: str | None = None) -> list[psutil.Process]:
+def find_orphans(guard: Guard, own_instance: str, runtime_dir: str | None = None,
+                 kept: frozenset[str] = frozenset()) -> list[psutil.Process]:
     """Processes of this user left by a tether server that is gone (crashed or killed).
 
     With ``runtime_dir``, only those of servers that kept their state there: one tether
     setup never touches another's (a second install, a test run beside a real server).
+    Processes of a kernel this server adopted (its marker among ``kept``) are its own.
     """
     orphans = []
     for proc in psutil.process_iter():
@@ -242,7 +308,8 @@ def find_orphans(guard: Guard, own_instance: str,
             continue
         env = sweep.environ_of(proc)
         instance = env.get(INSTANCE_ENV)
-        if not instance or instance == own_instance or instance_alive(instance):
+        if not instance or instance == own_instance or instance_alive(instance) \
+                or env.get(MARKER_ENV) in kept:
             continue
         if runtime_dir is not None and os.path.dirname(env.get(STATE_ENV, "")) != runtime_dir:
             continue

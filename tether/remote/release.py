@@ -84,10 +84,11 @@ def _user(proc: psutil.Process) -> str:
             return "?"
 
 
-def _attributed_kernel(pid: int, instance: str) -> str:
-    """The tether kernel id a process says it belongs to ("" if none of this server)."""
+def _attributed_kernel(pid: int, instances: set[str]) -> str:
+    """The tether kernel id a process says it belongs to ("" if none of this server's, adopted
+    kernels included)."""
     env = sweep.environ_of(psutil.Process(pid)) if psutil.pid_exists(pid) else {}
-    return env.get(KERNEL_ID_ENV, "") if env.get(INSTANCE_ENV) == instance else ""
+    return env.get(KERNEL_ID_ENV, "") if env.get(INSTANCE_ENV) in instances else ""
 
 
 def inventory(records: dict[str, KernelRecord], ctx: ServerContext) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def inventory(records: dict[str, KernelRecord], ctx: ServerContext) -> dict[str,
         except psutil.Error:
             row = None
         if row is not None:
-            row["kernel"] = _attributed_kernel(pid, ctx.instance) or None
+            row["kernel"] = _attributed_kernel(pid, ctx.instances()) or None
             foreign.append(row)
     return {"kernels": kernels, "foreign": foreign, "gpus": [_gpu_row(g) for g in gpu.query_gpus()]}
 
@@ -424,11 +425,14 @@ class Releaser:
 
     def _sweep_instance(self) -> sweep.SweepResult:
         live = set(self.km.list_kernel_ids())
-        procs = [p for p in sweep.iter_marked(INSTANCE_ENV, self.ctx.instance, self.ctx.guard.uid)
-                 if sweep.environ_of(p).get(KERNEL_ID_ENV) not in live and sweep.alive(p)]
-        safe, refused = sweep.split_safe(procs, self.ctx.guard, (INSTANCE_ENV, self.ctx.instance))
-        result = sweep.terminate(safe, self.grace)
-        result.refused = refused
+        result = sweep.SweepResult()
+        for instance in sorted(self.ctx.instances()):  # adopted kernels carry their first server's
+            procs = [p for p in sweep.iter_marked(INSTANCE_ENV, instance, self.ctx.guard.uid)
+                     if sweep.environ_of(p).get(KERNEL_ID_ENV) not in live and sweep.alive(p)]
+            safe, refused = sweep.split_safe(procs, self.ctx.guard, (INSTANCE_ENV, instance))
+            part = sweep.terminate(safe, self.grace)
+            part.refused = refused
+            result.merge(part)
         return result
 
     def _foreign_rows(self) -> list[dict[str, Any]]:

@@ -115,6 +115,8 @@ def jupyter_config(cfg: ServeConfig) -> Config:
     app.allow_origin_pat = origin_pattern(list(cfg.origins))
     app.allow_credentials = True
     app.jpserver_extensions = {"tether.remote": True}
+    # each kernel's sessions kept beside it, for the server that adopts it (tether.remote.adopt)
+    app.session_manager_class = "tether.remote.sessions.KeptSessionManager"
     app.log_level = cfg.log_level
     if cfg.sock is not None:
         app.sock = str(cfg.sock)

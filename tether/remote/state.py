@@ -52,6 +52,8 @@ class ServerState:
     boot_start: float = 0.0  # identity.started() of the server process: its identity (0: unknown)
     boot_id: str = ""  # identity.boot_id() when it started
     cgroup: str = ""  # the cgroup v2 directory holding one cgroup per kernel ("" if none)
+    adopted: tuple[str, ...] = ()  # ids of the kernels it took over from a server that ended
+    lost: tuple[str, ...] = ()  # kernels (notebook or id) that had ended while no server ran
 
     @property
     def colab_url(self) -> str:
@@ -69,7 +71,8 @@ class ServerState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerState:
         data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        data["origins"] = tuple(data.get("origins", ()))
+        for key in ("origins", "adopted", "lost"):
+            data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
 
