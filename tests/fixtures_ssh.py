@@ -163,14 +163,15 @@ def prepared(testbed: SSHBed) -> Prepared:
 
 class RemotePage:
     """A small HTTP server here that plays the user's TensorBoard on the remote's loopback
-    (the test bed's sshd is on this machine): it answers with a body of its own."""
+    (the test bed's sshd is on this machine), or a foreign program on a port: it answers every
+    GET with ``body`` (by default one of its own)."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", body: bytes = b"") -> None:
         import http.server
         import secrets
         import threading
 
-        body = self.body = secrets.token_hex(8).encode()
+        body = self.body = body or secrets.token_hex(8).encode()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
@@ -189,6 +190,12 @@ class RemotePage:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self) -> RemotePage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 async def answers_on(port: int, deadline: float = 20.0) -> bytes:

@@ -7,9 +7,10 @@ Slurm (tests/test_up.py, tests/test_slurm.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,37 +259,41 @@ async def test_up_reports_ready_supervises_and_cleans_up_on_cancel() -> None:
     assert session.attached_port("fakehost") is None
 
 
-async def test_a_server_that_died_comes_back_with_its_kernels_adopted() -> None:
-    backend, reporter = FakeBackend(adopts=True), Recorder()
+@contextlib.asynccontextmanager
+async def running_up(backend: FakeBackend, reporter: Recorder) -> AsyncIterator[None]:
+    """``session.up`` running, its status line showing the kernel; cancelled on the way out."""
     task = asyncio.ensure_future(session.up(session.UpConfig(backend, free_port()), reporter))
     try:
         await reporter.until(lambda: any(live.kernels == 1 for live in reporter.lives))
-        backend.forwarders[0].dropped.set()
-        await reporter.until(lambda: any("was started again" in n for n in reporter.notes))
-        note = next(n for n in reporter.notes if "was started again" in n)
-        assert "its kernels kept running (train.ipynb)" in note and "lost" not in note, note
-        assert reporter.runtime is not None and reporter.runtime.kernels_seen == ["train.ipynb"]
+        yield
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def died(backend: FakeBackend, reporter: Recorder) -> str:
+    """The server behind the tunnel dies: the note ``up`` gives once it is back."""
+    backend.forwarders[0].dropped.set()
+    await reporter.until(lambda: any("was started again" in n for n in reporter.notes))
+    return next(n for n in reporter.notes if "was started again" in n)
+
+
+async def test_a_server_that_died_comes_back_with_its_kernels_adopted() -> None:
+    backend, reporter = FakeBackend(adopts=True), Recorder()
+    async with running_up(backend, reporter):
+        note = await died(backend, reporter)
+        assert "its kernels kept running (train.ipynb)" in note and "lost" not in note, note
+        assert reporter.runtime is not None and reporter.runtime.kernels_seen == ["train.ipynb"]
 
 
 async def test_a_server_that_died_is_restarted_on_the_same_url_and_its_kernels_named() -> None:
     backend, reporter = FakeBackend(), Recorder()
-    task = asyncio.ensure_future(session.up(session.UpConfig(backend, free_port()), reporter))
-    try:
-        await reporter.until(lambda: any(live.kernels == 1 for live in reporter.lives))
-        backend.forwarders[0].dropped.set()
-        await reporter.until(lambda: any("was started again" in n for n in reporter.notes))
-        note = next(n for n in reporter.notes if "was started again" in n)
+    async with running_up(backend, reporter):
+        note = await died(backend, reporter)
         assert "kernels lost: train.ipynb" in note, note
         assert reporter.runtime is not None and reporter.runtime.server.pid == 101
         await reporter.until(lambda: reporter.lives[-1].kernels == 0)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_a_failed_start_abandons_and_closes_the_link() -> None:

@@ -8,9 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -134,29 +132,12 @@ def test_forward_spec() -> None:
     assert tunnel.Forward(9999, remote_port=8888).spec == "127.0.0.1:9999:127.0.0.1:8888"
 
 
-class _Foreign(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        body = b'{"hello": "not jupyter"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_foreign_listener_is_an_error() -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Foreign)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    from tests.fixtures_ssh import RemotePage
+
+    with RemotePage(body=b'{"hello": "not jupyter"}') as foreign:
         with pytest.raises(ForeignListenerError):
-            asyncio.run(tunnel.verify_own_server(server.server_address[1], "t" * 48))
-    finally:
-        server.shutdown()
-        thread.join(5)
-        server.server_close()
+            asyncio.run(tunnel.verify_own_server(foreign.port, "t" * 48))
 
 
 def test_serve_options_are_forwarded_to_the_remote_serve() -> None:
