@@ -472,6 +472,13 @@ def cached_wheels() -> list[str]:
         return []
 
 
+def unpacked_uv() -> list[str]:
+    try:
+        return sorted(v for v in os.listdir(at("uv")) if os.path.exists(at("uv") + "/%s/uv" % v))
+    except OSError:
+        return []
+
+
 def need_wheel() -> dict[str, Any]:
     """What the laptop needs to plan a cold preparation (platform, index, cached files);
     checked first: the disk has room for it."""
@@ -479,7 +486,7 @@ def need_wheel() -> dict[str, Any]:
     info = probe()
     name, version = libc()
     impl = sys.implementation.name
-    info.update(libc=name, libc_version=version, have=cached_wheels(),
+    info.update(libc=name, libc_version=version, have=cached_wheels(), have_uv=unpacked_uv(),
                 implementation={"cpython": "cp", "pypy": "pp"}.get(impl, impl))
     info["index"] = {"url": "", "reachable": False, "why": "--offline", "seconds": 0.0} \
         if offline else index_check()
@@ -520,7 +527,7 @@ def receive_files() -> None:
         return
     ensure_dir(at("wheels"))
     total = sum(int(e["size"]) for e in incoming)
-    with Step("receive", "receiving %d wheel%s (%.1f MiB), each checked by sha256"
+    with Step("receive", "receiving %d file%s (%.1f MiB), each checked by sha256"
               % (len(incoming), "s" if len(incoming) != 1 else "", total / 1048576.0)):
         for entry in incoming:
             receive_file(entry)
@@ -632,26 +639,63 @@ def uv_runs(path: str) -> bool:
 
 
 def unpack_uv(spec: dict[str, Any]) -> str:
-    """The uv executable from its wheel (cached per version); "" when it cannot run here."""
+    """The uv executable (cached per version): the laptop's own binary as sent (zlib), or from
+    uv's wheel, sent or fetched here from the lock's URL; "" when it cannot run here."""
+    import hashlib
     import shutil
-
     import zipfile
+    import zlib
     path = os.path.join(at("uv"), spec["version"], "uv")
     if not os.path.exists(path):
         ensure_dir(os.path.dirname(path))
-        wheel = os.path.join(at("wheels"), os.path.basename(spec["file"]))
+        source = os.path.join(at("wheels"), os.path.basename(spec.get("file") or "uv"))
         tmp = path + ".part"
         try:
-            with zipfile.ZipFile(wheel) as zf:
-                member = next(n for n in zf.namelist() if n.endswith(".data/scripts/uv"))
-                with zf.open(member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        except (OSError, StopIteration, zipfile.BadZipFile) as e:
-            log_line("uv: cannot unpack %s: %s" % (wheel, e))
+            if spec.get("kind") == "fetch":
+                with Step("uv", "fetching uv %s from the index" % spec["version"]):
+                    fetch(spec["url"], source, spec["sha256"])
+            with open(tmp, "wb") as out:
+                if spec.get("kind") == "binary":
+                    unpack, digest = zlib.decompressobj(), hashlib.sha256()
+                    with open(source, "rb") as f:
+                        for chunk in [*iter(lambda: f.read(1 << 20), b""), None]:
+                            data = unpack.decompress(chunk) if chunk else unpack.flush()
+                            digest.update(data)
+                            out.write(data)
+                    remove_quietly(source)
+                    if digest.hexdigest() != spec["binary_sha256"]:
+                        raise ValueError("the binary does not match its sha256")
+                else:
+                    with zipfile.ZipFile(source) as zf:
+                        member = next(n for n in zf.namelist() if n.endswith(".data/scripts/uv"))
+                        with zf.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, StopIteration, ValueError, zipfile.BadZipFile, zlib.error) as e:
+            log_line("uv: cannot unpack %s: %s" % (source, e))
+            remove_quietly(tmp)
             return ""
         os.chmod(tmp, 0o700)
         os.rename(tmp, path)
     return path if uv_runs(path) else ""
+
+
+def fetch(url: str, dest: str, sha256: str) -> None:
+    """``url`` into ``dest``, checked by sha256 (pip's cert, else the system's)."""
+    import hashlib
+    import ssl
+    import urllib.request
+    context = ssl.create_default_context(cafile=pip_settings()["cert"] or None)
+    digest, tmp = hashlib.sha256(), dest + ".part"
+    ensure_dir(os.path.dirname(dest))
+    with urllib.request.urlopen(url, timeout=60, context=context) as resp, \
+            open(tmp, "wb") as out:
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        remove_quietly(tmp)
+        raise ValueError("%s does not match the lock's sha256" % url)
+    os.rename(tmp, dest)
 
 
 def source_flags(installer: str, offline: bool) -> list[str]:
@@ -692,7 +736,10 @@ def where(offline: bool) -> str:
     return "from the laptop's wheels (offline)" if offline else "from the index"
 
 
-def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str) -> list[str]:
+def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str,
+                 exact: bool = False) -> list[str]:
+    """The install command; ``exact``: the pins are the whole set, resolved for this host
+    (the laptop's uv did it), installed as they are (nothing resolved again, uv left out)."""
     if installer == "uv":
         argv = [uv, "pip", "install", "--python", python]
         if usable_cpus() >= COMPILE_MIN_CPUS:
@@ -701,7 +748,7 @@ def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str)
         argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                 "--progress-bar", "off"]
     if pins:
-        argv += ["--constraint", pins]
+        argv += ["--no-deps", "-r", pins] if exact else ["--constraint", pins]
     return argv + source_flags(installer, offline)
 
 
@@ -766,7 +813,7 @@ def install_wheel(wheel: bytes, deps: bool, installer: str = "pip", uv: str = ""
     label = ("installing tether and its dependencies with %s %s" % (installer, where(offline))
              if deps else "updating tether")
     pins = pins_path() if deps and os.path.exists(pins_path()) else ""
-    argv = install_argv(installer, uv, env_python(), offline, pins)
+    argv = install_argv(installer, uv, env_python(), offline, pins, bool(PARAMS.get("exact")))
     if not deps:
         argv = [uv_in_env(), "pip", "install", "--python", env_python(), "--no-deps",
                 "--reinstall"] if uv_in_env() else \
@@ -914,7 +961,7 @@ def recorded() -> bool:
 
 # `python -m tether.host` as `-c`: runpy and importlib.util are not imported (a few ms a call)
 HOST_MAIN = "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"
-PLAN_KEYS = ("pins", "need", "incoming", "uv", "lock", "plan_size", "wheel_size")
+PLAN_KEYS = ("pins", "need", "incoming", "uv", "lock", "plan_size", "wheel_size", "exact")
 
 
 def hand_over(action: str) -> NoReturn:

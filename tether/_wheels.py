@@ -25,6 +25,7 @@ the ``pip download`` to run elsewhere and the folder to put its files in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import configparser
 import functools
 import hashlib
@@ -41,6 +42,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "TETHER_WHEEL_CACHE"
 RESOLVER_ENV = "TETHER_RESOLVER"  # "uv" or "pip"; unset: uv where one runs here, else pip
-LOCK_SCHEMA = 1
+LOCK_SCHEMA = 2  # 2: the resolver is recorded (a uv lock is installed as it stands)
 RESOLVE_TIMEOUT = 300.0
 DOWNLOAD_TIMEOUT = 120.0  # per file, per read
 DOWNLOADS_AT_ONCE = 4
@@ -174,6 +176,7 @@ class Lock:
     requirements: tuple[str, ...]
     packages: tuple[Pinned, ...]
     resolved: float = 0.0
+    resolver: str = "pip"  # "uv": resolved for the remote's markers, complete as it stands
 
     @property
     def uv(self) -> Pinned | None:
@@ -189,7 +192,7 @@ class Lock:
     def to_json(self) -> dict[str, Any]:
         return {"schema": LOCK_SCHEMA, "key": self.key, "platform": self.platform,
                 "requirements": list(self.requirements), "resolved": self.resolved,
-                "packages": [asdict(p) for p in self.packages]}
+                "resolver": self.resolver, "packages": [asdict(p) for p in self.packages]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Lock:
@@ -198,7 +201,7 @@ class Lock:
                    tuple(Pinned(**{k: str(p[k]) for k in ("name", "version", "file", "url",
                                                           "sha256")})
                          for p in data["packages"]),
-                   float(data.get("resolved") or 0.0))
+                   float(data.get("resolved") or 0.0), str(data.get("resolver") or "pip"))
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -557,7 +560,8 @@ async def lock_for(platform: Platform, on_step: OnStep | None = None,
     with _Step(on_step, "resolve", label):
         packages = await (_resolve_with_uv(uv, platform, reqs) if uv
                           else _resolve_with_pip(platform, reqs))
-        lock = Lock(key, platform.describe, tuple(reqs), tuple(packages), time.time())
+        lock = Lock(key, platform.describe, tuple(reqs), tuple(packages), time.time(),
+                    "uv" if uv else "pip")
     _write_atomic(cache_dir() / "locks" / f"{key}.json",
                   json.dumps(lock.to_json(), indent=1).encode())
     return lock
@@ -566,6 +570,66 @@ async def lock_for(platform: Platform, on_step: OnStep | None = None,
 def _last(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+# -- this laptop's own uv, for a remote it runs on ---------------------------------------------
+
+@dataclass(frozen=True)
+class LaptopUV:
+    """The binary of the ``uv`` package installed here, zlib-compressed into the cache (about
+    as large as uv's wheel): what a laptop sends a remote it runs on instead of downloading
+    uv's wheel for it."""
+
+    version: str
+    path: Path
+    sha256: str  # of the compressed file, checked as it arrives
+    binary_sha256: str  # of the binary, checked once unpacked
+
+    @property
+    def file(self) -> str:
+        return self.path.name
+
+
+def laptop_uv(platform: Platform) -> LaptopUV | None:
+    """This laptop's uv where its wheel's platform tag is one the remote accepts and the
+    binary matches its RECORD; else None (the remote fetches uv, or gets its wheel)."""
+    try:
+        dist = metadata.distribution(UV)
+        accepted = set(platform.platform_tags())
+    except (metadata.PackageNotFoundError, LaptopIndexError, ValueError):
+        return None
+    tags = [line.split(":", 1)[1].strip().rsplit("-", 1)[-1]
+            for line in (dist.read_text("WHEEL") or "").splitlines() if line.startswith("Tag:")]
+    entry = next((f for f in dist.files or () if f.name == UV and "bin" in f.parts[:-1]), None)
+    if entry is None or entry.hash is None or not accepted.intersection(tags):
+        return None
+    binary = Path(str(dist.locate_file(entry)))
+    try:
+        digest = file_sha256(binary)
+    except OSError:
+        return None
+    record = base64.urlsafe_b64encode(bytes.fromhex(digest)).rstrip(b"=").decode()
+    if record != entry.hash.value:
+        log.info("%s does not match uv's RECORD: not sent", binary)
+        return None
+    packed = cache_dir() / "uv-bin" / f"uv-{dist.version}-{digest[:16]}.zlib"
+    if not packed.is_file():
+        _compress(binary, packed)
+    return LaptopUV(dist.version, packed, file_sha256(packed), digest)
+
+
+def _compress(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        packer = zlib.compressobj(1)  # 38 -> 17 MiB in about 1 s, once per uv version
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                out.write(packer.compress(chunk))
+            out.write(packer.flush())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 # -- fetching ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shlex
+import tokenize
 import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,8 +176,15 @@ def requires_python() -> str:
 
 @lru_cache(maxsize=1)
 def seed_source() -> str:
-    """The seed's source: what the remote ``python3 -c`` runs (sent inline, so capped)."""
-    return resources.files("tether").joinpath("_seed.py").read_text()
+    """The seed's source: what the remote ``python3 -c`` runs (sent inline, so capped). Its
+    comments are left out: fewer bytes, the same line numbers in a traceback."""
+    source = resources.files("tether").joinpath("_seed.py").read_text()
+    lines = source.splitlines(keepends=True)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:  # always the last token of its line
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col].rstrip() + "\n"
+    return "".join(lines)
 
 
 # -- calling the remote side -------------------------------------------------------------------
@@ -466,7 +474,7 @@ async def run_action(target: _ssh.SSHTarget, opts: RemoteOptions, action: str, *
         plan, files = await install_plan(target.host, result.get("probe") or {}, opts, on_event)
         if on_event:
             size = len(wheel.data) + sum(p.stat().st_size for p in files)
-            more = f" and {len(files)} wheel{'s' if len(files) != 1 else ''}" if files else ""
+            more = f" and {len(files)} file{'s' if len(files) != 1 else ''}" if files else ""
             on_event({"event": "step", "key": "ship", "state": "done", "seconds": 0,
                       "label": f"sending {wheel.name}{more} ({size / 2**20:.1f} MiB)"})
         result = await call_remote(target, opts, action, on_event=on_event,
@@ -491,8 +499,10 @@ async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
                        on_event: OnEvent | None) -> tuple[dict[str, Any], list[Path]]:
     """(seed parameters, files to stream) for a cold preparation of ``host``.
 
-    The pins and uv's wheel always come from this machine's lock; on a host that reaches no
-    index (or with ``--offline``) every pinned wheel is sent as well, except those it has.
+    The pins always come from this machine's lock; on a host that reaches no index (or with
+    ``--offline``) every pinned wheel is sent as well, except those it has. uv: this laptop's
+    own binary where it runs there (:func:`tether._wheels.laptop_uv`), else a host with an
+    index fetches the wheel the lock pins itself, else the laptop sends that wheel.
     """
     index = probe.get("index") or {}
     offline = opts.offline or not index.get("reachable", True)
@@ -502,30 +512,47 @@ async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
                   "label": f"{host} reaches no package index ({index.get('why') or 'no answer'})"
                            ": preparing it from this machine"})
     platform = _wheels.Platform.from_probe(probe)
+    mine = asyncio.create_task(asyncio.to_thread(_wheels.laptop_uv, platform))
     try:
         lock = await _wheels.lock_for(platform, on_event)
     except _wheels.LaptopIndexError as e:
+        await mine
         if offline:
             raise _wheels.LaptopIndexError(
                 f"{host} reaches no package index, and {e.message[0].lower()}{e.message[1:]}",
                 hint=e.hint, host=host, **e.data) from e
         log.warning("%s: %s; the remote resolves with pip from its index", host, e)
         return {"offline": False}, []  # the remote's own pip, unpinned: better than nothing
+    own, uv, exact = await mine, lock.uv, lock.resolver == "uv"
     wanted = [*lock.installs] if offline else []
-    if lock.uv is not None:
-        wanted.append(lock.uv)
+    if offline and not exact and uv is not None:
+        wanted.append(uv)  # the remote resolves tether's own dependencies, uv among them
+    spec: dict[str, Any] | None = None
+    extra: list[tuple[str, Path, str]] = []  # (file, path, sha256) sent ahead of the wheels
+    if own is not None and own.version in (probe.get("have_uv") or ()):
+        spec = {"kind": "binary", "version": own.version}  # unpacked there already
+    elif own is not None:
+        spec = {"kind": "binary", "version": own.version, "file": own.file,
+                "sha256": own.sha256, "binary_sha256": own.binary_sha256}
+        extra.append((own.file, own.path, own.sha256))
+    elif uv is not None and not offline and uv.url.startswith(("https://", "http://")):
+        spec = {"kind": "fetch", "version": uv.version, "file": uv.file, "sha256": uv.sha256,
+                "url": uv.url}
+    elif uv is not None:
+        spec = {"kind": "wheel", "version": uv.version, "file": uv.file, "sha256": uv.sha256}
+        wanted += [] if uv in wanted else [uv]
     paths = await _wheels.fetch(wanted, on_event)
     have = set(probe.get("have") or ())
-    send = [p for p in wanted if p.file not in have]
-    uv = lock.uv
+    send = [(p.file, paths[p.file], p.sha256) for p in wanted if p.file not in have]
+    send = extra + send
     plan = {
-        "offline": offline, "pins": lock.pins(), "lock": lock.key,
-        "uv": {"file": uv.file, "sha256": uv.sha256, "version": uv.version} if uv else None,
+        "offline": offline, "pins": lock.pins(), "lock": lock.key, "uv": spec,
+        "exact": exact,
         "need": [{"file": p.file, "sha256": p.sha256} for p in wanted],
-        "incoming": [{"file": p.file, "size": paths[p.file].stat().st_size, "sha256": p.sha256}
-                  for p in send],
+        "incoming": [{"file": file, "size": path.stat().st_size, "sha256": sha}
+                     for file, path, sha in send],
     }
-    return plan, [paths[p.file] for p in send]
+    return plan, [path for _, path, _ in send]
 
 
 # -- where tether lives on a remote, seen from the laptop and from the remote's own CLI ----------
