@@ -803,3 +803,45 @@ def test_an_online_host_fetches_uv_itself(seed: Any, tmp_path: Path) -> None:
     assert subprocess.run([uv, "--version"], capture_output=True, text=True).stdout \
         == "uv 0.0.2\n"
     assert os.path.exists(os.path.join(seed.at("wheels"), wheel.name))  # kept: `have` next time
+
+
+def test_bytecode_of_the_first_start_is_written_last_first(tmp_path: Path) -> None:
+    """While a fresh environment's server compiles its imports first to last, the host writes
+    them last to first; it stops where a module is compiled already, or once the server is up."""
+    import importlib.util
+    import threading
+
+    (tmp_path / "tether").mkdir()
+    names = ["a.py", "pkg/b.py", "gone.py", "c.py"]
+    (tmp_path / "tether" / "first-imports.txt").write_text("# order\n" + "\n".join(names))
+    (tmp_path / "pkg").mkdir()
+    for name in ("a.py", "pkg/b.py", "c.py"):
+        (tmp_path / name).write_text(f"X = {name!r}\n")
+
+    def cached(name: str) -> Path:
+        return Path(importlib.util.cache_from_source(str(tmp_path / name)))
+
+    done = threading.Event()
+    done.set()
+    host.compile_first_imports(done, str(tmp_path))
+    assert not any(cached(n).exists() for n in names)  # the server was up first
+    cached("c.py").parent.mkdir()
+    cached("c.py").write_bytes(b"")  # the server got there first: they met
+    host.compile_first_imports(threading.Event(), str(tmp_path))
+    assert not cached("a.py").exists() and not cached("pkg/b.py").exists()
+    cached("c.py").unlink()
+    host.compile_first_imports(threading.Event(), str(tmp_path))
+    assert all(cached(n).exists() for n in ("a.py", "pkg/b.py", "c.py"))
+
+
+def test_the_first_imports_list_is_this_environments() -> None:
+    """tether/first-imports.txt (bench/first_imports.py) names what this environment has: a
+    list gone stale after a dependency change would compile little."""
+    import sysconfig
+
+    listed = [line for line in (Path(host.__file__).parent / "first-imports.txt").read_text()
+              .splitlines() if line and not line.startswith("#")]
+    roots = [Path(sysconfig.get_paths()["purelib"]), Path(host.__file__).parent.parent]
+    found = [n for n in listed if any((root / n).exists() for root in roots)]
+    assert len(listed) > 300 and len(found) >= 0.9 * len(listed)
+    assert "jupyter_server/serverapp.py" in listed and "tether/remote/server.py" in listed
