@@ -639,7 +639,7 @@ def uv_runs(path: str) -> bool:
 
 
 def unpack_uv(spec: dict[str, Any]) -> str:
-    """The uv executable (cached per version): the laptop's own binary as sent (zlib), or from
+    """The uv executable (cached per version): the laptop's own binary as sent (deflate), or from
     uv's wheel, sent or fetched here from the lock's URL; "" when it cannot run here."""
     import hashlib
     import shutil
@@ -656,7 +656,7 @@ def unpack_uv(spec: dict[str, Any]) -> str:
                     fetch(spec["url"], source, spec["sha256"])
             with open(tmp, "wb") as out:
                 if spec.get("kind") == "binary":
-                    unpack, digest = zlib.decompressobj(), hashlib.sha256()
+                    unpack, digest = zlib.decompressobj(-15), hashlib.sha256()
                     with open(source, "rb") as f:
                         for chunk in [*iter(lambda: f.read(1 << 20), b""), None]:
                             data = unpack.decompress(chunk) if chunk else unpack.flush()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import configparser
 import functools
 import hashlib
@@ -61,6 +62,7 @@ DOWNLOAD_TIMEOUT = 120.0  # per file, per read
 DOWNLOADS_AT_ONCE = 4
 UV = "uv"
 CHUNK = 1 << 20
+PIECE = 4 << 20  # compressed on its own, in parallel
 OLDEST_GLIBC = 5  # manylinux1 is glibc 2.5
 # the glibc minors uv names in --python-platform (uv 0.8 to 0.13: x86_64/aarch64-manylinux_2_N)
 UV_GLIBC = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
@@ -612,24 +614,26 @@ def laptop_uv(platform: Platform) -> LaptopUV | None:
     if record != entry.hash.value:
         log.info("%s does not match uv's RECORD: not sent", binary)
         return None
-    packed = cache_dir() / "uv-bin" / f"uv-{dist.version}-{digest[:16]}.zlib"
+    packed = cache_dir() / "uv-bin" / f"uv-{dist.version}-{digest[:16]}.deflate"
     if not packed.is_file():
         _compress(binary, packed)
     return LaptopUV(dist.version, packed, file_sha256(packed), digest)
 
 
 def _compress(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        packer = zlib.compressobj(1)  # 38 -> 17 MiB in about 1 s, once per uv version
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                out.write(packer.compress(chunk))
-            out.write(packer.flush())
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """``source`` as one raw deflate stream, its pieces compressed on every core at once (as
+    pigz does: each piece ends on a byte boundary, so they join into one stream)."""
+    data = source.read_bytes()
+    pieces = [data[at:at + PIECE] for at in range(0, len(data), PIECE)] or [b""]
+
+    def deflate(i: int) -> bytes:
+        packer = zlib.compressobj(1, zlib.DEFLATED, -15)  # 38 -> 17 MiB, ~1 CPU s in all
+        last = i == len(pieces) - 1
+        return packer.compress(pieces[i]) + packer.flush(zlib.Z_FINISH if last
+                                                         else zlib.Z_SYNC_FLUSH)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # zlib frees the GIL
+        _write_atomic(dest, b"".join(pool.map(deflate, range(len(pieces)))))
 
 
 # -- fetching ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import __version__, contract
-from tether import _seed, _ssh, _wheels
+from tether import _seed, _ssh
 from tether.config import COLAB_ORIGIN, REMOTE_CACHE_ENV
 from tether.contract import CACHE_KINDS as CACHE_KINDS
 from tether.contract import NO_PYTHON as NO_PYTHON
@@ -62,6 +62,7 @@ SERVER_CONFIG = {"ServerApp": {"jpserver_extensions": {"tether.remote": True}}}
 # Cold preparation installs from the package index: minutes on a slow link.
 INSTALL_TIMEOUT = 1800.0
 CALL_TIMEOUT = 120.0
+SEND_CHUNK = 1 << 20
 LOG_LINES = 12
 
 Event = dict[str, Any]
@@ -305,7 +306,7 @@ async def _send(stdin: asyncio.StreamWriter, data: bytes, files: Sequence[Path])
         await stdin.drain()
     for path in files:  # streamed: a few MiB in memory at a time, whatever the total
         with open(path, "rb") as f:
-            while chunk := f.read(_wheels.CHUNK):
+            while chunk := f.read(SEND_CHUNK):
                 stdin.write(chunk)
                 await stdin.drain()
 
@@ -504,6 +505,8 @@ async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
     own binary where it runs there (:func:`tether._wheels.laptop_uv`), else a host with an
     index fetches the wheel the lock pins itself, else the laptop sends that wheel.
     """
+    from tether import _wheels  # (a cold preparation only: a warm `up` does not import it)
+
     index = probe.get("index") or {}
     offline = opts.offline or not index.get("reachable", True)
     if offline and not opts.offline and on_event:
