@@ -6,10 +6,11 @@ It checks the Python, probes the host (``probe``: the facts ``tether doctor`` an
 plan need), makes sure the root is this user's, writable and 0700, and, where the environment
 ``<root>/env-<version>`` is missing or of another build, answers ``need_wheel`` with the
 platform, whether the package index answers and the wheels cached here. The laptop's second
-call streams tether's wheel, then the files named in ``incoming`` (uv's wheel; offline, every
-pinned wheel), each checked by sha256. The environment is made with the shipped uv where it
-runs, else ``venv`` + pip, from the laptop's lock (``--constraint``), from the index or,
-offline, from the received wheels only.
+call streams tether's wheel, then the files named in ``incoming`` (the laptop's uv binary, or
+uv's wheel; offline, every pinned wheel), each checked by sha256 (an online host may fetch uv's
+pinned wheel itself). The environment is made with the shipped uv where it runs, else ``venv``
++ pip, from the laptop's lock (as it stands where uv resolved it, else ``--constraint``), from
+the index or, offline, from the received wheels only.
 
 Then it hands over: ``ENV/bin/python -I -m tether.host ACTION PARAMS`` (exec, same stdout)
 does ``up``, ``prepare``, ``status`` and ``down``, typed, with psutil (:mod:`tether.host`).

@@ -4,7 +4,8 @@ Preparing a remote installs one pinned set of packages, whichever installer runs
 or ``pip`` where uv cannot run) and wherever the files come from (the remote's index, or this
 laptop for a host with no index). The set is resolved here, once per requirement set and remote
 platform, and kept as a lock: name, version, file, URL and sha256 of every wheel, ``uv``
-included (tether ships uv's wheel itself, so the remote needs neither sudo nor a recent pip).
+included (tether ships uv itself, so the remote needs neither sudo nor a recent pip: this
+laptop's own binary where it runs there, :func:`laptop_uv`, else the wheel the lock pins).
 
 The resolver is uv (``uv pip compile --format pylock.toml --python-platform ... --python-version
 ...``; the ``uv`` package is a dependency of tether, else one on PATH): it evaluates environment

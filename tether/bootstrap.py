@@ -9,8 +9,10 @@ same code; what both sides agree on is :mod:`tether.contract`.
 
 Between the two calls the laptop plans the install from the remote's answer (platform, index
 reachable or not, wheels it already has): the pinned set for that platform comes from
-:mod:`tether._wheels` (resolved once, cached here), uv's wheel is sent along, and on a host
-with no index (or ``--offline``) every pinned wheel is streamed too, each verified by sha256.
+:mod:`tether._wheels` (resolved once, cached here), this laptop's own uv is sent along where it
+runs there (else the host fetches uv's pinned wheel, or gets it from here when offline), and on
+a host with no index (or ``--offline``) every pinned wheel is streamed too, each verified by
+sha256.
 """
 
 from __future__ import annotations
