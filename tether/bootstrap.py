@@ -179,9 +179,12 @@ def requires_python() -> str:
 @lru_cache(maxsize=1)
 def seed_source() -> str:
     """The seed's source: what the remote ``python3 -c`` runs (sent inline, so capped). Its
-    comments are left out where no quote precedes them on their line (fewer bytes, the same
-    line numbers in a traceback; a test checks that the code is the same)."""
+    module docstring, and its comments where no quote precedes them on their line, are left
+    out (fewer bytes, the same line numbers in a traceback; a test checks the code is the
+    same)."""
     lines = resources.files("tether").joinpath("_seed.py").read_text().splitlines()
+    end = next(i for i, line in enumerate(lines) if i and line.endswith('"""'))
+    lines[:end + 1] = [""] * (end + 1)  # the module docstring: for the reader here
     for i, line in enumerate(lines):
         code, sep, _ = line.partition("#")
         if sep and "'" not in code and '"' not in code:

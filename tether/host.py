@@ -495,7 +495,29 @@ def start_server(python: str) -> Record:
         finally:
             done.set()
     pin_launch(launch_id, state["pid"])
+    install_later(launch_id)
     return state
+
+
+def install_later(launch_id: str) -> None:
+    """What the seed left for after the server's start (:data:`tether._seed.LATER`), installed
+    in the background with the server's launch marker (so `down` ends it with the server);
+    nothing where it is installed already."""
+    marker = seed.read_marker() or {}
+    site = os.path.join(seed.ENV, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+    missing = [p for p in marker.get("later") or () if not os.path.isdir(os.path.join(
+        site, "%s-%s.dist-info" % tuple(p.replace("-", "_").split("==", 1))))]
+    uv = seed.uv_in_env()
+    if not missing or not uv:
+        return
+    offline = marker.get("source") == "laptop"
+    argv = seed.install_argv("uv", uv, seed.env_python(), offline, seed.pins_path("later"), True)
+    env = dict(seed.installer_env("uv", offline), **{LAUNCH_ENV: launch_id})
+    with open(seed.INSTALL_LOG, "ab") as log:
+        log.write(("\n$ %s  (after the server's start)\n" % " ".join(argv)).encode())
+        log.flush()
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                         start_new_session=True, close_fds=True)
 
 
 def compile_first_imports(done: threading.Event, site: str = "") -> None:
