@@ -155,6 +155,55 @@ def _dist_files() -> list[tuple[str, bytes]]:
     ]
 
 
+@dataclass(frozen=True)
+class WheelId:
+    """What the remote checks its environment against: the wheel's name and sha256."""
+
+    name: str
+    sha256: str
+
+
+def _stamp() -> str:
+    """What the wheel is built from: the package's files by name, size and mtime, and the
+    dist-info's text."""
+    root = Path(__file__).parent
+    entries = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(n for n in files if not n.endswith((".pyc", ".pyo"))):
+            info = os.stat(os.path.join(top, name))
+            entries.append([os.path.relpath(os.path.join(top, name), root), info.st_size,
+                            info.st_mtime_ns])
+    dist = metadata.distribution("tether")
+    blob = json.dumps([__version__, entries, dist.read_text("METADATA"),
+                       dist.read_text("entry_points.txt")])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def wheel_id() -> WheelId:
+    """The name and sha256 of tether's wheel, not built again where the package's files are
+    those of the last build on this laptop (:func:`_stamp`, kept in its cache): what a warm
+    ``up``, ``status`` or ``down`` needs, for a few ms instead of building it (20-70 ms)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tether"
+    path, stamp = base / "wheel-id.json", _stamp()
+    try:
+        known = json.loads(path.read_text())
+        if known.get("stamp") == stamp:
+            return WheelId(str(known["name"]), str(known["sha256"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    wheel = build_wheel()
+    try:
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"stamp": stamp, "name": wheel.name, "sha256": wheel.sha256}))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot keep the wheel's id in %s: %s", path, e)
+    return WheelId(wheel.name, wheel.sha256)
+
+
 @lru_cache(maxsize=1)
 def build_wheel() -> Wheel:
     """tether's wheel, built in memory from the running package (same bytes for same files)."""
@@ -219,7 +268,8 @@ def remote_command(python: str, params: dict[str, Any]) -> list[str]:
             str(params["wheel_sha256"]), str(params["action"])]
 
 
-def _params(action: str, opts: RemoteOptions, wheel: Wheel, **extra: Any) -> dict[str, Any]:
+def _params(action: str, opts: RemoteOptions, wheel: Wheel | WheelId,
+            **extra: Any) -> dict[str, Any]:
     return {
         "action": action, "version": __version__, "requires_python": requires_python(),
         "wheel_sha256": wheel.sha256, "wheel_name": wheel.name,
@@ -256,7 +306,8 @@ def call_input(action: str, opts: RemoteOptions, *, wheel_data: bytes = b"",
     The install plan (pins, the wheels needed and sent: it grows with the lock) travels on
     stdin, ahead of the wheel, so that the inline command keeps its size whatever the lock."""
     head = json.dumps(plan).encode() if plan else b""
-    params = _params(action, opts, build_wheel(), wheel_size=len(wheel_data),
+    params = _params(action, opts, build_wheel() if wheel_data else wheel_id(),
+                     wheel_size=len(wheel_data),
                      plan_size=len(head), **extra)
     return params, head + wheel_data
 
