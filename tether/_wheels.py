@@ -616,9 +616,13 @@ def laptop_uv(platform: Platform) -> LaptopUV | None:
         log.info("%s does not match uv's RECORD: not sent", binary)
         return None
     packed = cache_dir() / "uv-bin" / f"uv-{dist.version}-{digest[:16]}.deflate"
-    if not packed.is_file():
-        _compress(binary, packed)
-    return LaptopUV(dist.version, packed, file_sha256(packed), digest)
+    try:
+        if not packed.is_file():
+            _compress(binary, packed)
+        return LaptopUV(dist.version, packed, file_sha256(packed), digest)
+    except OSError as e:  # a full or read-only cache: the remote gets uv another way
+        log.warning("cannot pack %s into %s: %s", binary, packed, e)
+        return None
 
 
 def _compress(source: Path, dest: Path) -> None:

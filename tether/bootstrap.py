@@ -570,18 +570,26 @@ async def install_plan(host: str, probe: Mapping[str, Any], opts: RemoteOptions,
                   "label": f"{host} reaches no package index ({index.get('why') or 'no answer'})"
                            ": preparing it from this machine"})
     platform = _wheels.Platform.from_probe(probe)
-    mine = asyncio.create_task(asyncio.to_thread(_wheels.laptop_uv, platform))
-    try:
-        lock = await _wheels.lock_for(platform, on_event)
-    except _wheels.LaptopIndexError as e:
-        await mine
+
+    async def lock_or_error() -> _wheels.Lock | _wheels.LaptopIndexError:
+        try:
+            return await _wheels.lock_for(platform, on_event)
+        except _wheels.LaptopIndexError as e:
+            return e
+
+    async with asyncio.TaskGroup() as tg:  # this laptop's uv is packed while the lock resolves
+        mine = tg.create_task(asyncio.to_thread(_wheels.laptop_uv, platform))
+        locking = tg.create_task(lock_or_error())
+    lock, own = locking.result(), mine.result()
+    if isinstance(lock, _wheels.LaptopIndexError):
+        e = lock
         if offline:
             raise _wheels.LaptopIndexError(
                 f"{host} reaches no package index, and {e.message[0].lower()}{e.message[1:]}",
                 hint=e.hint, host=host, **e.data) from e
         log.warning("%s: %s; the remote resolves with pip from its index", host, e)
         return {"offline": False}, []  # the remote's own pip, unpinned: better than nothing
-    own, uv, exact = await mine, lock.uv, lock.resolver == "uv"
+    uv, exact = lock.uv, lock.resolver == "uv"
     wanted = [*lock.installs] if offline else []
     if offline and not exact and uv is not None:
         wanted.append(uv)  # the remote resolves tether's own dependencies, uv among them

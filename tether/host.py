@@ -43,6 +43,7 @@ STRAY_DEADLINE = 5.0
 PROBE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 3600
 POLL = 0.02
+COMPILE_JOIN = 5.0
 KERNEL_MODULES = ("ipykernel", "psutil")
 KERNEL_MIN_PYTHON = (3, 8)  # ipykernel's own floor
 LIVE, STALE, UNVERIFIED = states.LIVE, states.STALE, states.UNVERIFIED
@@ -488,12 +489,14 @@ def start_server(python: str) -> Record:
 
     with Step("start", "starting the server"):
         done = threading.Event()
-        threading.Thread(target=compile_first_imports, args=(done,), daemon=True).start()
+        helper = threading.Thread(target=compile_first_imports, args=(done,), daemon=True)
+        helper.start()
         try:
             state = wait_ready(launch(serve_argv(seed.at("token_file")), env), started,
                                launch_id)
         finally:
             done.set()
+            helper.join(COMPILE_JOIN)  # it stops after the module it is compiling
     pin_launch(launch_id, state["pid"])
     install_later(launch_id)
     return state
