@@ -313,9 +313,11 @@ def cold_paths(bed: SSHBed, rounds: int) -> dict[str, list[float]]:
             assert "offline" in how, how
             times["offline"].append(seconds)
         for resolver in ("uv", "pip"):  # the laptop resolves with uv, then as before uv
+            # a laptop that never ran tether: no lock, no wheels, no packed uv, no uv cache
             with tempfile.TemporaryDirectory(prefix="tether-bench-wheels-") as empty:
-                seconds, _ = cold_once(gap, "airgap-online", {"TETHER_WHEEL_CACHE": empty,
-                                                              "TETHER_RESOLVER": resolver})
+                seconds, _ = cold_once(gap, "airgap-online", {
+                    "TETHER_WHEEL_CACHE": empty, "UV_CACHE_DIR": f"{empty}/uv-cache",
+                    "TETHER_RESOLVER": resolver})
             times["uv_empty_laptop" if resolver == "uv" else "uv_empty_laptop_pip_resolve"] \
                 .append(seconds)
         times.update(resolve_only())
@@ -458,9 +460,11 @@ def main() -> None:
                     help="a venv with jupyter-forward installed")
     args = ap.parse_args()
 
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # a laptop writes its bytecode
     bed = start_testbed()
     kill_user_processes(bed.user.pw_uid)
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"load_start": os.getloadavg()[0]}
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} (1 min)", flush=True)
     lines = ["| what | median | range | p90 | n |", "|---|---|---|---|---|"]
     try:
         if args.only_cold:
@@ -514,8 +518,11 @@ def main() -> None:
     results["ratios"] = ratios
     print("\n".join(lines))
     print()
-    for k, v in ratios.items():
-        print(f"- {k}: {v:.2f}x")
+    goals = {"up_fresh_vs_floor": "<= 0.5x", "empty_laptop_vs_plain_pip": "<= 0.35x (0.25x)",
+             "offline_vs_uv": "<= 1.3x", "round_trip_tether_vs_plain": "<= 1.1x"}
+    for k, v in [*ratios.items(), *dict(results.get("cold_ratios") or {}).items()]:
+        print(f"- {k}: {v:.2f}x" + (f" (goal {goals[k]})" if k in goals else ""))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min)")
     out = HERE / "results" / f"up-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

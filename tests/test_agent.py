@@ -706,3 +706,145 @@ def test_uv_searches_every_index_as_pip_and_the_lock_did(seed: Any) -> None:
     assert online[at + 1] == "unsafe-best-match"
     assert "--index-strategy" not in seed.install_argv("uv", "/uv", "/py", True, "/pins")
     assert "--index-strategy" not in seed.install_argv("pip", "", "/py", False, "/pins")
+
+
+def test_a_complete_lock_is_installed_as_it_stands(seed: Any) -> None:
+    """A lock the laptop's uv resolved for this host is the whole set: installed with
+    --no-deps (not resolved a second time here, and without the uv package: the host runs the
+    uv it was sent); a pip lock stays constraints over the remote's own resolution."""
+    exact = seed.install_argv("uv", "/uv", "/py", False, "/pins", True)
+    assert exact[exact.index("--no-deps") + 1:][:2] == ["-r", "/pins"]
+    assert "--constraint" not in exact
+    loose = seed.install_argv("uv", "/uv", "/py", False, "/pins")
+    assert "--no-deps" not in loose and loose[loose.index("--constraint") + 1] == "/pins"
+
+
+def test_the_seed_is_sent_without_its_comments() -> None:
+    """The inline seed leaves its comments out (bytes under the cap) and keeps its lines."""
+    import ast
+
+    sent = bootstrap.seed_source()
+    with open(_seed.__file__) as f:
+        source = f.read()
+    assert len(sent) < len(source) and "#" not in "".join(
+        line for line in sent.splitlines() if not ('"' in line or "'" in line))
+    assert len(sent.splitlines()) == len(source.splitlines())
+    tree = ast.parse(source)
+    assert ast.get_docstring(tree) and ast.get_docstring(ast.parse(sent)) is None
+    tree.body = tree.body[1:]  # the module docstring
+    assert ast.dump(ast.parse(sent)) == ast.dump(tree)
+
+
+def test_uv_from_the_laptops_own_binary(seed: Any) -> None:
+    """This laptop's uv, where the remote accepts its wheel's platform tag, is sent compressed
+    and unpacked there to the very binary (sha256 checked); a mismatch leaves nothing."""
+    import platform as host_platform
+    import shutil as sh
+
+    from tether import _wheels
+
+    here = _wheels.Platform("Linux", host_platform.machine(), "glibc",
+                            host_platform.libc_ver()[1], "%d.%d" % sys.version_info[:2])
+    own = _wheels.laptop_uv(here)
+    if own is None:
+        pytest.skip("the uv package here is not a manylinux wheel's")
+    assert _wheels.laptop_uv(_wheels.Platform("Darwin", "arm64", "", "", "3.11")) is None
+    assert _wheels.laptop_uv(_wheels.Platform("Linux", "x86_64", "glibc", "2.12", "3.11")) \
+        is None  # uv's manylinux_2_17 binary does not run on glibc 2.12
+    spec = {"kind": "binary", "version": own.version, "file": own.file,
+            "sha256": own.sha256, "binary_sha256": own.binary_sha256}
+    os.makedirs(seed.at("wheels"))
+    sh.copy(own.path, seed.at("wheels"))
+    uv = seed.unpack_uv(spec)
+    assert uv and _wheels.file_sha256(Path(uv)) == own.binary_sha256
+    assert not os.path.exists(os.path.join(seed.at("wheels"), own.file))  # unpacked, removed
+    assert seed.unpacked_uv() == [own.version]
+
+    sh.copy(own.path, seed.at("wheels"))
+    bad = dict(spec, version="0.0.1", binary_sha256="0" * 64)
+    assert seed.unpack_uv(bad) == ""
+    assert not os.listdir(os.path.join(seed.at("uv"), "0.0.1"))
+    assert "does not match its sha256" in open(seed.INSTALL_LOG).read()
+
+
+def test_an_online_host_fetches_uv_itself(seed: Any, tmp_path: Path) -> None:
+    """Where the laptop's uv does not run on the host, a host with an index fetches the wheel
+    the lock pins (its URL), checked by sha256; a wrong one is not used."""
+    import hashlib
+    import http.server
+    import threading
+    import zipfile
+
+    served = tmp_path / "served"
+    served.mkdir()
+    wheel = served / "uv-0.0.2-py3-none-manylinux_2_17_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("uv-0.0.2.data/scripts/uv", "#!/bin/sh\necho uv 0.0.2\n")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    def handler(*args: Any) -> Quiet:
+        return Quiet(*args, directory=str(served))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{wheel.name}"
+        spec = {"kind": "fetch", "version": "0.0.2", "file": wheel.name, "sha256": sha,
+                "url": url}
+        os.makedirs(os.path.dirname(seed.INSTALL_LOG), exist_ok=True)
+        assert seed.unpack_uv(dict(spec, version="0.0.3", sha256="0" * 64)) == ""
+        assert not os.path.exists(os.path.join(seed.at("wheels"), wheel.name))
+        uv = seed.unpack_uv(spec)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert uv == os.path.join(seed.at("uv"), "0.0.2", "uv")
+    assert subprocess.run([uv, "--version"], capture_output=True, text=True).stdout \
+        == "uv 0.0.2\n"
+    assert os.path.exists(os.path.join(seed.at("wheels"), wheel.name))  # kept: `have` next time
+
+
+def test_bytecode_of_the_first_start_is_written_last_first(tmp_path: Path) -> None:
+    """While a fresh environment's server compiles its imports first to last, the host writes
+    them last to first; it stops where a module is compiled already, or once the server is up."""
+    import importlib.util
+    import threading
+
+    (tmp_path / "tether").mkdir()
+    names = ["a.py", "pkg/b.py", "gone.py", "c.py"]
+    (tmp_path / "tether" / "first-imports.txt").write_text("# order\n" + "\n".join(names))
+    (tmp_path / "pkg").mkdir()
+    for name in ("a.py", "pkg/b.py", "c.py"):
+        (tmp_path / name).write_text(f"X = {name!r}\n")
+
+    def cached(name: str) -> Path:
+        return Path(importlib.util.cache_from_source(str(tmp_path / name)))
+
+    done = threading.Event()
+    done.set()
+    host.compile_first_imports(done, str(tmp_path))
+    assert not any(cached(n).exists() for n in names)  # the server was up first
+    cached("c.py").parent.mkdir()
+    cached("c.py").write_bytes(b"")  # the server got there first: they met
+    host.compile_first_imports(threading.Event(), str(tmp_path))
+    assert not cached("a.py").exists() and not cached("pkg/b.py").exists()
+    cached("c.py").unlink()
+    host.compile_first_imports(threading.Event(), str(tmp_path))
+    assert all(cached(n).exists() for n in ("a.py", "pkg/b.py", "c.py"))
+
+
+def test_the_first_imports_list_is_this_environments() -> None:
+    """tether/first-imports.txt (bench/first_imports.py) names what this environment has: a
+    list gone stale after a dependency change would compile little."""
+    import sysconfig
+
+    listed = [line for line in (Path(host.__file__).parent / "first-imports.txt").read_text()
+              .splitlines() if line and not line.startswith("#")]
+    roots = [Path(sysconfig.get_paths()["purelib"]), Path(host.__file__).parent.parent]
+    found = [n for n in listed if any((root / n).exists() for root in roots)]
+    assert len(listed) > 300 and len(found) >= 0.9 * len(listed)
+    assert "jupyter_server/serverapp.py" in listed and "tether/remote/server.py" in listed

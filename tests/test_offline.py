@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,29 @@ def assert_uv_cache_is_tethers(gap: Airgap) -> None:
     assert "--compile-bytecode" in log or len(os.sched_getaffinity(0)) < 4
 
 
+def assert_sent_own_uv(gap: Airgap, m: dict) -> None:
+    """The laptop's own uv ran the install (no uv wheel downloaded, here or there), and the lock
+    its uv resolved went in as it stands: not resolved again, no uv package in the env."""
+    log = (gap.tether_root / "install.log").read_text()
+    assert "--no-deps -r" in log, log[-2000:]
+    assert m["uv"] == str(gap.tether_root / "uv" / metadata.version("uv") / "uv")
+    assert not list((gap.tether_root / ENV).glob("lib/python*/site-packages/uv")), \
+        "the uv package was installed into tether's environment"
+
+
+def assert_later_installed(gap: Airgap, m: dict) -> None:
+    """jedi and parso, left out before the server's start, are installed after it (in the
+    background, by uv; bounded wait), pinned as the lock says."""
+    assert sorted(p.split("==")[0] for p in m["later"]) == ["jedi", "parso"], m
+    site = next((gap.tether_root / ENV / "lib").glob("python*/site-packages"))
+    infos = [site / ("%s-%s.dist-info" % tuple(p.split("=="))) for p in m["later"]]
+    deadline = time.monotonic() + 120
+    while not all(i.is_dir() for i in infos) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(i.is_dir() for i in infos), (gap.tether_root / "install.log").read_text()[-2000:]
+    assert "tether-later.txt" in (gap.tether_root / "install.log").read_text()
+
+
 def left_in_home(gap: Airgap) -> list[str]:
     """Every path under the home that /etc/skel did not put there."""
     skel = {str(p.relative_to("/etc/skel")) for p in Path("/etc/skel").rglob("*")}
@@ -142,6 +166,8 @@ async def test_cold_up_with_uv(airgap: Airgap) -> None:
                                                                       for k in m["pins"]}
     assert not old.exists(), "the older environment was not removed"
     assert_uv_cache_is_tethers(airgap)
+    assert_sent_own_uv(airgap, m)
+    assert_later_installed(airgap, m)
     PINS["uv"] = m["pins"]
     print(f"cold up with uv: {up.seconds:.1f} s")
     assert up.seconds < 120
@@ -193,6 +219,8 @@ async def test_airgapped_host_prepared_from_the_laptop(airgap: Airgap) -> None:
     installs = [line for line in log.splitlines() if line.startswith("$ ") and " install " in line]
     assert installs and all("--no-index" in line and "--offline" in line for line in installs)
     assert_uv_cache_is_tethers(airgap)
+    assert_sent_own_uv(airgap, m)
+    assert_later_installed(airgap, m)
     print(f"cold up, air-gapped: {up.seconds:.1f} s")
 
     # the kernel's own Python gets ipykernel and psutil the same way (offline, pinned)

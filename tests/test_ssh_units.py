@@ -63,6 +63,26 @@ def test_remote_tether_argv_runs_the_installed_tether() -> None:
     assert "env-0.1.0/bin/tether" in argv[2] and "JUPYTER_RUNTIME_DIR" in argv[2]
 
 
+def test_the_wheels_id_is_kept_until_a_file_changes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm call sends the wheel's sha256 without building the wheel: kept in the laptop's
+    cache with what it was built from; anything else there is ignored."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bootstrap.wheel_id.cache_clear()
+    built = bootstrap.build_wheel()
+    first = bootstrap.wheel_id()
+    assert (first.name, first.sha256) == (built.name, built.sha256)
+    kept = tmp_path / "tether" / "wheel-id.json"
+    assert json.loads(kept.read_text())["sha256"] == built.sha256
+    kept.write_text(json.dumps(dict(json.loads(kept.read_text()), stamp="other", sha256="x")))
+    bootstrap.wheel_id.cache_clear()
+    assert bootstrap.wheel_id().sha256 == built.sha256  # another build's: built again
+    kept.write_text("{")
+    bootstrap.wheel_id.cache_clear()
+    assert bootstrap.wheel_id().sha256 == built.sha256
+    bootstrap.wheel_id.cache_clear()
+
+
 def test_wheel_is_deterministic_and_complete() -> None:
     bootstrap.build_wheel.cache_clear()
     a = bootstrap.build_wheel()

@@ -6,10 +6,11 @@ It checks the Python, probes the host (``probe``: the facts ``tether doctor`` an
 plan need), makes sure the root is this user's, writable and 0700, and, where the environment
 ``<root>/env-<version>`` is missing or of another build, answers ``need_wheel`` with the
 platform, whether the package index answers and the wheels cached here. The laptop's second
-call streams tether's wheel, then the files named in ``incoming`` (uv's wheel; offline, every
-pinned wheel), each checked by sha256. The environment is made with the shipped uv where it
-runs, else ``venv`` + pip, from the laptop's lock (``--constraint``), from the index or,
-offline, from the received wheels only.
+call streams tether's wheel, then the files named in ``incoming`` (the laptop's uv binary, or
+uv's wheel; offline, every pinned wheel), each checked by sha256 (an online host may fetch uv's
+pinned wheel itself). The environment is made with the shipped uv where it runs, else ``venv``
++ pip, from the laptop's lock (as it stands where uv resolved it, else ``--constraint``), from
+the index or, offline, from the received wheels only.
 
 Then it hands over: ``ENV/bin/python -I -m tether.host ACTION PARAMS`` (exec, same stdout)
 does ``up``, ``prepare``, ``status`` and ``down``, typed, with psutil (:mod:`tether.host`).
@@ -61,6 +62,10 @@ PIP_CONFIGS = ("/etc/xdg/pip/pip.conf", "/etc/pip.conf", "~/.pip/pip.conf",
 # the server's first start compiles what it imports (measured 2026-12, 2 cores: 2.3 s to
 # compile all, 2.4 s vs 0.5 s for the first start).
 COMPILE_MIN_CPUS = 4
+# Installed once the server answers (a cold `up` with uv): jedi, IPython's completion engine,
+# is 56 % of the environment's 10,000 files; a kernel started before it is there completes
+# without it (measured 2026-12: uv's install 40-55 % shorter without these two).
+LATER = ("jedi", "parso")
 # Where a root can go when the usual one cannot be written (TETHER_REMOTE_CACHE on the laptop).
 ELSEWHERE = ("$TMPDIR/tether-u{uid}", "/scratch/{user}", "/tmp/tether-u{uid}")
 WHY = {"read-only": "is on a read-only file system",
@@ -472,6 +477,13 @@ def cached_wheels() -> list[str]:
         return []
 
 
+def unpacked_uv() -> list[str]:
+    try:
+        return sorted(v for v in os.listdir(at("uv")) if os.path.exists(at("uv") + "/%s/uv" % v))
+    except OSError:
+        return []
+
+
 def need_wheel() -> dict[str, Any]:
     """What the laptop needs to plan a cold preparation (platform, index, cached files);
     checked first: the disk has room for it."""
@@ -479,7 +491,7 @@ def need_wheel() -> dict[str, Any]:
     info = probe()
     name, version = libc()
     impl = sys.implementation.name
-    info.update(libc=name, libc_version=version, have=cached_wheels(),
+    info.update(libc=name, libc_version=version, have=cached_wheels(), have_uv=unpacked_uv(),
                 implementation={"cpython": "cp", "pypy": "pp"}.get(impl, impl))
     info["index"] = {"url": "", "reachable": False, "why": "--offline", "seconds": 0.0} \
         if offline else index_check()
@@ -520,7 +532,7 @@ def receive_files() -> None:
         return
     ensure_dir(at("wheels"))
     total = sum(int(e["size"]) for e in incoming)
-    with Step("receive", "receiving %d wheel%s (%.1f MiB), each checked by sha256"
+    with Step("receive", "receiving %d file%s (%.1f MiB), each checked by sha256"
               % (len(incoming), "s" if len(incoming) != 1 else "", total / 1048576.0)):
         for entry in incoming:
             receive_file(entry)
@@ -632,26 +644,63 @@ def uv_runs(path: str) -> bool:
 
 
 def unpack_uv(spec: dict[str, Any]) -> str:
-    """The uv executable from its wheel (cached per version); "" when it cannot run here."""
+    """The uv executable (cached per version): the laptop's own binary as sent (deflate), or from
+    uv's wheel, sent or fetched here from the lock's URL; "" when it cannot run here."""
+    import hashlib
     import shutil
-
     import zipfile
+    import zlib
     path = os.path.join(at("uv"), spec["version"], "uv")
     if not os.path.exists(path):
         ensure_dir(os.path.dirname(path))
-        wheel = os.path.join(at("wheels"), os.path.basename(spec["file"]))
+        source = os.path.join(at("wheels"), os.path.basename(spec.get("file") or "uv"))
         tmp = path + ".part"
         try:
-            with zipfile.ZipFile(wheel) as zf:
-                member = next(n for n in zf.namelist() if n.endswith(".data/scripts/uv"))
-                with zf.open(member) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        except (OSError, StopIteration, zipfile.BadZipFile) as e:
-            log_line("uv: cannot unpack %s: %s" % (wheel, e))
+            if spec.get("kind") == "fetch":
+                with Step("uv", "fetching uv %s from the index" % spec["version"]):
+                    fetch(spec["url"], source, spec["sha256"])
+            with open(tmp, "wb") as out:
+                if spec.get("kind") == "binary":
+                    unpack, digest = zlib.decompressobj(-15), hashlib.sha256()
+                    with open(source, "rb") as f:
+                        for chunk in [*iter(lambda: f.read(1 << 20), b""), None]:
+                            data = unpack.decompress(chunk) if chunk else unpack.flush()
+                            digest.update(data)
+                            out.write(data)
+                    remove_quietly(source)
+                    if digest.hexdigest() != spec["binary_sha256"]:
+                        raise ValueError("the binary does not match its sha256")
+                else:
+                    with zipfile.ZipFile(source) as zf:
+                        member = next(n for n in zf.namelist() if n.endswith(".data/scripts/uv"))
+                        with zf.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, StopIteration, ValueError, zipfile.BadZipFile, zlib.error) as e:
+            log_line("uv: cannot unpack %s: %s" % (source, e))
+            remove_quietly(tmp)
             return ""
         os.chmod(tmp, 0o700)
         os.rename(tmp, path)
     return path if uv_runs(path) else ""
+
+
+def fetch(url: str, dest: str, sha256: str) -> None:
+    """``url`` into ``dest``, checked by sha256 (pip's cert, else the system's)."""
+    import hashlib
+    import ssl
+    import urllib.request
+    context = ssl.create_default_context(cafile=pip_settings()["cert"] or None)
+    digest, tmp = hashlib.sha256(), dest + ".part"
+    ensure_dir(os.path.dirname(dest))
+    with urllib.request.urlopen(url, timeout=60, context=context) as resp, \
+            open(tmp, "wb") as out:
+        for chunk in iter(lambda: resp.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        remove_quietly(tmp)
+        raise ValueError("%s does not match the lock's sha256" % url)
+    os.rename(tmp, dest)
 
 
 def source_flags(installer: str, offline: bool) -> list[str]:
@@ -692,7 +741,10 @@ def where(offline: bool) -> str:
     return "from the laptop's wheels (offline)" if offline else "from the index"
 
 
-def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str) -> list[str]:
+def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str,
+                 exact: bool = False) -> list[str]:
+    """The install command; ``exact``: the pins are the whole set, resolved for this host
+    (the laptop's uv did it), installed as they are (nothing resolved again, uv left out)."""
     if installer == "uv":
         argv = [uv, "pip", "install", "--python", python]
         if usable_cpus() >= COMPILE_MIN_CPUS:
@@ -701,7 +753,7 @@ def install_argv(installer: str, uv: str, python: str, offline: bool, pins: str)
         argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                 "--progress-bar", "off"]
     if pins:
-        argv += ["--constraint", pins]
+        argv += ["--no-deps", "-r", pins] if exact else ["--constraint", pins]
     return argv + source_flags(installer, offline)
 
 
@@ -709,8 +761,10 @@ def env_python() -> str:
     return os.path.join(ENV, "bin", "python")
 
 
-def pins_path() -> str:
-    return os.path.join(ENV, "tether-pins.txt")
+def pins_path(kind: str = "pins") -> str:
+    """The lock's pins (``pins``); those installed before the server starts (``now``) and
+    after (``later``), where the install is split."""
+    return os.path.join(ENV, "tether-%s.txt" % kind)
 
 
 def read_marker() -> "dict[str, Any] | None":
@@ -753,9 +807,13 @@ def create_env(wheel: bytes) -> None:
                        "Install the venv module on HOST, e.g. `sudo apt-get install "
                        "python3-venv` (or pass --remote-python PATH).")
     pins = PARAMS.get("pins") or []
-    if pins:
-        with open(pins_path(), "w") as f:
-            f.write("\n".join(pins) + "\n")
+    split = bool(uv and PARAMS.get("exact") and PARAMS.get("action") == "up")
+    later = [p for p in pins if p.split("==")[0] in LATER] if split else []
+    for kind, lines in (("pins", pins), ("now", [p for p in pins if p not in later]),
+                        ("later", later)):
+        if lines and (kind == "pins" or later):
+            with open(pins_path(kind), "w") as f:
+                f.write("\n".join(lines) + "\n")
     install_wheel(wheel, deps=True, installer=installer, uv=uv)
 
 
@@ -765,8 +823,11 @@ def install_wheel(wheel: bytes, deps: bool, installer: str = "pip", uv: str = ""
     offline = bool(PARAMS.get("offline")) and deps
     label = ("installing tether and its dependencies with %s %s" % (installer, where(offline))
              if deps else "updating tether")
-    pins = pins_path() if deps and os.path.exists(pins_path()) else ""
-    argv = install_argv(installer, uv, env_python(), offline, pins)
+    pins = ""
+    for kind in ("now", "pins"):
+        if deps and not pins and os.path.exists(pins_path(kind)):
+            pins = pins_path(kind)
+    argv = install_argv(installer, uv, env_python(), offline, pins, bool(PARAMS.get("exact")))
     if not deps:
         argv = [uv_in_env(), "pip", "install", "--python", env_python(), "--no-deps",
                 "--reinstall"] if uv_in_env() else \
@@ -782,6 +843,8 @@ def install_wheel(wheel: bytes, deps: bool, installer: str = "pip", uv: str = ""
         marker = {"installer": installer, "source": "laptop" if offline else "index",
                   "pins": dict(p.split("==", 1) for p in PARAMS.get("pins") or []),
                   "lock": PARAMS.get("lock", ""), "uv": uv,
+                  "later": [p for p in PARAMS.get("pins") or [] if pins == pins_path("now")
+                            and p.split("==")[0] in LATER],
                   "python": "%d.%d.%d" % sys.version_info[:3]}
     marker.update(version=VERSION, wheel_sha256=PARAMS["wheel_sha256"], created=time.time())
     write_private(MARKER, json.dumps(marker).encode())
@@ -914,7 +977,7 @@ def recorded() -> bool:
 
 # `python -m tether.host` as `-c`: runpy and importlib.util are not imported (a few ms a call)
 HOST_MAIN = "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"
-PLAN_KEYS = ("pins", "need", "incoming", "uv", "lock", "plan_size", "wheel_size")
+PLAN_KEYS = ("pins", "need", "incoming", "uv", "lock", "plan_size", "wheel_size", "exact")
 
 
 def hand_over(action: str) -> NoReturn:

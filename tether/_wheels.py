@@ -4,7 +4,8 @@ Preparing a remote installs one pinned set of packages, whichever installer runs
 or ``pip`` where uv cannot run) and wherever the files come from (the remote's index, or this
 laptop for a host with no index). The set is resolved here, once per requirement set and remote
 platform, and kept as a lock: name, version, file, URL and sha256 of every wheel, ``uv``
-included (tether ships uv's wheel itself, so the remote needs neither sudo nor a recent pip).
+included (tether ships uv itself, so the remote needs neither sudo nor a recent pip: this
+laptop's own binary where it runs there, :func:`laptop_uv`, else the wheel the lock pins).
 
 The resolver is uv (``uv pip compile --format pylock.toml --python-platform ... --python-version
 ...``; the ``uv`` package is a dependency of tether, else one on PATH): it evaluates environment
@@ -25,6 +26,8 @@ the ``pip download`` to run elsewhere and the folder to put its files in.
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import configparser
 import functools
 import hashlib
@@ -41,6 +44,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -53,12 +57,13 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "TETHER_WHEEL_CACHE"
 RESOLVER_ENV = "TETHER_RESOLVER"  # "uv" or "pip"; unset: uv where one runs here, else pip
-LOCK_SCHEMA = 1
+LOCK_SCHEMA = 2  # 2: the resolver is recorded (a uv lock is installed as it stands)
 RESOLVE_TIMEOUT = 300.0
 DOWNLOAD_TIMEOUT = 120.0  # per file, per read
 DOWNLOADS_AT_ONCE = 4
 UV = "uv"
 CHUNK = 1 << 20
+PIECE = 4 << 20  # compressed on its own, in parallel
 OLDEST_GLIBC = 5  # manylinux1 is glibc 2.5
 # the glibc minors uv names in --python-platform (uv 0.8 to 0.13: x86_64/aarch64-manylinux_2_N)
 UV_GLIBC = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
@@ -174,6 +179,7 @@ class Lock:
     requirements: tuple[str, ...]
     packages: tuple[Pinned, ...]
     resolved: float = 0.0
+    resolver: str = "pip"  # "uv": resolved for the remote's markers, complete as it stands
 
     @property
     def uv(self) -> Pinned | None:
@@ -189,7 +195,7 @@ class Lock:
     def to_json(self) -> dict[str, Any]:
         return {"schema": LOCK_SCHEMA, "key": self.key, "platform": self.platform,
                 "requirements": list(self.requirements), "resolved": self.resolved,
-                "packages": [asdict(p) for p in self.packages]}
+                "resolver": self.resolver, "packages": [asdict(p) for p in self.packages]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Lock:
@@ -198,7 +204,7 @@ class Lock:
                    tuple(Pinned(**{k: str(p[k]) for k in ("name", "version", "file", "url",
                                                           "sha256")})
                          for p in data["packages"]),
-                   float(data.get("resolved") or 0.0))
+                   float(data.get("resolved") or 0.0), str(data.get("resolver") or "pip"))
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -557,7 +563,8 @@ async def lock_for(platform: Platform, on_step: OnStep | None = None,
     with _Step(on_step, "resolve", label):
         packages = await (_resolve_with_uv(uv, platform, reqs) if uv
                           else _resolve_with_pip(platform, reqs))
-        lock = Lock(key, platform.describe, tuple(reqs), tuple(packages), time.time())
+        lock = Lock(key, platform.describe, tuple(reqs), tuple(packages), time.time(),
+                    "uv" if uv else "pip")
     _write_atomic(cache_dir() / "locks" / f"{key}.json",
                   json.dumps(lock.to_json(), indent=1).encode())
     return lock
@@ -566,6 +573,72 @@ async def lock_for(platform: Platform, on_step: OnStep | None = None,
 def _last(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+# -- this laptop's own uv, for a remote it runs on ---------------------------------------------
+
+@dataclass(frozen=True)
+class LaptopUV:
+    """The binary of the ``uv`` package installed here, zlib-compressed into the cache (about
+    as large as uv's wheel): what a laptop sends a remote it runs on instead of downloading
+    uv's wheel for it."""
+
+    version: str
+    path: Path
+    sha256: str  # of the compressed file, checked as it arrives
+    binary_sha256: str  # of the binary, checked once unpacked
+
+    @property
+    def file(self) -> str:
+        return self.path.name
+
+
+def laptop_uv(platform: Platform) -> LaptopUV | None:
+    """This laptop's uv where its wheel's platform tag is one the remote accepts and the
+    binary matches its RECORD; else None (the remote fetches uv, or gets its wheel)."""
+    try:
+        dist = metadata.distribution(UV)
+        accepted = set(platform.platform_tags())
+    except (metadata.PackageNotFoundError, LaptopIndexError, ValueError):
+        return None
+    tags = [line.split(":", 1)[1].strip().rsplit("-", 1)[-1]
+            for line in (dist.read_text("WHEEL") or "").splitlines() if line.startswith("Tag:")]
+    entry = next((f for f in dist.files or () if f.name == UV and "bin" in f.parts[:-1]), None)
+    if entry is None or entry.hash is None or not accepted.intersection(tags):
+        return None
+    binary = Path(str(dist.locate_file(entry)))
+    try:
+        digest = file_sha256(binary)
+    except OSError:
+        return None
+    record = base64.urlsafe_b64encode(bytes.fromhex(digest)).rstrip(b"=").decode()
+    if record != entry.hash.value:
+        log.info("%s does not match uv's RECORD: not sent", binary)
+        return None
+    packed = cache_dir() / "uv-bin" / f"uv-{dist.version}-{digest[:16]}.deflate"
+    try:
+        if not packed.is_file():
+            _compress(binary, packed)
+        return LaptopUV(dist.version, packed, file_sha256(packed), digest)
+    except OSError as e:  # a full or read-only cache: the remote gets uv another way
+        log.warning("cannot pack %s into %s: %s", binary, packed, e)
+        return None
+
+
+def _compress(source: Path, dest: Path) -> None:
+    """``source`` as one raw deflate stream, its pieces compressed on every core at once (as
+    pigz does: each piece ends on a byte boundary, so they join into one stream)."""
+    data = source.read_bytes()
+    pieces = [data[at:at + PIECE] for at in range(0, len(data), PIECE)] or [b""]
+
+    def deflate(i: int) -> bytes:
+        packer = zlib.compressobj(1, zlib.DEFLATED, -15)  # 38 -> 17 MiB, ~1 CPU s in all
+        last = i == len(pieces) - 1
+        return packer.compress(pieces[i]) + packer.flush(zlib.Z_FINISH if last
+                                                         else zlib.Z_SYNC_FLUSH)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # zlib frees the GIL
+        _write_atomic(dest, b"".join(pool.map(deflate, range(len(pieces)))))
 
 
 # -- fetching ----------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ STRAY_DEADLINE = 5.0
 PROBE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 3600
 POLL = 0.02
+COMPILE_JOIN = 5.0
 KERNEL_MODULES = ("ipykernel", "psutil")
 KERNEL_MIN_PYTHON = (3, 8)  # ipykernel's own floor
 LIVE, STALE, UNVERIFIED = states.LIVE, states.STALE, states.UNVERIFIED
 TYPE_CHECKING = False  # typing is not imported at run time: every import is paid per call
 if TYPE_CHECKING:
+    import threading
     from typing import Any
 
     from tether.contract import StaleEntry
@@ -500,10 +502,68 @@ def start_server(python: str) -> Record:
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=seed.RUNTIME, JUPYTER_PATH=seed.at("jupyter_path"))
     env[LAUNCH_ENV] = launch_id
     started = time.time()
+    import threading
+
     with Step("start", "starting the server"):
-        state = wait_ready(launch(serve_argv(seed.at("token_file")), env), started, launch_id)
+        done = threading.Event()
+        helper = threading.Thread(target=compile_first_imports, args=(done,), daemon=True)
+        helper.start()
+        try:
+            state = wait_ready(launch(serve_argv(seed.at("token_file")), env), started,
+                               launch_id)
+        finally:
+            done.set()
+            helper.join(COMPILE_JOIN)  # it stops after the module it is compiling
     pin_launch(launch_id, state["pid"])
+    install_later(launch_id)
     return state
+
+
+def install_later(launch_id: str) -> None:
+    """What the seed left for after the server's start (:data:`tether._seed.LATER`), installed
+    in the background with the server's launch marker (so `down` ends it with the server);
+    nothing where it is installed already."""
+    marker = seed.read_marker() or {}
+    site = os.path.join(seed.ENV, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+    missing = [p for p in marker.get("later") or () if not os.path.isdir(os.path.join(
+        site, "%s-%s.dist-info" % tuple(p.replace("-", "_").split("==", 1))))]
+    uv = seed.uv_in_env()
+    if not missing or not uv:
+        return
+    offline = marker.get("source") == "laptop"
+    argv = seed.install_argv("uv", uv, seed.env_python(), offline, seed.pins_path("later"), True)
+    env = dict(seed.installer_env("uv", offline), **{LAUNCH_ENV: launch_id})
+    with open(seed.INSTALL_LOG, "ab") as log:
+        log.write(("\n$ %s  (after the server's start)\n" % " ".join(argv)).encode())
+        log.flush()
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                         start_new_session=True, close_fds=True)
+
+
+def compile_first_imports(done: threading.Event, site: str = "") -> None:
+    """Bytecode for what the server's first start imports (``tether/first-imports.txt``),
+    written from the last module to the first while that start compiles from the first: on a
+    fresh environment (uv writes none where there are few cores) the two meet about halfway.
+    Ends at the first module already compiled (where they met, or a prepared host), or once
+    the server is up."""
+    import importlib.util
+    import py_compile
+
+    site = site or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with open(os.path.join(site, "tether", "first-imports.txt")) as f:
+            names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return
+    for name in reversed(names):
+        source = os.path.join(site, name)
+        cached = importlib.util.cache_from_source(source)
+        if done.is_set() or os.path.exists(cached):
+            return
+        try:
+            py_compile.compile(source, cached, doraise=True)
+        except (py_compile.PyCompileError, OSError):
+            continue  # not in this environment (another platform's module): the next one
 
 
 def check_token(want: str) -> None:
