@@ -70,7 +70,9 @@ def test_the_job_script_is_valid_sh_and_keeps_the_token_out(mode):
     assert ("--sock" in script) == (mode == "jump")
     assert ("--i-know-this-exposes-the-server" in script) == (mode == "forward")
     assert """--notebook-dir "$HOME"/'my notebooks'""" in script
-    assert "--token" not in script  # the server makes its own; it reaches us in its 0600 file
+    # the job's 0600 token file (every server of the job serves the same URL), never the token
+    assert "--token-file \"$d/token\"" in script and "--token " not in script
+    assert "trap 'again=1;" in script and "USR2" in script
 
 
 @pytest.mark.parametrize(("args", "says"), [
