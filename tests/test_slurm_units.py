@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,23 @@ async def test_the_node_is_reached_with_the_login_nodes_options_and_remote_cache
     assert node.host == "node1" and node.remote_env == login.remote_env
     assert node.options == ("Port=2222", "ProxyJump=login")
     assert node.argv(command=["true"])[-1] == "env XDG_CACHE_HOME=/scratch/u true"
+
+
+def test_a_restart_keeps_the_options_it_is_not_given():
+    """`tether restart LOGIN --slurm` gives the options it is given; the others are those the
+    job's server runs with, read back from its serve script's options line."""
+    first = RemoteOptions(idle_timeout=600, origins=("https://x.example",), notebook_dir="~/nb",
+                          serve_args=("--stop-after-idle", "900"), conda_env="torch")
+    script = slurm.serve_script("abc", first, "forward")
+    line = next(ln for ln in script.splitlines() if ln.startswith("# tether-options: "))
+    running = json.loads(line.removeprefix("# tether-options: "))
+    assert running["mode"] == "forward"
+    kept = slurm.restart_options(RemoteOptions(), running)
+    assert (kept.idle_timeout, kept.origins, kept.notebook_dir, kept.serve_args,
+            kept.conda_env) == (600, ("https://x.example",), "~/nb", ("--stop-after-idle", "900"),
+                                "torch")
+    changed = slurm.restart_options(RemoteOptions(idle_timeout=7200, kernel_python="/py"),
+                                    running)
+    assert (changed.idle_timeout, changed.kernel_python, changed.conda_env) == (7200, "/py",
+                                                                                None)
+    assert "--idle-timeout 600" in script and '--token-file "$d/token"' in script

@@ -629,9 +629,9 @@ class SlurmJob(OverSSH):
             raise _ssh.ssh_error(self.login, "waiting for the job", proc.returncode, stderr)
 
     async def _wait_running(self, job_id: str, nonce: str, on_event: OnEvent,
-                            on_note: OnNote, skip: str = "") -> Placement:
+                            on_note: OnNote, skip: str = "", first: bool = True) -> Placement:
         """Until the job's server has written its state file (bounded once the job runs);
-        ``skip``: the pid of a server being replaced."""
+        ``skip``: the pid of a server being replaced; ``first``: the job's first server."""
         t0 = time.monotonic()
         running_since: float | None = None
         last_state = ("", "")
@@ -639,7 +639,7 @@ class SlurmJob(OverSSH):
             async for job, states, log_tail in self._reports(job_id, nonce, skip):
                 self.job = job
                 if job.ended:
-                    raise self._ended(job, log_tail, before_ready=True)
+                    raise self._ended(job, log_tail, before_ready=first)
                 if job.state == "RUNNING" and states:
                     server = ServerInfo.from_payload(self.host, _newest(states))
                     self.mode = "jump" if server.sock else "forward"
@@ -739,7 +739,7 @@ class SlurmJob(OverSSH):
         server stopped on purpose ends it): supervision ends, with why."""
         assert self.job is not None
         placement = await self._wait_running(self.job.job_id, self.job.nonce, on_event,
-                                             lambda text: None)
+                                             lambda text: None, first=False)
         if placement.result.server.token != token:  # (the job's token file is fixed)
             raise SlurmError(f"job {self.job.job_id} on {self.host} serves another token",
                              hint=f"Run `tether attach {self.host} --slurm`.", host=self.host)
@@ -773,7 +773,7 @@ class SlurmJob(OverSSH):
         self.job = job
         pid = str(old.get("pid") or "")
         placement = await self._wait_running(job.job_id, job.nonce, on_event, lambda text: None,
-                                             skip=pid)
+                                             skip=pid, first=False)
         return RestartResult(placement.result.server, (int(pid),) if pid else (),
                              str(old.get("version") or ""), tuple(kernels))
 
