@@ -327,8 +327,9 @@ def serve_script(nonce: str, opts: bootstrap.RemoteOptions, mode: str) -> str:
 # tether-options: {options}
 r={REMOTE_LAYOUT.root_expr()}
 d="$r/slurm/{nonce}"
+t="$r/{env}/bin/tether"
 # stdout would put the URL with its token in job.log: the state file carries it (0600)
-exec "$r/{env}/bin/tether" serve --token-file "$d/token" {listen} {shlex.join(serve)}{where} \
+exec "$t" serve --token-file "$d/token" {listen} {shlex.join(serve)}{where} \
   > /dev/null
 """
 
@@ -379,7 +380,10 @@ pid=""; stop=""; again=""; n=0
 trap 'again=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' USR2
 trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
 while [ -z "$stop" ]; do
-  [ -f "$d/serve.next" ] && mv -f "$d/serve.next" "$d/serve.sh"
+  if [ -f "$d/serve.next" ]; then  # `tether restart`: its tether releases at the walltime
+    mv -f "$d/serve.next" "$d/serve.sh"
+    eval "$(grep '^t=' "$d/serve.sh")"
+  fi
   sh "$d/serve.sh" &
   pid=$!
   rc=0
