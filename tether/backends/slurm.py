@@ -62,9 +62,10 @@ READY_DEADLINE = 180.0  # from RUNNING to the server's state file
 CANCEL_DEADLINE = 60.0
 PROBE_TIMEOUT = 20.0
 WARN_BEFORE = (15 * 60, 5 * 60)
-# the job shell as a child subreaper (prctl 36, kept across exec), then the job script again
-REAPER = ("import ctypes, os, sys; ctypes.CDLL(None).prctl(36, 1, 0, 0, 0); "
-          "os.execv('/bin/sh', ['sh', sys.argv[1]])")
+# the job shell as a child subreaper (prctl 36, kept across exec; skipped where the C library
+# has no prctl), then the job script again
+REAPER = ("import ctypes, os, sys; f = getattr(ctypes.CDLL(None), 'prctl', None); "
+          "f and f(36, 1, 0, 0, 0); os.execv('/bin/sh', ['sh', sys.argv[1]])")
 CRASH_RESTARTS = 20  # servers the job starts again after a crash, in its whole life
 ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "GONE"})
@@ -455,6 +456,7 @@ STREAM_RETRIES = 3
 # The options the job's server runs with, and the kernels that would outlive it.
 _SERVING = """
 r=@ROOT@; d="$r/slurm/$1"
+grep -q 'USR2' "$d/job.sh" 2>/dev/null || exit @OLD@
 sed -n 's/^# tether-options: //p' "$d/serve.sh" 2>/dev/null | head -n 1
 echo "@@kernels"
 ls "$d/tether-kernels" 2>/dev/null | sed -n 's/[.]json$//p'
@@ -464,7 +466,6 @@ ls "$d/tether-kernels" 2>/dev/null | sed -n 's/[.]json$//p'
 # the job script ends its server by SIGTERM (the kernels stay) and starts the new one.
 _ASK_RESTART = _NEED + """
 r=@ROOT@; d="$r/slurm/$1"
-grep -q 'USR2' "$d/job.sh" 2>/dev/null || exit @OLD@
 umask 077
 cat > "$d/serve.next.tmp" && mv -f "$d/serve.next.tmp" "$d/serve.next"
 exec scancel --batch --signal=USR2 "$2"
@@ -756,20 +757,13 @@ class SlurmJob(OverSSH):
         job = await self._running_job()
         job, states, _ = await self.poll(job.job_id, job.nonce)
         old = _newest(states) if states else {}
-        running, kernels = await self._serving(job.nonce)
+        running, kernels = await self._serving(job.job_id, job.nonce)
         self.opts = restart_options(self.opts, running)
         mode = str(running.get("mode") or ("jump" if old.get("sock") else "forward"))
         await bootstrap.prepare(self.login, self.opts, on_event=on_event, consent=self.consent)
         script = serve_script(job.nonce, self.opts, mode)
-        done = await self._sh(_ASK_RESTART.replace("@ROOT@", REMOTE_LAYOUT.root_expr())
-                              .replace("@OLD@", str(OLD_JOB)), job.nonce, job.job_id,
-                              input=script.encode())
-        if done.returncode == OLD_JOB:
-            raise SlurmError(f"job {job.job_id} on {self.host} was started by an older tether, "
-                             "whose job runs one server only", host=self.host,
-                             hint=f"`tether down {self.host} --slurm` then `tether up "
-                                  f"{self.host} --slurm` starts a job that can restart it "
-                                  "(its kernels end with the old job).")
+        done = await self._sh(_ASK_RESTART.replace("@ROOT@", REMOTE_LAYOUT.root_expr()),
+                              job.nonce, job.job_id, input=script.encode())
         if done.returncode != 0:
             raise SlurmError(f"could not signal job {job.job_id} on {self.host}: "
                              f"{done.stderr.decode(errors='replace').strip()[-300:]}",
@@ -789,9 +783,16 @@ class SlurmJob(OverSSH):
                                       host=self.host)
         return running[0]
 
-    async def _serving(self, nonce: str) -> tuple[dict[str, Any], list[str]]:
+    async def _serving(self, job_id: str, nonce: str) -> tuple[dict[str, Any], list[str]]:
         """The options the job's server runs with; the ids of the kernels it leaves behind."""
-        done = await self._sh(_SERVING.replace("@ROOT@", REMOTE_LAYOUT.root_expr()), nonce)
+        done = await self._sh(_SERVING.replace("@ROOT@", REMOTE_LAYOUT.root_expr())
+                              .replace("@OLD@", str(OLD_JOB)), nonce)
+        if done.returncode == OLD_JOB:
+            raise SlurmError(f"job {job_id} on {self.host} was started by an older tether, "
+                             "whose job runs one server only", host=self.host,
+                             hint=f"`tether down {self.host} --slurm` then `tether up "
+                                  f"{self.host} --slurm` starts a job that can restart it "
+                                  "(its kernels end with the old job).")
         head, _, rest = done.text.partition("@@kernels\n")
         try:
             options = json.loads(head.strip() or "{}")
