@@ -7,6 +7,7 @@ GRES, so a third one-GPU job waits ``PENDING (Resources)``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import select
@@ -396,3 +397,88 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
         up.stop()
         tether(slurm_config, "down", "login", "--slurm")
     assert wait_job_processes_gone(testbed, 30) == []
+
+
+# -- kernels that outlive the job's server (issue 15) ------------------------------------------
+
+# x, a thread that counts while no server listens, and the kernel's pid
+STATE = ("import os, threading, time\nx = 42\nticks = [0]\n"
+         "def _count():\n    while True:\n        ticks[0] += 1\n        time.sleep(0.02)\n"
+         "threading.Thread(target=_count, daemon=True).start()\nprint(os.getpid())")
+CHECK = ("import os, time\nt = ticks[0]\ntime.sleep(0.3)\n"
+         "print(x, os.getpid(), ticks[0] > t, ticks[0])")
+
+
+async def answers(url: str, token: str, deadline: float) -> None:
+    end = time.monotonic() + deadline
+    async with ColabClient(url, token, timeout=5) as c:
+        while True:
+            try:
+                if (await c.request("GET", "/api/status")).code == 200:
+                    return
+            except Exception:  # noqa: BLE001 - the tunnel is down while the server comes back
+                pass
+            assert time.monotonic() < end, "the URL did not answer again in time"
+            await asyncio.sleep(0.2)  # bounded above: polling the tunnel's own reconnect
+
+
+@pytest.mark.parametrize("access", ["jump", "forward"])
+async def test_kernels_outlive_the_jobs_server_kill9_and_restart(
+        prepared: Prepared, testbed: SSHBed, cluster: Cluster, slurm_config: Path,
+        access: str) -> None:
+    """Inside the job: kill -9 of its server, then `tether restart` (with --slurm, then as
+    recorded), each with a changed option: the same URL, the same kernel process with its
+    state and its thread still counting; `tether down` then leaves nothing running."""
+    cluster.wait_idle()
+    up = start(slurm_config, "--keep", "--node-access", access, "--port", str(free_port()))
+    try:
+        assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text + cluster.log_tail()
+        url, token = up.info["url"].rstrip("/"), up.info["token"]
+        async with ColabClient(url, token, timeout=30) as c:
+            session = await c.create_session("kept.ipynb")
+            kid = session["kernel"]["id"]
+            pid = int((await c.execute(kid, STATE)).stdout)
+        seen = 0
+        for how, timeout in (("kill -9", 0), ("restart --slurm", 7200), ("restart", 5400)):
+            if how == "kill -9":
+                server = psutil.Process(up.info["remote_pid"])
+                server.kill()
+                server.wait(10)
+                # the job's shell took the kernel in (a subreaper): it still ends with the job
+                shell = psutil.Process(psutil.Process(pid).ppid())
+                assert "SLURM_JOB_ID" in shell.environ() and shell.name() in ("sh", "dash",
+                                                                             "bash"), shell
+            else:
+                args = ["restart", "login", *how.split()[1:], "--idle-timeout", str(timeout),
+                        "--json"]
+                done = await asyncio.to_thread(tether, slurm_config, *args)
+                assert done.returncode == 0, done.stdout + done.stderr
+                result = json.loads(done.stdout)
+                assert result["kept"] == [kid] and result["lost"] == [], result
+                assert len(result["replaced"]) == 1, result
+            await answers(url, token, 90)  # the same URL, the same token
+            async with ColabClient(url, token, timeout=30) as c:
+                kernels = json.loads((await c.request("GET", "/api/kernels")).body)
+                assert [k["id"] for k in kernels] == [kid], how
+                sessions = json.loads((await c.request("GET", "/api/sessions")).body)
+                assert [s["id"] for s in sessions] == [session["id"]], how
+                x, same, counting, ticks = (await c.execute(kid, CHECK)).stdout.split()
+            assert (x, same, counting) == ("42", str(pid), "True"), how
+            assert int(ticks) > seen, f"{how}: its threads kept running"
+            seen = int(ticks)
+            if timeout:
+                listing = await asyncio.to_thread(tether, slurm_config, "ps", "-H", "login",
+                                                  "--slurm", "--json")
+                assert json.loads(listing.stdout)["server"]["idle_timeout"] == timeout, how
+        assert up.proc.poll() is None, up.text  # the attached `up` followed each new server
+        assert [s for _, s, _ in our_jobs(cluster, testbed)] == ["RUNNING"]
+        logs = list((testbed.home / ".cache" / "tether" / "slurm").glob("*/*.log"))
+        assert not [p for p in logs if token in p.read_text()], "the token is in a job's log"
+    finally:
+        up.stop()
+    down = tether(slurm_config, "down", "login")
+    assert down.returncode == 0 and "Cancelled job" in down.stderr, down.stderr
+    assert our_jobs(cluster, testbed) == []
+    left = wait_job_processes_gone(testbed, 30)
+    assert left == [], [" ".join(psutil.Process(p).cmdline()[:4]) for p in left
+                        if psutil.pid_exists(p)]

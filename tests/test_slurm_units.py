@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,7 +72,9 @@ def test_the_job_script_is_valid_sh_and_keeps_the_token_out(mode):
     assert ("--sock" in script) == (mode == "jump")
     assert ("--i-know-this-exposes-the-server" in script) == (mode == "forward")
     assert """--notebook-dir "$HOME"/'my notebooks'""" in script
-    assert "--token" not in script  # the server makes its own; it reaches us in its 0600 file
+    # the job's 0600 token file (every server of the job serves the same URL), never the token
+    assert "--token-file \"$d/token\"" in script and "--token " not in script
+    assert "trap 'again=1;" in script and "USR2" in script
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -127,3 +131,94 @@ async def test_the_node_is_reached_with_the_login_nodes_options_and_remote_cache
     assert node.host == "node1" and node.remote_env == login.remote_env
     assert node.options == ("Port=2222", "ProxyJump=login")
     assert node.argv(command=["true"])[-1] == "env XDG_CACHE_HOME=/scratch/u true"
+
+
+def test_a_restart_keeps_the_options_it_is_not_given():
+    """`tether restart LOGIN --slurm` gives the options it is given; the others are those the
+    job's server runs with, read back from its serve script's options line."""
+    first = RemoteOptions(idle_timeout=600, origins=("https://x.example",), notebook_dir="~/nb",
+                          serve_args=("--stop-after-idle", "900"), conda_env="torch")
+    script = slurm.serve_script("abc", first, "forward")
+    line = next(ln for ln in script.splitlines() if ln.startswith("# tether-options: "))
+    running = json.loads(line.removeprefix("# tether-options: "))
+    assert running["mode"] == "forward"
+    kept = slurm.restart_options(RemoteOptions(), running)
+    assert (kept.idle_timeout, kept.origins, kept.notebook_dir, kept.serve_args,
+            kept.conda_env) == (600, ("https://x.example",), "~/nb", ("--stop-after-idle", "900"),
+                                "torch")
+    changed = slurm.restart_options(RemoteOptions(idle_timeout=7200, kernel_python="/py"),
+                                    running)
+    assert (changed.idle_timeout, changed.kernel_python, changed.conda_env) == (7200, "/py",
+                                                                                None)
+    assert "--idle-timeout 600" in script and '--token-file "$d/token"' in script
+
+
+# a stand-in for `tether serve` (the job script's loop is what is tested): it writes its state
+# file, removes it when it ends on purpose (SIGTERM), leaves it when killed
+FAKE_SERVE = """import os, signal, sys
+d = os.environ["JUPYTER_RUNTIME_DIR"]
+state = os.path.join(d, "tether-%d.json" % os.getpid())
+with open(state, "w") as f:
+    f.write("{}")
+with open(os.path.join(d, "served"), "a") as f:
+    f.write("%d %s\\n" % (os.getpid(), " ".join(sys.argv[1:])))
+def term(*_):
+    os.unlink(state)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    signal.pause()
+"""
+
+
+def _served(d, count: int, deadline: float = 20.0) -> list[tuple[int, str]]:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:  # bounded: the job script starts servers by itself
+        try:
+            lines = (d / "served").read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if len(lines) >= count:
+            return [(int(ln.split()[0]), ln) for ln in lines]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} servers started")
+
+
+def test_the_job_script_restarts_a_killed_server_and_on_usr2_but_ends_with_one_stopped(
+        tmp_path):
+    """The job script's loop, run by sh with a stand-in server: kill -9 -> a new server;
+    USR2 -> the new serve script's server; a server that ends on purpose ends the job."""
+    from tether import __version__
+
+    root = tmp_path / "tether"
+    env = root / f"env-{__version__}" / "bin"
+    env.mkdir(parents=True)
+    (env / "python").symlink_to(sys.executable)
+    (env / "tether").write_text(f"#!{sys.executable}\n{FAKE_SERVE}")
+    (env / "tether").chmod(0o700)
+    d = root / "slurm" / "abc"
+    d.mkdir(parents=True)
+    job = d / "job.sh"
+    job.write_text(slurm.job_script("abc", RemoteOptions(), slurm.SlurmOptions(), "jump"))
+    proc = subprocess.Popen(["sh", str(job)], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        first = _served(d, 1)[0][0]
+        os.kill(first, signal.SIGKILL)
+        second, line = _served(d, 2)[1]
+        assert not (d / f"tether-{first}.json").exists() and "--idle-timeout 3600" in line
+        (d / "serve.next").write_text(slurm.serve_script("abc", RemoteOptions(idle_timeout=7200),
+                                                         "jump"))
+        os.kill(proc.pid, signal.SIGUSR2)  # what `scancel --batch --signal=USR2` sends
+        third, line = _served(d, 3)[2]
+        assert "--idle-timeout 7200" in line and '"idle_timeout":7200' in (
+            d / "serve.sh").read_text()
+        assert not (d / f"tether-{second}.json").exists(), "the old server ended by SIGTERM"
+        os.kill(third, signal.SIGTERM)  # on purpose: the job ends with it
+        assert proc.wait(20) == 0
+        assert len(_served(d, 3)) == 3 and "starting it again" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)

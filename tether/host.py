@@ -359,7 +359,8 @@ def write_kernelspec(python: str) -> None:
 
 def remove_old_envs() -> list[str]:
     """Remove the environments prepared before this one that no live server runs from (a
-    server reports its version; its environment is env-<that version>). Holds the lock."""
+    server reports its version; its environment is env-<that version>), none while a Slurm job
+    of ours is queued or running from this home. Holds the lock."""
     current = seed.read_marker()
     if current is None:
         return []
@@ -367,7 +368,7 @@ def remove_old_envs() -> list[str]:
     in_use = {os.path.realpath(os.path.join(seed.ROOT, env.format(version=s.get("version", ""))))
               for s in servers()}
     running = kernel_executables()
-    removed = []
+    old = []
     for path, marker in seed.env_dirs().items():
         real = os.path.realpath(path)
         if real in in_use or real == os.path.realpath(seed.ENV) \
@@ -376,11 +377,14 @@ def remove_old_envs() -> list[str]:
         if isinstance(marker, dict) and float(marker.get("created") or 0) >= float(
                 current.get("created") or 0):
             continue  # prepared by a newer tether since: not ours to judge
-        import shutil
+        old.append(path)
+    if old and seed.live_jobs():  # a job's server and kernels may run from any (on its node)
+        return []
+    import shutil
 
+    for path in old:
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+    return old
 
 
 def kernel_executables() -> list[str]:

@@ -62,6 +62,11 @@ READY_DEADLINE = 180.0  # from RUNNING to the server's state file
 CANCEL_DEADLINE = 60.0
 PROBE_TIMEOUT = 20.0
 WARN_BEFORE = (15 * 60, 5 * 60)
+# the job shell as a child subreaper (prctl 36, kept across exec; skipped where the C library
+# has no prctl), then the job script again
+REAPER = ("import ctypes, os, sys; f = getattr(ctypes.CDLL(None), 'prctl', None); "
+          "f and f(36, 1, 0, 0, 0); os.execv('/bin/sh', ['sh', sys.argv[1]])")
+CRASH_RESTARTS = 20  # servers the job starts again after a crash, in its whole life
 ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "GONE"})
 NODE_ACCESS = ("auto", "jump", "forward")
@@ -269,9 +274,37 @@ def job_dir_expr(nonce: str) -> str:
     return f"{REMOTE_LAYOUT.root_expr()}/slurm/{nonce}"
 
 
-def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
-               mode: str) -> str:
-    """The batch script: ``tether serve`` on the node; USR1 (walltime near) releases kernels."""
+def serve_options(opts: bootstrap.RemoteOptions, mode: str) -> dict[str, Any]:
+    """The options a job's server runs with, kept in its serve script for `tether restart`
+    (which changes those it is given and keeps the others)."""
+    return {"mode": mode, "idle_timeout": opts.idle_timeout,
+            "origins": [o for o in opts.origins if o != COLAB_ORIGIN],
+            "notebook_dir": opts.notebook_dir or "", "serve_args": list(opts.serve_args),
+            "kernel_python": opts.kernel_python or "", "conda_env": opts.conda_env or ""}
+
+
+def restart_options(opts: bootstrap.RemoteOptions, running: Mapping[str, Any]
+                    ) -> bootstrap.RemoteOptions:
+    """``opts`` (a `tether restart`'s) over the options the job's server runs with: those not
+    given stay as they were."""
+    changes: dict[str, Any] = {}
+    if opts.idle_timeout == bootstrap.RemoteOptions().idle_timeout and running.get("idle_timeout"):
+        changes["idle_timeout"] = int(running["idle_timeout"])
+    if not [o for o in opts.origins if o != COLAB_ORIGIN] and running.get("origins"):
+        changes["origins"] = (*opts.origins, *running["origins"])
+    for key in ("notebook_dir", "serve_args"):
+        if not getattr(opts, key) and running.get(key):
+            changes[key] = tuple(running[key]) if key == "serve_args" else running[key]
+    if not opts.kernel_python and not opts.conda_env:
+        changes["kernel_python"] = running.get("kernel_python") or None
+        changes["conda_env"] = running.get("conda_env") or None
+    return dataclasses.replace(opts, **changes)
+
+
+def serve_script(nonce: str, opts: bootstrap.RemoteOptions, mode: str) -> str:
+    """What the job runs as its server: ``tether serve`` of this tether's environment, with the
+    job's token file. The job script runs it again after a crash, and a `tether restart` puts a
+    new one in its place (new options, a newer tether) before asking the job for a new server."""
     env = REMOTE_LAYOUT.env.format(version=__version__)
     serve = ["--idle-timeout", str(opts.idle_timeout)]
     for origin in opts.origins:
@@ -289,6 +322,30 @@ def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
     else:  # the address the node's name resolves to on the cluster; a port the server picks
         listen = ('--ip "$(getent hosts "${SLURMD_NODENAME:-$(hostname)}" | '
                   'awk \'{print $1; exit}\')" --port 0 --i-know-this-exposes-the-server')
+    options = json.dumps(serve_options(opts, mode), separators=(",", ":"))
+    return f"""#!/bin/sh
+# tether {__version__}: the server of a Slurm job (generated; `tether restart` replaces it)
+# tether-options: {options}
+r={REMOTE_LAYOUT.root_expr()}
+d="$r/slurm/{nonce}"
+t="$r/{env}/bin/tether"
+# stdout would put the URL with its token in job.log: the state file carries it (0600)
+exec "$t" serve --token-file "$d/token" {listen} {shlex.join(serve)}{where} \
+  > /dev/null
+"""
+
+
+def job_script(nonce: str, opts: bootstrap.RemoteOptions, slurm: SlurmOptions,
+               mode: str) -> str:
+    """The batch script: the server (:func:`serve_script`) until it ends on purpose; USR1
+    (walltime near) releases kernels; USR2 (`tether restart`) starts the server anew.
+
+    A server that ended on purpose (``release --all --stop-server``, idle, SIGTERM) removed its
+    state file: the job ends with it. One that crashed or was killed left its state file: it is
+    started again, and adopts the kernels (they outlive it; they never outlive the job, whose
+    end Slurm makes the end of every process in it).
+    """
+    env = REMOTE_LAYOUT.env.format(version=__version__)
     hook = slurm.on_walltime or ""
     hook_line = (f"  ( {hook} ) >> \"$d/walltime.log\" 2>&1 || true\n" if hook else "")
     return f"""#!/bin/sh
@@ -305,18 +362,40 @@ if [ ! -x "$t" ]; then
     "(is it shared with the nodes?)" >&2
   exit 3
 fi
+# The job's shell adopts what its server leaves (kernels, after a crash): kept in the job's
+# process tree, they end with the job however Slurm tracks its processes (proctrack/linuxproc
+# follows parents). Same pid after exec: Slurm's signals still come here.
+if [ -z "${{TETHER_JOB_REAPER:-}}" ]; then
+  TETHER_JOB_REAPER=1 exec "$r/{env}/bin/python" -I -c "{REAPER}" "$0"
+fi
+unset TETHER_JOB_REAPER
+( umask 077; cat > "$d/serve.sh" ) <<'TETHER_SERVE_EOF'
+{serve_script(nonce, opts, mode)}TETHER_SERVE_EOF
 walltime() {{
   echo "tether: walltime ends soon: releasing every kernel" >&2
   "$t" release --all --json > "$d/walltime.json" 2>> "$d/walltime.log" || true
 {hook_line}  echo done > "$d/walltime.done"
 }}
 trap walltime USR1
-# stdout would put the URL with its token in job.log: the state file carries it (0600)
-"$t" serve {listen} {shlex.join(serve)}{where} > /dev/null &
-pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
-while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
-wait "$pid"
+pid=""; stop=""; again=""; n=0
+trap 'again=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' USR2
+trap 'stop=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
+while [ -z "$stop" ]; do
+  if [ -f "$d/serve.next" ]; then  # `tether restart`: its tether releases at the walltime
+    mv -f "$d/serve.next" "$d/serve.sh"
+    eval "$(grep '^t=' "$d/serve.sh")"
+  fi
+  sh "$d/serve.sh" &
+  pid=$!
+  rc=0
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
+  if [ -n "$again" ]; then again=""; continue; fi
+  [ -f "$d/tether-$pid.json" ] || break  # ended on purpose (or never got ready)
+  rm -f "$d/tether-$pid.json"
+  n=$((n + 1))
+  [ "$n" -gt {CRASH_RESTARTS} ] && {{ echo "tether: the server ended $n times: giving up" >&2; break; }}
+  echo "tether: the server (pid $pid) ended with status $rc: starting it again" >&2
+done
 """
 
 
@@ -331,6 +410,8 @@ _SUBMIT = _NEED + """
 r=@ROOT@; d="$r/slurm/$1"; shift
 umask 077
 mkdir -p "$d"
+# the job's token: every server the job starts serves the same URL (0600, never in argv)
+od -An -N24 -tx1 /dev/urandom | tr -d ' \\n' > "$d/token"
 cat > "$d/job.sh"
 chmod 700 "$d/job.sh"
 exec sbatch --parsable --chdir="$HOME" --output="$d/job.log" "$@" "$d/job.sh"
@@ -354,7 +435,9 @@ while :; do
   key=$(printf '%s' "$s" | sed -e 's/RunTime=[^ ]*//')
   st=""
   case "$s" in *JobState=RUNNING*)
-    for f in "$d"/tether-*.json; do [ -f "$f" ] && st="$st$(tr -d '\\n' < "$f")@@"; done;;
+    for f in "$d"/tether-*.json; do
+      [ -f "$f" ] && [ "$f" != "$d/tether-$3.json" ] && st="$st$(tr -d '\\n' < "$f")@@"
+    done;;
   esac
   if [ -n "$st" ] || [ "$key" != "$last" ] || [ "$n" -ge 20 ]; then
     printf '@@job %s\\n@@state %s\\n' "$s" "$st"; last=$key; n=0
@@ -369,6 +452,25 @@ done
 """
 REPORT_DEADLINE = 30.0  # the waiting script reports at least every 5 s
 STREAM_RETRIES = 3
+
+# The options the job's server runs with, and the kernels that would outlive it.
+_SERVING = """
+r=@ROOT@; d="$r/slurm/$1"
+grep -q 'USR2' "$d/job.sh" 2>/dev/null || exit @OLD@
+sed -n 's/^# tether-options: //p' "$d/serve.sh" 2>/dev/null | head -n 1
+echo "@@kernels"
+ls "$d/tether-kernels" 2>/dev/null | sed -n 's/[.]json$//p'
+"""
+
+# A new serve script for the job, then USR2 to its batch shell (not to the server or kernels):
+# the job script ends its server by SIGTERM (the kernels stay) and starts the new one.
+_ASK_RESTART = _NEED + """
+r=@ROOT@; d="$r/slurm/$1"
+umask 077
+cat > "$d/serve.next.tmp" && mv -f "$d/serve.next.tmp" "$d/serve.next"
+exec scancel --batch --signal=USR2 "$2"
+"""
+OLD_JOB = 96  # the job's script starts one server only (an older tether's)
 
 _FIND = _NEED + """
 squeue --me -h -n @NAME@ -o "%i|%k|%T" 2>&1
@@ -498,12 +600,14 @@ class SlurmJob(OverSSH):
                   "seconds": round(time.monotonic() - t0, 2)})
         return JobInfo(job_id, "PENDING", comment=COMMENT_PREFIX + nonce)
 
-    async def _reports(self, job_id: str, nonce: str
+    async def _reports(self, job_id: str, nonce: str, skip: str = ""
                        ) -> AsyncIterator[tuple[JobInfo, list[dict[str, Any]], str]]:
-        """What the waiting script on the login node reports: (job, server states, log tail)."""
+        """What the waiting script on the login node reports: (job, server states, log tail);
+        ``skip``: the pid of a server whose state file does not count (the one replaced)."""
         script = _WAIT.replace("@ROOT@", REMOTE_LAYOUT.root_expr())
         proc = await _ssh.spawn(self.login, self.login.argv(
-            command=["sh", "-c", script, "sh", nonce, job_id]), stdin=asyncio.subprocess.DEVNULL)
+            command=["sh", "-c", script, "sh", nonce, job_id, skip]),
+            stdin=asyncio.subprocess.DEVNULL)
         assert proc.stdout is not None
         job_line = ""
         try:
@@ -530,16 +634,17 @@ class SlurmJob(OverSSH):
             raise _ssh.ssh_error(self.login, "waiting for the job", proc.returncode, stderr)
 
     async def _wait_running(self, job_id: str, nonce: str, on_event: OnEvent,
-                            on_note: OnNote) -> Placement:
-        """Until the job's server has written its state file (bounded once the job runs)."""
+                            on_note: OnNote, skip: str = "", first: bool = True) -> Placement:
+        """Until the job's server has written its state file (bounded once the job runs);
+        ``skip``: the pid of a server being replaced; ``first``: the job's first server."""
         t0 = time.monotonic()
         running_since: float | None = None
         last_state = ("", "")
         for _ in range(STREAM_RETRIES):
-            async for job, states, log_tail in self._reports(job_id, nonce):
+            async for job, states, log_tail in self._reports(job_id, nonce, skip):
                 self.job = job
                 if job.ended:
-                    raise self._ended(job, log_tail, before_ready=True)
+                    raise self._ended(job, log_tail, before_ready=first)
                 if job.state == "RUNNING" and states:
                     server = ServerInfo.from_payload(self.host, _newest(states))
                     self.mode = "jump" if server.sock else "forward"
@@ -634,25 +739,66 @@ class SlurmJob(OverSSH):
             "guard (--node-access jump if the nodes take SSH once you hold a job there).")
 
     async def restart(self, token: str, on_event: OnEvent) -> Placement:
-        """The server does not answer: if the job ended, supervision ends (with why)."""
+        """The server does not answer: the job starts its server again after a crash, and
+        `tether restart` asks it for a new one; wait (bounded) for it. The job ended (its
+        server stopped on purpose ends it): supervision ends, with why."""
         assert self.job is not None
-        job, states, log_tail = await self.poll(self.job.job_id, self.job.nonce)
-        self.job = job
-        if job.ended or job.state != "RUNNING":
-            raise self._ended(job, log_tail, before_ready=False)
-        if not states:
-            raise SlurmJobEndedError(f"the server of job {job.job_id} on {self.host} has "
-                                     "stopped; the job is ending", host=self.host)
-        return await self._placement(ServerInfo.from_payload(self.host, _newest(states)),
-                                     job)
+        placement = await self._wait_running(self.job.job_id, self.job.nonce, on_event,
+                                             lambda text: None, first=False)
+        if placement.result.server.token != token:  # (the job's token file is fixed)
+            raise SlurmError(f"job {self.job.job_id} on {self.host} serves another token",
+                             hint=f"Run `tether attach {self.host} --slurm`.", host=self.host)
+        return placement
 
     async def restart_server(self, on_event: OnEvent) -> RestartResult:
-        # The job's script runs one `tether serve` and ends with it (and Slurm then ends every
-        # process of the job, kernels included): a restart inside the job needs the script to
-        # start the server again on request. Not built yet.
-        raise ConfigError(f"`tether restart` does not work for a Slurm job yet ({self.host})",
-                          hint=f"Kernels of a job end with it; `tether down {self.host} --slurm` "
-                               "then `tether up ... --slurm` starts a new job.", host=self.host)
+        """A new server in our running job: prepared on the login node as `up` does (the home
+        is shared), its serve script written beside the job's, then asked of the job script
+        (USR2); the kernels outlive the old server and the new one adopts them."""
+        job = await self._running_job()
+        job, states, _ = await self.poll(job.job_id, job.nonce)
+        old = _newest(states) if states else {}
+        running, kernels = await self._serving(job.job_id, job.nonce)
+        self.opts = restart_options(self.opts, running)
+        mode = str(running.get("mode") or ("jump" if old.get("sock") else "forward"))
+        await bootstrap.prepare(self.login, self.opts, on_event=on_event, consent=self.consent)
+        script = serve_script(job.nonce, self.opts, mode)
+        done = await self._sh(_ASK_RESTART.replace("@ROOT@", REMOTE_LAYOUT.root_expr()),
+                              job.nonce, job.job_id, input=script.encode())
+        if done.returncode != 0:
+            raise SlurmError(f"could not signal job {job.job_id} on {self.host}: "
+                             f"{done.stderr.decode(errors='replace').strip()[-300:]}",
+                             host=self.host)
+        self.job = job
+        pid = str(old.get("pid") or "")
+        placement = await self._wait_running(job.job_id, job.nonce, on_event, lambda text: None,
+                                             skip=pid, first=False)
+        return RestartResult(placement.result.server, (int(pid),) if pid else (),
+                             str(old.get("version") or ""), tuple(kernels))
+
+    async def _running_job(self) -> JobInfo:
+        running = [j for j in await self.find_jobs() if j.state == "RUNNING"]
+        if not running:
+            raise ServerNotFoundError(f"no tether job is running on {self.host}",
+                                      hint=f"Start one with `tether up {self.host} --slurm`.",
+                                      host=self.host)
+        return running[0]
+
+    async def _serving(self, job_id: str, nonce: str) -> tuple[dict[str, Any], list[str]]:
+        """The options the job's server runs with; the ids of the kernels it leaves behind."""
+        done = await self._sh(_SERVING.replace("@ROOT@", REMOTE_LAYOUT.root_expr())
+                              .replace("@OLD@", str(OLD_JOB)), nonce)
+        if done.returncode == OLD_JOB:
+            raise SlurmError(f"job {job_id} on {self.host} was started by an older tether, "
+                             "whose job runs one server only", host=self.host,
+                             hint=f"`tether down {self.host} --slurm` then `tether up "
+                                  f"{self.host} --slurm` starts a job that can restart it "
+                                  "(its kernels end with the old job).")
+        head, _, rest = done.text.partition("@@kernels\n")
+        try:
+            options = json.loads(head.strip() or "{}")
+        except ValueError:
+            options = {}
+        return (options if isinstance(options, dict) else {}), rest.split()
 
     async def socket_refused(self, on_event: OnEvent) -> Placement | None:
         return None  # the job's socket is the job's: `--node-access forward` is the way
@@ -759,12 +905,7 @@ class SlurmJob(OverSSH):
 
     async def _in_job(self, args: list[str]) -> tuple[int, str]:
         """The remote ``tether`` inside our running job's allocation (``srun --overlap``)."""
-        running = [j for j in await self.find_jobs() if j.state == "RUNNING"]
-        if not running:
-            raise ServerNotFoundError(f"no tether job is running on {self.host}",
-                                      hint=f"Start one with `tether up {self.host} --slurm`.",
-                                      host=self.host)
-        job = running[0]
+        job = await self._running_job()
         env = REMOTE_LAYOUT.env.format(version=__version__)
         script = (f'r={REMOTE_LAYOUT.root_expr()}; '
                   f'JUPYTER_RUNTIME_DIR="$r/slurm/{job.nonce}" '

@@ -79,8 +79,9 @@ class Tether(LoggingConfigurable):
 
     keep_kernels = Bool(
         True, help="Kernels outlive the server when it ends by SIGTERM or a crash, and the next "
-        "server of this runtime dir adopts them. Off inside a Slurm job (the job ends with its "
-        "server, and its kernels with it): there SIGTERM shuts the kernels down."
+        "server of this runtime dir adopts them (inside a Slurm job too: the job script starts "
+        "the next one; the kernels still end with the job). Off: SIGTERM shuts the kernels "
+        "down."
     ).tag(config=True)
 
     verify_timeout = Float(
@@ -163,7 +164,7 @@ def _load_lifecycle(serverapp: Any, settings: Tether) -> None:
         if ctx.cgroup:
             atexit.register(_remove_cgroups, ctx)
             cgroups.remove_stale(ctx.cgroup, lifecycle.instance_alive)
-    ctx.independent = settings.keep_kernels and not os.environ.get("SLURM_JOB_ID")
+    ctx.independent = settings.keep_kernels
     if ctx.independent:
         _keep_kernels(serverapp, ctx)
     serverapp.log.info("tether: kernel cgroups %s", ctx.cgroup or "unavailable")

@@ -54,7 +54,7 @@ class ServerContext:
     adopting: dict[str, adopt.KeptKernel] = field(default_factory=dict)  # kernel id -> to adopt
     adopted_instances: set[str] = field(default_factory=set)  # what adopted kernels carry
     keep_kernels: bool = False  # the server ends, its kernels do not (SIGTERM)
-    independent: bool = True  # kernels may outlive the server (off in a Slurm job: c.Tether)
+    independent: bool = True  # kernels may outlive the server (c.Tether.keep_kernels)
 
     def instances(self) -> set[str]:
         """The instance ids this server's kernels carry: its own and adopted kernels'."""
