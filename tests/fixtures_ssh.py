@@ -210,3 +210,20 @@ async def answers_on(port: int, deadline: float = 20.0) -> bytes:
         except OSError:
             assert time.monotonic() - t0 < deadline, f"nothing answered on {port} in time"
             await asyncio.sleep(0.05)
+
+
+async def url_answers(url: str, token: str, deadline: float) -> float:
+    """Seconds until ``url`` answers ``GET /api/status`` with the token (again), bounded:
+    polling while the tunnel heals or the server comes back."""
+    from tether.replay import ColabClient
+
+    t0 = time.monotonic()
+    async with ColabClient(url.rstrip("/"), token, timeout=5) as c:
+        while True:
+            try:
+                if (await c.request("GET", "/api/status")).code == 200:
+                    return time.monotonic() - t0
+            except Exception:  # noqa: BLE001 - the tunnel is down while it reconnects
+                pass
+            assert time.monotonic() - t0 < deadline, "the URL did not answer again in time"
+            await asyncio.sleep(0.05)

@@ -283,7 +283,7 @@ async def test_an_adopted_gpu_holder_is_accounted_then_released_when_idle(tmp_pa
 
 async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(prepared,
                                                                             testbed) -> None:
-    from tests.fixtures_ssh import run_tether, start_up, wait_no_user_processes
+    from tests.fixtures_ssh import run_tether, start_up, url_answers, wait_no_user_processes
     from tests.sshd import free_port
     from tether.replay import ColabClient
 
@@ -307,7 +307,7 @@ async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(p
                 assert done.returncode == 0, done.stderr
                 result = json.loads(done.stdout)
                 assert result["kept"] == [kid] and result["lost"] == [], result
-            await answers(up, 60)  # the same URL, the same token
+            await url_answers(up.url, up.token, 60)  # the same URL, the same token
             async with ColabClient(up.url, up.token, timeout=30) as c:
                 kernels = (await c.request("GET", "/api/kernels")).body
                 assert [k["id"] for k in json.loads(kernels)] == [kid], how
@@ -328,21 +328,6 @@ async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(p
         up.stop()
     assert run_tether(testbed, "down", "gpubox").returncode == 0
     assert wait_no_user_processes(testbed) == []
-
-
-async def answers(up, deadline: float) -> None:
-    from tether.replay import ColabClient
-
-    end = time.monotonic() + deadline
-    async with ColabClient(up.url, up.token, timeout=5) as c:
-        while True:
-            try:
-                if (await c.request("GET", "/api/status")).code == 200:
-                    return
-            except Exception:  # noqa: BLE001 - the tunnel is down while the server comes back
-                pass
-            assert time.monotonic() < end, "the URL did not answer again in time"
-            await asyncio.sleep(0.2)  # bounded above: polling the tunnel's own reconnect
 
 
 def test_up_says_when_the_running_server_is_older_than_this_tether(prepared, testbed) -> None:

@@ -24,7 +24,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures_ssh import Prepared, RemotePage, answers_on, live_user_pids, start_up
+from tests.fixtures_ssh import (
+    Prepared,
+    RemotePage,
+    answers_on,
+    live_user_pids,
+    start_up,
+    url_answers,
+)
 from tests.slurm import Cluster, available, start_cluster
 from tests.sshd import SSHBed, free_port
 from tether.replay import ColabClient
@@ -409,19 +416,6 @@ CHECK = ("import os, time\nt = ticks[0]\ntime.sleep(0.3)\n"
          "print(x, os.getpid(), ticks[0] > t, ticks[0])")
 
 
-async def answers(url: str, token: str, deadline: float) -> None:
-    end = time.monotonic() + deadline
-    async with ColabClient(url, token, timeout=5) as c:
-        while True:
-            try:
-                if (await c.request("GET", "/api/status")).code == 200:
-                    return
-            except Exception:  # noqa: BLE001 - the tunnel is down while the server comes back
-                pass
-            assert time.monotonic() < end, "the URL did not answer again in time"
-            await asyncio.sleep(0.2)  # bounded above: polling the tunnel's own reconnect
-
-
 @pytest.mark.parametrize("access", ["jump", "forward"])
 async def test_kernels_outlive_the_jobs_server_kill9_and_restart(
         prepared: Prepared, testbed: SSHBed, cluster: Cluster, slurm_config: Path,
@@ -456,7 +450,7 @@ async def test_kernels_outlive_the_jobs_server_kill9_and_restart(
                 result = json.loads(done.stdout)
                 assert result["kept"] == [kid] and result["lost"] == [], result
                 assert len(result["replaced"]) == 1, result
-            await answers(url, token, 90)  # the same URL, the same token
+            await url_answers(url, token, 90)  # the same URL, the same token
             async with ColabClient(url, token, timeout=30) as c:
                 kernels = json.loads((await c.request("GET", "/api/kernels")).body)
                 assert [k["id"] for k in kernels] == [kid], how

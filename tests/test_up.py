@@ -15,6 +15,7 @@ from tests.fixtures_ssh import (
     Prepared,
     RemotePage,
     answers_on,
+    url_answers,
     UpProcess,
     live_user_pids,
     run_tether,
@@ -31,16 +32,7 @@ RECONNECT_DEADLINE = 20.0
 
 async def answers(up: UpProcess, deadline: float = RECONNECT_DEADLINE) -> float:
     """Seconds until the URL answers with the token again (bounded)."""
-    t0 = time.monotonic()
-    async with ColabClient(up.url, up.token, timeout=5) as c:
-        while True:
-            try:
-                if (await c.request("GET", "/api/status")).code == 200:
-                    return time.monotonic() - t0
-            except Exception:  # noqa: BLE001 - the tunnel is down while it reconnects
-                pass
-            assert time.monotonic() - t0 < deadline, "the URL did not answer again in time"
-            await asyncio.sleep(0.05)
+    return await url_answers(up.url, up.token, deadline)
 
 
 def test_bootstrap_interrupted_then_resumed(prepared: Prepared, testbed: SSHBed) -> None:
