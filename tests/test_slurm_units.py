@@ -222,3 +222,18 @@ def test_the_job_script_restarts_a_killed_server_and_on_usr2_but_ends_with_one_s
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+async def test_attaching_to_a_job_whose_server_is_older_names_tether_restart() -> None:
+    from tether import _ssh, __version__
+    from tether.contract import ServerInfo
+
+    job = slurm.SlurmJob(_ssh.SSHTarget("login"), RemoteOptions(), attach=True, mode="forward")
+    running = slurm.JobInfo("12", "RUNNING", node="n1")
+    old = await job._placement(ServerInfo(pid=7, token="t", port=4000, version="0.0.1"), running)
+    assert old.remote_host == "n1" and len(old.result.warnings) == 1
+    assert "runs tether 0.0.1, older than this one" in old.result.warnings[0]
+    assert "`tether restart HOST --slurm`" in old.result.warnings[0]
+    same = await job._placement(ServerInfo(pid=7, token="t", port=4000, version=__version__),
+                                running)
+    assert same.result.warnings == ()

@@ -232,6 +232,14 @@ if TYPE_CHECKING:  # the shapes, for the type checker (TypedDicts are plain dict
         probe: dict[str, Any]
 
 
+def older(version: str, than: str) -> bool:
+    """Whether tether ``version`` is older than ``than`` (release numbers; unknown: no)."""
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("+")[0].split(".") if x.isdigit())
+
+    return bool(version and than and parts(version) < parts(than))
+
+
 def skew_error(host: str, theirs: object) -> RemoteEnvironmentError:
     return RemoteEnvironmentError(
         f"{host} answered in another form (protocol {theirs}) than this tether speaks "

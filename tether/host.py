@@ -33,7 +33,7 @@ import psutil
 
 from tether import _seed as seed
 from tether import identity
-from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS
+from tether.contract import INSTANCE_ENV, LAUNCH_ENV, PUBLIC_KEYS, older
 from tether.remote import adopt, cgroups, sweep
 from tether.remote import state as states
 
@@ -673,14 +673,6 @@ def option_warnings(state: Record) -> list[str]:
         return []
     return [f"the server already running on HOST runs with other {', '.join(names)} than "
             f"asked; {how}"]
-
-
-def older(version: str, than: str) -> bool:
-    """Whether tether ``version`` is older than ``than`` (release numbers; unknown: no)."""
-    def parts(v: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in v.split("+")[0].split(".") if x.isdigit())
-
-    return bool(version and than and parts(version) < parts(than))
 
 
 def version_warnings(state: Record) -> list[str]:

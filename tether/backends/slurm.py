@@ -695,7 +695,11 @@ class SlurmJob(OverSSH):
                                   state=job.state)
 
     async def _placement(self, server: ServerInfo, job: JobInfo) -> Placement:
-        result = UpResult(server, reused=self.attach)
+        warnings = ((f"job {job.job_id}'s server on HOST runs tether {server.version}, older "
+                     f"than this one ({__version__}); `tether restart HOST --slurm` starts the "
+                     "new one without losing the running kernels",)
+                    if self.attach and contract.older(server.version, __version__) else ())
+        result = UpResult(server, reused=self.attach, warnings=warnings)
         node = job.node.split(",")[0]
         if self.mode == "jump":
             return Placement(result, await self._node_target(node))
