@@ -227,3 +227,32 @@ async def url_answers(url: str, token: str, deadline: float) -> float:
                 pass
             assert time.monotonic() - t0 < deadline, "the URL did not answer again in time"
             await asyncio.sleep(0.05)
+
+
+# x, a thread that counts while no server listens, and the kernel's pid
+STATE = ("import os, threading, time\nx = 42\nticks = [0]\n"
+         "def _count():\n    while True:\n        ticks[0] += 1\n        time.sleep(0.02)\n"
+         "threading.Thread(target=_count, daemon=True).start()\nprint(os.getpid())")
+CHECK = ("import os, time\nt = ticks[0]\ntime.sleep(0.3)\n"
+         "print(x, os.getpid(), ticks[0] > t, ticks[0])")
+
+
+async def same_kernel(url: str, token: str, kid: str, session_id: str, pid: int, seen: int,
+                      how: str, deadline: float) -> int:
+    """After the server was replaced: the same URL answers, with the same kernel and session,
+    and ``print(x)`` gives 42 from the same process whose thread kept counting (past
+    ``seen``); its count now."""
+    import json
+
+    from tether.replay import ColabClient
+
+    await url_answers(url, token, deadline)  # the same URL, the same token
+    async with ColabClient(url.rstrip("/"), token, timeout=30) as c:
+        kernels = json.loads((await c.request("GET", "/api/kernels")).body)
+        assert [k["id"] for k in kernels] == [kid], how
+        sessions = json.loads((await c.request("GET", "/api/sessions")).body)
+        assert [s["id"] for s in sessions] == [session_id], how
+        x, same, counting, ticks = (await c.execute(kid, CHECK)).stdout.split()
+    assert (x, same, counting) == ("42", str(pid), "True"), how
+    assert int(ticks) > seen, f"{how}: its threads kept running"
+    return int(ticks)

@@ -14,16 +14,11 @@ import psutil
 import pytest
 
 from tests.conftest import RunningServer, start_server, stop_server
+from tests.fixtures_ssh import CHECK, STATE
 from tests.kernel_client import Api, alive_pids, kill_pids, wait_dead
 
 pytestmark = pytest.mark.timeout(600)
 
-# x, a thread that counts while no server listens, and the kernel's pid
-STATE = ("import os, threading, time\nx = 42\nticks = [0]\n"
-         "def _count():\n    while True:\n        ticks[0] += 1\n        time.sleep(0.02)\n"
-         "threading.Thread(target=_count, daemon=True).start()\nprint(os.getpid())")
-CHECK = ("import os, time\nt = ticks[0]\ntime.sleep(0.3)\n"
-         "print(x, os.getpid(), ticks[0] > t, ticks[0])")
 
 
 def api(server: RunningServer) -> Api:
@@ -288,7 +283,7 @@ async def test_an_adopted_gpu_holder_is_accounted_then_released_when_idle(tmp_pa
 
 async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(prepared,
                                                                             testbed) -> None:
-    from tests.fixtures_ssh import run_tether, start_up, url_answers, wait_no_user_processes
+    from tests.fixtures_ssh import run_tether, same_kernel, start_up, wait_no_user_processes
     from tests.sshd import free_port
     from tether.replay import ColabClient
 
@@ -312,16 +307,7 @@ async def test_over_ssh_kill9_and_restart_keep_the_kernel_then_nothing_is_left(p
                 assert done.returncode == 0, done.stderr
                 result = json.loads(done.stdout)
                 assert result["kept"] == [kid] and result["lost"] == [], result
-            await url_answers(up.url, up.token, 60)  # the same URL, the same token
-            async with ColabClient(up.url, up.token, timeout=30) as c:
-                kernels = (await c.request("GET", "/api/kernels")).body
-                assert [k["id"] for k in json.loads(kernels)] == [kid], how
-                sessions = json.loads((await c.request("GET", "/api/sessions")).body)
-                assert [s["id"] for s in sessions] == [session["id"]], how
-                x, same, counting, ticks = (await c.execute(kid, CHECK)).stdout.split()
-            assert (x, same, counting) == ("42", str(pid), "True"), how
-            assert int(ticks) > seen, f"{how}: its threads kept running"
-            seen = int(ticks)
+            seen = await same_kernel(up.url, up.token, kid, session["id"], pid, seen, how, 60)
         listing = json.loads((await asyncio.to_thread(
             run_tether, testbed, "ps", "gpubox", "--json")).stdout)
         assert listing["server"]["idle_timeout"] == 7200, "the restart took the new option"

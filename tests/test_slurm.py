@@ -25,12 +25,13 @@ import psutil
 import pytest
 
 from tests.fixtures_ssh import (
+    STATE,
     Prepared,
     RemotePage,
     answers_on,
     live_user_pids,
+    same_kernel,
     start_up,
-    url_answers,
 )
 from tests.slurm import Cluster, available, start_cluster
 from tests.sshd import SSHBed, free_port
@@ -408,12 +409,6 @@ def test_release_all_and_stop_the_server_ends_the_job(prepared: Prepared, testbe
 
 # -- kernels that outlive the job's server (issue 15) ------------------------------------------
 
-# x, a thread that counts while no server listens, and the kernel's pid
-STATE = ("import os, threading, time\nx = 42\nticks = [0]\n"
-         "def _count():\n    while True:\n        ticks[0] += 1\n        time.sleep(0.02)\n"
-         "threading.Thread(target=_count, daemon=True).start()\nprint(os.getpid())")
-CHECK = ("import os, time\nt = ticks[0]\ntime.sleep(0.3)\n"
-         "print(x, os.getpid(), ticks[0] > t, ticks[0])")
 
 
 @pytest.mark.parametrize("access", ["jump", "forward"])
@@ -450,16 +445,7 @@ async def test_kernels_outlive_the_jobs_server_kill9_and_restart(
                 result = json.loads(done.stdout)
                 assert result["kept"] == [kid] and result["lost"] == [], result
                 assert len(result["replaced"]) == 1, result
-            await url_answers(url, token, 90)  # the same URL, the same token
-            async with ColabClient(url, token, timeout=30) as c:
-                kernels = json.loads((await c.request("GET", "/api/kernels")).body)
-                assert [k["id"] for k in kernels] == [kid], how
-                sessions = json.loads((await c.request("GET", "/api/sessions")).body)
-                assert [s["id"] for s in sessions] == [session["id"]], how
-                x, same, counting, ticks = (await c.execute(kid, CHECK)).stdout.split()
-            assert (x, same, counting) == ("42", str(pid), "True"), how
-            assert int(ticks) > seen, f"{how}: its threads kept running"
-            seen = int(ticks)
+            seen = await same_kernel(url, token, kid, session["id"], pid, seen, how, 90)
             if timeout:
                 listing = await asyncio.to_thread(tether, slurm_config, "ps", "-H", "login",
                                                   "--slurm", "--json")

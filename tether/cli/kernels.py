@@ -331,16 +331,17 @@ def open_page(host: str | None, print_url: bool, server: str | None, as_json: bo
         state = find_local_server(server, acting=True)
         if state.get("sock") and not as_json:  # (--json: what `tether open HOST` asks here)
             raise ConfigError("this machine's tether server listens on a Unix socket only",
-                              hint="Open its page from your laptop: `tether open HOST` while "
-                                   "`tether up HOST` runs there.")
+                              hint="Open its page from your laptop: `tether open HOST` (through "
+                                   "`tether up HOST` where it runs, else a tunnel of its own).")
         url, token = str(state.get("url") or ""), str(state["token"])
     else:
         from tether.session import attached_port
 
-        if attached_port(host) is None:  # no `up` here: a forward of its own, for the page
+        port = attached_port(host)
+        if port is None:  # no `up` here: a forward of its own, for the page
             _open_own(host, ssh, print_url, as_json)
             return
-        url, token = _tunnelled(host, ssh)
+        url, token = _tunnelled(host, port, ssh)
     page = f"{url.rstrip('/')}/tether/?token={token}" if url else ""
     if as_json:
         print_json({"url": url, "token": token, "status_url": page})
@@ -358,11 +359,7 @@ def _open_own(host: str, ssh: dict[str, Any], print_url: bool, as_json: bool) ->
     from tether.tunnel import free_port
 
     class PageReporter(ConsoleReporter):
-        def ready(self, runtime: session.Runtime) -> None:
-            self.close()
-            self.on_ready(runtime.host)
-            self.ready_hosts.append(runtime.host)
-            self.runtimes[runtime.host] = runtime
+        def announce(self, runtime: session.Runtime) -> None:
             page = f"{runtime.url}tether/?token={runtime.token}"
             if as_json:
                 print_json({"url": runtime.url, "token": runtime.token, "status_url": page})
@@ -379,15 +376,9 @@ def _open_own(host: str, ssh: dict[str, Any], print_url: bool, as_json: bool) ->
     _up([session.UpConfig(backend, free_port())], PageReporter(as_json))
 
 
-def _tunnelled(host: str, ssh: dict[str, Any]) -> tuple[str, str]:
-    """The local end of ``tether up HOST``'s tunnel, and the token of the server behind it."""
-    from tether.session import attached_port
-
-    port = attached_port(host)
-    if port is None:
-        raise ConfigError(f"no `tether up {host}` is running on this machine",
-                          hint=f"Start it with `tether up {host}`: the page is reached through "
-                               "its tunnel.")
+def _tunnelled(host: str, port: int, ssh: dict[str, Any]) -> tuple[str, str]:
+    """The local end of ``tether up HOST``'s tunnel (``port``), and the token of the server
+    behind it."""
     kernels = kernels_at(host, {**ssh, "server": None})  # the job's, for a Slurm runtime
     remote = run(lambda: kernels.page())
     return f"http://127.0.0.1:{port}/", str(remote["token"])

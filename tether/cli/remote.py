@@ -104,6 +104,10 @@ class ConsoleReporter:
         self.shown = ""  # (the steps are done: a prompt after this brings back no step's line)
         self.ready_hosts.append(runtime.host)
         self.runtimes[runtime.host] = runtime
+        self.announce(runtime)
+
+    def announce(self, runtime: session.Runtime) -> None:
+        """What the user reads once the runtime is ready: the URL to paste into Colab."""
         for warning in runtime.warnings:
             warning = warning.replace("HOST", runtime.host)
             err.print(f"[yellow]note:[/] {runtime.host}: {warning}")
