@@ -340,7 +340,9 @@ async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, t
     direct = start_up(testbed, "gpubox")
     assert direct.info, direct.stop() and direct.stderr()
     direct.stop()
-    up = start(slurm_config, "--time", "1", "--walltime-signal", "30",
+    # Slurm sends the signal up to 60 s before it is due (its event loop's resolution): with
+    # --time 1 it could come before the server was up, with nothing to release yet
+    up = start(slurm_config, "--time", "2", "--walltime-signal", "30",
                "--on-walltime", f"echo saved > {hook}", "--port", str(free_port()))
     try:
         assert up.read_until(lambda u: bool(u.info), RUN_DEADLINE), up.text
@@ -348,7 +350,7 @@ async def test_walltime_releases_kernels_and_runs_the_hook(prepared: Prepared, t
             session = await c.create_session("long.ipynb")
             out = await c.execute(session["kernel"]["id"], "import os; print(os.getpid())")
             kernel_pid = int(out.stdout.strip())
-        assert up.read_until(lambda u: u.proc.poll() is not None, 150), up.text
+        assert up.read_until(lambda u: u.proc.poll() is not None, 210), up.text
         rest = up.proc.stderr.read() if up.proc.stderr else ""
         assert "TIMEOUT" in up.text + rest, up.text + rest
         assert hook.read_text().strip() == "saved"
