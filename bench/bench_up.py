@@ -6,7 +6,9 @@ Figures (shared/docs/performance.md has the anchors and goals):
 - time to URL on a prepared remote: ``tether up HOST`` until its URL line (printed only once the
   URL answers), with the server to start, and with a server already running (reuse);
 - the floor: a hand-written ``ssh HOST 'setsid jupyter server ...'`` + ``ssh -f -N -L`` script
-  with the same environment, until ``/api/status`` answers;
+  with the same environment, until ``/api/status`` answers; one round of the three at a time,
+  so the machine's load moves them alike (the host is prepared: the first ``up`` waits for
+  what is installed after the server's start);
 - jupyter-forward against the same sshd, where it can run (``--jupyter-forward VENV``);
 - cold preparation to URL on a fresh remote user (a home that never saw tether), side by side:
   uv from the index, pip from the index (uv's folder on a noexec mount, so uv cannot run), and an
@@ -112,6 +114,19 @@ def wait_status(port: int, token: str, deadline: float = DEADLINE) -> float:
     raise RuntimeError(f"port {port} did not answer in {deadline} s")
 
 
+def wait_installed_later(bed: SSHBed, deadline: float = COLD_DEADLINE) -> None:
+    """Until the packages installed after the server's start (``later`` in the env's marker)
+    are in the environment, as on a host where a first ``up`` ran to its end."""
+    env = bed.tether_root / "env-0.1.0"
+    later = json.loads((env / "tether-env.json").read_text()).get("later") or []
+    wanted = [p.replace("-", "_").replace("==", "-") + ".dist-info" for p in later]
+    t0 = time.perf_counter()
+    while not all(any(env.glob(f"lib/python*/site-packages/{w}")) for w in wanted):
+        if time.perf_counter() - t0 > deadline:
+            raise RuntimeError(f"{', '.join(later)} not installed after {deadline} s")
+        time.sleep(0.2)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -119,7 +134,10 @@ def median(xs: list[float]) -> float:
 # -- the figures -------------------------------------------------------------------------------
 
 def time_to_url(bed: SSHBed, n: int) -> dict[str, list[float]]:
-    fresh, reuse = [], []
+    """``n`` rounds, each: ``tether up`` with the server to start, ``tether up`` with it
+    running, and the hand-written recipe, interleaved so that the machine's load moves all
+    three alike."""
+    fresh, reuse, recipe = [], [], []
     for _ in range(n):
         down(bed)
         up = Up(bed)
@@ -128,31 +146,30 @@ def time_to_url(bed: SSHBed, n: int) -> dict[str, list[float]]:
         up = Up(bed)
         reuse.append(up.seconds)
         up.stop()
-    return {"fresh": fresh, "reuse": reuse}
+        recipe.append(hand_written_once(bed))
+    return {"fresh": fresh, "reuse": reuse, "recipe": recipe}
 
 
-def hand_written(bed: SSHBed, n: int) -> list[float]:
+def hand_written_once(bed: SSHBed) -> float:
     """The floor: start jupyter server detached over ssh, forward, poll until it answers."""
     env = bed.tether_root / "env-0.1.0"
-    times = []
-    for _ in range(n):
-        down(bed)
-        port, local = free_port(), free_port()
-        token = secrets.token_hex(24)
-        remote = (f"setsid nohup {env}/bin/jupyter server --no-browser --ip=127.0.0.1 "
-                  f"--port={port} --ServerApp.port_retries=0 --IdentityProvider.token={token} "
-                  f"> /dev/null 2>&1 < /dev/null &")
-        t0 = time.perf_counter()
-        subprocess.run([*bed.ssh_argv(), remote], check=True, timeout=60)
-        tunnel = subprocess.Popen(["ssh", "-F", str(bed.config), "-N", "-o",
-                                   "ExitOnForwardFailure=yes", "-L",
-                                   f"127.0.0.1:{local}:127.0.0.1:{port}", "gpubox"])
-        wait_status(local, token)
-        times.append(time.perf_counter() - t0)
-        tunnel.terminate()
-        tunnel.wait(10)
-        kill_jupyter(bed)
-    return times
+    down(bed)
+    port, local = free_port(), free_port()
+    token = secrets.token_hex(24)
+    remote = (f"setsid nohup {env}/bin/jupyter server --no-browser --ip=127.0.0.1 "
+              f"--port={port} --ServerApp.port_retries=0 --IdentityProvider.token={token} "
+              f"> /dev/null 2>&1 < /dev/null &")
+    t0 = time.perf_counter()
+    subprocess.run([*bed.ssh_argv(), remote], check=True, timeout=60)
+    tunnel = subprocess.Popen(["ssh", "-F", str(bed.config), "-N", "-o",
+                               "ExitOnForwardFailure=yes", "-L",
+                               f"127.0.0.1:{local}:127.0.0.1:{port}", "gpubox"])
+    wait_status(local, token)
+    seconds = time.perf_counter() - t0
+    tunnel.terminate()
+    tunnel.wait(10)
+    kill_jupyter(bed)
+    return seconds
 
 
 def kill_jupyter(bed: SSHBed) -> None:
@@ -470,8 +487,11 @@ def main() -> None:
         if args.only_cold:
             cold_only(bed, args.cold_rounds, lines, results)
             return
-        # the first up prepares the remote if needed; the cold figure is measured below
-        Up(bed, deadline=COLD_DEADLINE).stop()
+        # the first up prepares the remote if needed (the cold figure is measured below), and
+        # stays until what it installs after the server's start is in: a prepared host
+        first = Up(bed, deadline=COLD_DEADLINE)
+        wait_installed_later(bed)
+        first.stop()
         ssh_true = []
         for _ in range(args.n):
             t0 = time.perf_counter()
@@ -481,7 +501,7 @@ def main() -> None:
         urls = time_to_url(bed, args.n)
         lines.append(row("`tether up`, prepared remote, server to start", urls["fresh"]))
         lines.append(row("`tether up`, server already running", urls["reuse"]))
-        floor = hand_written(bed, args.n)
+        floor = urls.pop("recipe")
         lines.append(row("hand-written `ssh` + `jupyter server` + `ssh -L` (floor)", floor))
         results.update(ssh_true=ssh_true, up=urls, hand_written=floor)
         if args.jupyter_forward:

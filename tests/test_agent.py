@@ -114,7 +114,7 @@ def test_a_server_tether_launched_is_pinned_by_its_start_since_boot_and_boot_id(
     launch = "c" * 32
     write_launch(seed, launch)
     server = wait_started(procs("sleep", "30", env={"TETHER_LAUNCH": launch}))
-    host.pin_launch(launch, server.pid)
+    host.pin_launch(launch, server.pid, "/usr/bin/python3")
     launches = host.read_launches()
     assert launches[launch]["server"]["boot_id"] == states.identity.boot_id() != ""
     skewed = {"pid": server.pid, "create_time": server.create_time() + 3600}

@@ -200,6 +200,8 @@ class FakeBackend:
 class Recorder:
     """A :class:`session.Reporter` that keeps everything, and wakes waiters."""
 
+    modules = ("json",)
+
     events: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lives: list[session.Live] = field(default_factory=list)

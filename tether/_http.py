@@ -17,9 +17,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, SimpleAsyncHTTPClient
-
 from tether.errors import TunnelError
 
 log = logging.getLogger(__name__)
@@ -67,6 +64,10 @@ class NoAnswer(TunnelError):
 async def request(port: int, method: str, path: str, token: str, *, body: Any = None,
                   timeout: float = TIMEOUT) -> Reply:
     """``method path`` to 127.0.0.1:``port`` with the token; raises :class:`NoAnswer`."""
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.simple_httpclient import (HTTPStreamClosedError, HTTPTimeoutError,
+                                           SimpleAsyncHTTPClient)
+
     headers = {"Authorization": f"token {token}"} if token else {}
     data = None
     if body is not None:

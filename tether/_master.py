@@ -44,7 +44,7 @@ INTERACTIVE_DEADLINE = 180.0  # a password, passphrase or 2FA prompt may be wait
 CONTROL_TIMEOUT = 5.0  # ``ssh -O ...``: a local round trip to the master
 ALIVE_TIMEOUT = 2.5  # a round trip to the host through the master
 CONFIG_TIMEOUT = 10.0  # ``ssh -G``
-POLL = 0.02
+POLL = 0.005  # a stat or a listdir: cheap, and a start is found ~10 ms sooner than at 20 ms
 # sun_path holds 104 bytes on macOS and the BSDs (108 on Linux); ssh binds a temporary name
 # (ControlPath + ".XXXXXXXXXXXXXXXX") before it renames it into place.
 SOCKET_MAX = 100

@@ -25,11 +25,9 @@ import json
 import logging
 import os
 import shlex
-import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +139,8 @@ def _package_files() -> list[tuple[str, bytes]]:
 
 
 def _dist_files() -> list[tuple[str, bytes]]:
+    from importlib import metadata
+
     dist = metadata.distribution("tether")
     info = f"tether-{__version__}.dist-info"
     meta = (dist.read_text("METADATA") or "").encode()
@@ -174,6 +174,8 @@ def _stamp() -> str:
             info = os.stat(os.path.join(top, name))
             entries.append([os.path.relpath(os.path.join(top, name), root), info.st_size,
                             info.st_mtime_ns])
+    from importlib import metadata
+
     dist = metadata.distribution("tether")
     blob = json.dumps([__version__, entries, dist.read_text("METADATA"),
                        dist.read_text("entry_points.txt")])
@@ -207,6 +209,8 @@ def wheel_id() -> WheelId:
 @lru_cache(maxsize=1)
 def build_wheel() -> Wheel:
     """tether's wheel, built in memory from the running package (same bytes for same files)."""
+    import zipfile
+
     files = _package_files() + _dist_files()
     record = "".join(f"{name},{_record_hash(data)}\n" for name, data in files)
     record += f"tether-{__version__}.dist-info/RECORD,,\n"
@@ -221,6 +225,8 @@ def build_wheel() -> Wheel:
 
 
 def requires_python() -> str:
+    from importlib import metadata
+
     spec = str((metadata.metadata("tether").get_all("Requires-Python") or [">=3.9"])[0])
     return spec.replace(">=", "").split(",")[0].strip()
 
@@ -231,6 +237,8 @@ def seed_source() -> str:
     module docstring, and its comments where no quote precedes them on their line, are left
     out (fewer bytes, the same line numbers in a traceback; a test checks the code is the
     same)."""
+    from importlib import resources
+
     lines = resources.files("tether").joinpath("_seed.py").read_text().splitlines()
     end = next(i for i, line in enumerate(lines) if i and line.endswith('"""'))
     lines[:end + 1] = [""] * (end + 1)  # the module docstring: for the reader here

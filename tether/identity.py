@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 # two starts of one process read alike exactly; a reused pid differs by at least a clock tick
 SAME_START = 0.005
@@ -29,6 +31,8 @@ def started(proc: psutil.Process) -> float:
         with open(f"/proc/{proc.pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()  # the name may hold spaces and ')'
     except (FileNotFoundError, ProcessLookupError) as e:
+        import psutil
+
         raise psutil.NoSuchProcess(proc.pid) from e
     return int(fields[19]) / _CLK_TCK
 

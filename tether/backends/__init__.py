@@ -41,6 +41,7 @@ BACKENDS: dict[str, str] = {
     "slurm": "tether.backends.slurm:SlurmJob",
 }
 DEFAULT = "host"
+NODE_ACCESS = ("auto", "jump", "forward")  # how a Slurm job's node is reached (--node-access)
 
 
 @dataclass(frozen=True)

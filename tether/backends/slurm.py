@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 from tether import __version__, _ssh, bootstrap, contract
-from tether.backends import OnEvent, OnNote, Placement, Report
+from tether.backends import NODE_ACCESS, OnEvent, OnNote, Placement, Report
 from tether.backends.ssh import OverSSH
 from tether.contract import REMOTE_LAYOUT, RestartResult, ServerInfo, UpResult
 from tether.config import COLAB_ORIGIN
@@ -69,7 +69,6 @@ REAPER = ("import ctypes, os, sys; f = getattr(ctypes.CDLL(None), 'prctl', None)
 CRASH_RESTARTS = 20  # servers the job starts again after a crash, in its whole life
 ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "GONE"})
-NODE_ACCESS = ("auto", "jump", "forward")
 
 
 # sbatch options tether gives each job itself (--sbatch-arg may not override them)

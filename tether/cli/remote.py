@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 import sys
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.markup import escape
-from rich.status import Status as Spinner
 
 from tether import _ssh, backends, runtimes, session
-from tether.backends import Backend, Report
-from tether.backends.slurm import NODE_ACCESS
+from tether import cli as ui  # ui.err, ui.out: rich is imported on the first print
+from tether.backends import NODE_ACCESS, Backend, Report
 from tether.bootstrap import Consent, ConsentNeeded, RemoteOptions, cache_hint, tether_command
 from tether.cli import (
     F,
     Terminated,
+    _escape,
     cli,
-    err,
     json_option,
     make_target,
-    out,
     print_json,
     run,
     shared_ssh_options,
@@ -33,6 +31,9 @@ from tether.cli.serve import LNA_HINT, serve, serve_options
 from tether.config import check_origin
 from tether.errors import ConfigError, RuntimeEndedError, TetherError
 from tether.tunnel import State
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 T = TypeVar("T")
 
@@ -47,10 +48,11 @@ def ssh_options(f: F) -> F:
 class ConsoleReporter:
     """Progress per step with timings, then the URL, then one live status line per host."""
 
+    modules: tuple[str, ...] = ("rich.console", "rich.status", "rich.markup")  # while ssh logs in
+
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
-        self.tty = err.is_terminal
-        self.spinner: Spinner | None = None
+        self.spinner: Status | None = None
         self.lines: dict[str, str] = {}
         self.states: dict[str, State] = {}
         self.ready_hosts: list[str] = []
@@ -59,12 +61,18 @@ class ConsoleReporter:
         self.on_ready: Callable[[str], None] = lambda host: None
         self.shown = ""
 
+    @functools.cached_property
+    def tty(self) -> bool:
+        return ui.err.is_terminal
+
     def _show(self, text: str) -> None:
         self.shown = text
         if not self.tty or self.prompting:
             return
         if self.spinner is None:
-            self.spinner = Spinner(text, console=err)
+            from rich.status import Status
+
+            self.spinner = Status(text, console=ui.err)
             self.spinner.start()
         else:
             self.spinner.update(text)
@@ -79,7 +87,7 @@ class ConsoleReporter:
             self._prompt(event.get("state") == "start")
             return
         if event.get("event") == "queue" and not self.tty:  # a job waiting: say so, once a state
-            err.print(f"{host}: {event.get('label')}")
+            ui.err.print(f"{host}: {event.get('label')}")
         if event.get("event") != "step":
             return
         label, state = event.get("label", event.get("key")), event.get("state")
@@ -87,7 +95,7 @@ class ConsoleReporter:
             self._show(f"{host}: {label}")
         elif state in ("done", "fail"):
             mark = "[green]✓[/]" if state == "done" else "[red]✗[/]"
-            err.print(f"{mark} {host}: {label} [dim]{event.get('seconds', 0):.2f} s[/]")
+            ui.err.print(f"{mark} {host}: {label} [dim]{event.get('seconds', 0):.2f} s[/]")
 
     def _prompt(self, waiting: bool) -> None:
         """ssh may ask for a password now: the line goes (it is transient) and comes back after,
@@ -110,39 +118,39 @@ class ConsoleReporter:
         """What the user reads once the runtime is ready: the URL to paste into Colab."""
         for warning in runtime.warnings:
             warning = warning.replace("HOST", runtime.host)
-            err.print(f"[yellow]note:[/] {runtime.host}: {warning}")
+            ui.err.print(f"[yellow]note:[/] {runtime.host}: {warning}")
         if self.as_json:
             print_json(runtime.to_json())
             return
         where = "running server" if runtime.reused else "new server"
-        err.print(f"[green]Colab runtime ready[/] on {runtime.host} ({where}, remote pid "
+        ui.err.print(f"[green]Colab runtime ready[/] on {runtime.host} ({where}, remote pid "
                   f"{runtime.server.pid}). In Colab: Connect > Connect to a local "
                   "runtime, and paste:")
-        out.print(runtime.colab_url)
-        err.print(LNA_HINT)
-        err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
+        ui.out.print(runtime.colab_url)
+        ui.err.print(LNA_HINT)
+        ui.err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
                   f"/tether/?token=… (same token), or `tether open {runtime.host}`")
         for local, remote in runtime.forwards:
-            err.print(f"Forwarded: port {remote} on {runtime.host} → http://127.0.0.1:{local}/")
-        err.print(runtime.on_ctrl_c)
+            ui.err.print(f"Forwarded: port {remote} on {runtime.host} → http://127.0.0.1:{local}/")
+        ui.err.print(runtime.on_ctrl_c)
 
     def note(self, host: str, text: str) -> None:
         self.close()
         if self.as_json:
             print_json({"host": host, "note": text})
         else:
-            err.print(f"[yellow]note:[/] {escape(text)}")
+            ui.err.print(f"[yellow]note:[/] {_escape(text)}")
 
     def live(self, host: str, live: session.Live) -> None:
         t = live.tunnel
         runtime = self.runtimes.get(host)
         info = {**runtime.info, "forwards": runtime.forwards} if runtime else {}
-        width = err.width - 2 if self.tty else 10_000  # a live line fits the terminal (- spinner)
+        width = ui.err.width - 2 if self.tty else 10_000  # a live line fits the terminal (- spinner)
         self.lines[host] = status_line(host, live, info, width)
         if self.tty:
             self._show("\n".join(self.lines.values()))
         elif self.states.get(host) is not t.state and not self.as_json:
-            err.print(self.lines[host])
+            ui.err.print(self.lines[host])
         self.states[host] = t.state
 
 
@@ -289,7 +297,7 @@ def _as_recorded(host: str, kw: dict[str, Any]) -> dict[str, Any]:
                                                tuple(kw["ssh_opts"]))
     if record is None:
         return kw
-    err.print(runtimes.said(record))
+    ui.err.print(runtimes.said(record))
     access = kw.get("node_access") or "auto"
     return {**kw, "slurm": True, "ssh_config": config, "ssh_opts": options,
             "node_access": record.backend.get("node_access") if access == "auto" else access}
@@ -317,18 +325,18 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
             for host in targets:
                 runtimes.forget(host)
         if not reporter.ready_hosts:
-            err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
+            ui.err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
                                    "resumes where this stopped.")
             sys.exit(130)
         if cancelled:
-            err.print(cancelled)
+            ui.err.print(cancelled)
             sys.exit(0)
         if len(configs) == 1:
             hint = (f"`{command_for('attach', backend)}` reconnects (same URL); "
                     f"`{command_for('down', backend)}` stops them.")
         else:
             hint = "`tether attach HOST` reconnects (same URL); `tether down HOST` stops them."
-        err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
+        ui.err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
         sys.exit(0)
     except TetherError as e:
         _forget_ended(e, configs)
@@ -488,7 +496,7 @@ def down(host: str, as_json: bool, **kw: Any) -> None:
     backend = make_backend(host, kw, remote_options(**kw))
     report = run(lambda: session.down(backend))
     runtimes.forget(host)  # what ran there is ended (or the report says what could not be)
-    _show(report, as_json, err.print)
+    _show(report, as_json, ui.err.print)
 
 
 def _show(report: Report, as_json: bool, say: Callable[[str], None]) -> None:
@@ -511,7 +519,7 @@ def _show(report: Report, as_json: bool, say: Callable[[str], None]) -> None:
 def status(host: str, as_json: bool, **kw: Any) -> None:
     """The runtime on HOST: server, kernels, GPU memory."""
     backend = make_backend(host, kw, remote_options(**kw))
-    _show(run(lambda: session.status(backend)), as_json, out.print)
+    _show(run(lambda: session.status(backend)), as_json, ui.out.print)
 
 
 @cli.command()
@@ -531,7 +539,7 @@ def doctor(host: str, port: int | None, as_json: bool, **kw: Any) -> None:
     else:
         for c in checks:
             mark = "[red]✗[/]" if not c.ok else "[yellow]![/]" if c.warn else "[green]✓[/]"
-            out.print(f"{mark} {c.name}: {c.detail}" + (
+            ui.out.print(f"{mark} {c.name}: {c.detail}" + (
                 f"\n    → {c.hint}" if (not c.ok or c.warn) and c.hint else ""))
     if not all(c.ok for c in checks):
         sys.exit(1)

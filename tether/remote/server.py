@@ -24,10 +24,14 @@ from tether.remote.state import ServerState, running_servers
 
 log = logging.getLogger(__name__)
 
-# Imported through jupyter_events' schema validation, rfc3987_syntax compiles a grammar for
-# ~1.25 s at import (jupyter_server#1559); jsonschema treats it as optional.
 TOKEN_ENV = "JUPYTER_TOKEN"
-SLOW_OPTIONAL_MODULES = ("rfc3987_syntax",)
+# The optional format checkers of jsonschema, imported through jupyter_events: rfc3987_syntax
+# compiles a grammar for ~1.25 s at import (jupyter_server#1559), the others (arrow through
+# isoduration) cost ~30 ms more of every start. No event schema of jupyter_server uses a
+# format, jsonschema treats each as optional, and nothing else in tether's environment
+# imports them.
+SLOW_OPTIONAL_MODULES = ("rfc3987_syntax", "isoduration", "fqdn", "jsonpointer",
+                         "rfc3339_validator", "rfc3986_validator", "uri_template", "webcolors")
 SOCKET_PROBE_TIMEOUT = 2.0  # a live server accepts at once; a stale socket refuses at once
 
 
