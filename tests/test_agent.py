@@ -108,6 +108,34 @@ def test_a_state_file_without_start_time_is_trusted_by_our_launch_marker(
     assert judge({"pid": marked.pid}, {"0ther": {}})[0] == states.UNVERIFIED
 
 
+def test_the_kernels_python_is_looked_up_beside_the_server_and_bounded(
+        seed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --kernel-python/--conda-env/--install-kernel-deps the lookup runs while the
+    server starts: what it finds (and its note) comes back; one that hangs (a login shell
+    waiting on something) costs at most PROBE_TIMEOUT, then tether's own Python, said."""
+    seed.PARAMS.update(kernel_python=None, conda_env=None, install_kernel_deps=None)
+    assert host.looked_up()
+    seed.PARAMS["install_kernel_deps"] = True
+    assert not host.looked_up()  # installing into the user's Python is asked first
+    seed.PARAMS["install_kernel_deps"] = None
+    notes: list[str] = []
+    alone: list[str] = []
+    assert host.kernel_python_beside(notes) == host.kernel_python(alone)[0] != ""
+    assert notes == alone  # the same answer and the same note as a lookup before the start
+    release = __import__("threading").Event()
+    monkeypatch.setattr(host, "kernel_python", lambda w: (release.wait(30), ("/x", None))[1])
+    monkeypatch.setattr(host, "PROBE_TIMEOUT", 0.2)
+    notes = []
+    t0 = time.monotonic()
+    try:
+        assert host.kernel_python_beside(notes) == seed.env_python()
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 5
+    assert notes == ["kernels run in tether's own environment: finding the login shell's "
+                     "python3 took more than 0.2 s"]
+
+
 def test_a_server_tether_launched_is_pinned_by_its_start_since_boot_and_boot_id(
         seed: Any, procs: Start) -> None:
     """Immune to a stepped wall clock: the start since boot does not move."""

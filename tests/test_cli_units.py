@@ -242,6 +242,32 @@ def test_serve_imports_neither_the_ssh_side_nor_rich() -> None:
     assert not [m for m in loaded if m.split(".")[0] == "rich" or m.startswith(heavy)]
 
 
+def test_up_reaches_its_login_before_the_heavy_libraries_and_loads_them_meanwhile() -> None:
+    """Everything `up` runs before its ControlMaster starts (the command, the backend, the
+    session, the reporter) leaves tornado's HTTP client, rich, psutil and the package metadata
+    unimported; `session.load`, run while ssh logs in, brings each of them in."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from tether.cli import cli\n"
+            "cli.get_command(None, 'up')\n"
+            "import tether.backends.direct, tether.backends.ssh, tether._master\n"
+            "from tether import session\n"
+            "from tether.cli.remote import ConsoleReporter\n"
+            "modules = (*session.LOADED_LATE, *ConsoleReporter(as_json=True).modules)\n"
+            "before = sorted(sys.modules)\n"
+            "session.load(modules)\n"
+            "print(json.dumps([modules, before, sorted(sys.modules)]))\n")
+    modules, before, after = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    heavy = ("tornado", "rich", "psutil", "importlib.metadata")
+    assert not [m for m in before if m.startswith(heavy)]
+    assert set(modules) <= set(after)
+    assert {m.split(".")[0] for m in modules} >= {"tornado", "rich", "psutil", "importlib"}
+
+
 def test_a_runtime_record_is_private_and_flags_win(tmp_path, monkeypatch) -> None:
     """What `up` records for a host: 0600, found again by host; an explicit --slurm or ssh
     options given now win over the recorded ones; a plain host leaves no record."""

@@ -341,7 +341,7 @@ def kernel_python_beside(warnings: list[str]) -> str:
     finder.join(PROBE_TIMEOUT)
     if not found:
         warnings.append("kernels run in tether's own environment: finding the login shell's "
-                        "python3 took more than %.0f s" % PROBE_TIMEOUT)
+                        "python3 took more than %g s" % PROBE_TIMEOUT)
     return found[0] if found else seed.env_python()
 
 
