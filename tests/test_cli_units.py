@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -222,20 +223,20 @@ def test_a_bad_remote_cache_fails_before_any_ssh(args, value):
                                                    "expected an absolute path"), done.stderr
 
 
+def in_fresh_python(code: str) -> Any:
+    """What ``code``, run in a new interpreter (nothing imported yet), prints as JSON."""
+    return json.loads(subprocess.run([sys.executable, "-c", "import json, sys\n" + code],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
 def test_serve_imports_neither_the_ssh_side_nor_rich() -> None:
     """Commands load lazily: every command is in the map, and `serve` pulls in only its own."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, sys\n"
-            "from tether.cli import COMMANDS, cli, load_commands\n"
-            "cli.get_command(None, 'serve')\n"
-            "loaded = sorted(sys.modules)\n"
-            "load_commands()\n"
-            "print(json.dumps([loaded, sorted(cli.commands), sorted(COMMANDS)]))\n")
-    loaded, registered, mapped = json.loads(subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    loaded, registered, mapped = in_fresh_python(
+        "from tether.cli import COMMANDS, cli, load_commands\n"
+        "cli.get_command(None, 'serve')\n"
+        "loaded = sorted(sys.modules)\n"
+        "load_commands()\n"
+        "print(json.dumps([loaded, sorted(cli.commands), sorted(COMMANDS)]))\n")
     assert registered == mapped
     heavy = ("rich", "tether.session", "tether.bootstrap", "tether._ssh", "tether.tunnel",
              "tether._wheels", "tether.backends", "tether.cli.remote", "tether.cli.kernels")
@@ -246,22 +247,16 @@ def test_up_reaches_its_login_before_the_heavy_libraries_and_loads_them_meanwhil
     """Everything `up` runs before its ControlMaster starts (the command, the backend, the
     session, the reporter) leaves tornado's HTTP client, rich, psutil and the package metadata
     unimported; `session.load`, run while ssh logs in, brings each of them in."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, sys\n"
-            "from tether.cli import cli\n"
-            "cli.get_command(None, 'up')\n"
-            "import tether.backends.direct, tether.backends.ssh, tether._master\n"
-            "from tether import session\n"
-            "from tether.cli.remote import ConsoleReporter\n"
-            "modules = (*session.LOADED_LATE, *ConsoleReporter(as_json=True).modules)\n"
-            "before = sorted(sys.modules)\n"
-            "session.load(modules)\n"
-            "print(json.dumps([modules, before, sorted(sys.modules)]))\n")
-    modules, before, after = json.loads(subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    modules, before, after = in_fresh_python(
+        "from tether.cli import cli\n"
+        "cli.get_command(None, 'up')\n"
+        "import tether.backends.direct, tether.backends.ssh, tether._master\n"
+        "from tether import session\n"
+        "from tether.cli.remote import ConsoleReporter\n"
+        "modules = (*session.LOADED_LATE, *ConsoleReporter(as_json=True).modules)\n"
+        "before = sorted(sys.modules)\n"
+        "session.load(modules)\n"
+        "print(json.dumps([modules, before, sorted(sys.modules)]))\n")
     heavy = ("tornado", "rich", "psutil", "importlib.metadata")
     assert not [m for m in before if m.startswith(heavy)]
     assert set(modules) <= set(after)
