@@ -330,6 +330,12 @@ def looked_up() -> bool:
     return not (p.get("kernel_python") or p.get("conda_env") or p.get("install_kernel_deps"))
 
 
+def chosen_kernel_python(warnings: list[str]) -> tuple[str, dict[str, Any] | None]:
+    """:func:`kernel_python` where the user chose it (checked before any server starts);
+    ("", None) where tether finds it, beside the server's start (:func:`start_server`)."""
+    return kernel_python(warnings) if not looked_up() else ("", None)
+
+
 def kernel_python_beside(warnings: list[str]) -> str:
     """:func:`kernel_python` in a thread while the caller's server starts (bounded)."""
     import threading
@@ -746,11 +752,9 @@ def action_up() -> dict[str, Any]:
                 "warnings": stale_warnings() + option_warnings(running[0])
                 + version_warnings(running[0])}
     warnings: list[str] = []
-    python = ""  # looked up while the server starts
-    if not looked_up():
-        python, question = kernel_python(warnings)
-        if question is not None:
-            return {"need_consent": question, "stale": stale_report()}
+    python, question = chosen_kernel_python(warnings)
+    if question is not None:
+        return {"need_consent": question, "stale": stale_report()}
     fd = seed.lock_root()
     try:
         scan = scan_servers()
@@ -925,11 +929,9 @@ def action_restart() -> dict[str, Any]:
         restart_params(read_launches().get(marks(old["pid"]).get(LAUNCH_ENV) or "")
                        if old else None)
         warnings: list[str] = []
-        python = ""  # looked up while the server starts
-        if not looked_up():
-            python, question = kernel_python(warnings)
-            if question is not None:
-                return {"need_consent": question, "stale": stale_report()}
+        python, question = chosen_kernel_python(warnings)
+        if question is not None:
+            return {"need_consent": question, "stale": stale_report()}
         before = [k.kernel_id for k in adopt.read_all(seed.RUNTIME)]
         stopped = stop_for_restart(scan.live)
         state, python = start_server(python, warnings)
