@@ -124,12 +124,12 @@ class ConsoleReporter:
             return
         where = "running server" if runtime.reused else "new server"
         ui.err.print(f"[green]Colab runtime ready[/] on {runtime.host} ({where}, remote pid "
-                  f"{runtime.server.pid}). In Colab: Connect > Connect to a local "
-                  "runtime, and paste:")
+                     f"{runtime.server.pid}). In Colab: Connect > Connect to a local "
+                     "runtime, and paste:")
         ui.out.print(runtime.colab_url)
         ui.err.print(LNA_HINT)
         ui.err.print(f"GPUs, kernels and Release buttons: http://127.0.0.1:{runtime.local_port}"
-                  f"/tether/?token=… (same token), or `tether open {runtime.host}`")
+                     f"/tether/?token=… (same token), or `tether open {runtime.host}`")
         for local, remote in runtime.forwards:
             ui.err.print(f"Forwarded: port {remote} on {runtime.host} → http://127.0.0.1:{local}/")
         ui.err.print(runtime.on_ctrl_c)
@@ -145,7 +145,7 @@ class ConsoleReporter:
         t = live.tunnel
         runtime = self.runtimes.get(host)
         info = {**runtime.info, "forwards": runtime.forwards} if runtime else {}
-        width = ui.err.width - 2 if self.tty else 10_000  # a live line fits the terminal (- spinner)
+        width = ui.err.width - 2 if self.tty else 10_000  # a live line fits (- the spinner)
         self.lines[host] = status_line(host, live, info, width)
         if self.tty:
             self._show("\n".join(self.lines.values()))
@@ -326,7 +326,7 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
                 runtimes.forget(host)
         if not reporter.ready_hosts:
             ui.err.print(cancelled or f"Interrupted before {hosts} was ready; `{again}` again "
-                                   "resumes where this stopped.")
+                                      "resumes where this stopped.")
             sys.exit(130)
         if cancelled:
             ui.err.print(cancelled)
@@ -336,7 +336,8 @@ def _up(configs: list[session.UpConfig], reporter: ConsoleReporter) -> None:
                     f"`{command_for('down', backend)}` stops them.")
         else:
             hint = "`tether attach HOST` reconnects (same URL); `tether down HOST` stops them."
-        ui.err.print(f"Detached from {hosts}: the server and its kernels keep running there. {hint}")
+        ui.err.print(f"Detached from {hosts}: the server and its kernels keep running there. "
+                     f"{hint}")
         sys.exit(0)
     except TetherError as e:
         _forget_ended(e, configs)
