@@ -166,6 +166,8 @@ class WheelId:
 def _stamp() -> str:
     """What the wheel is built from: the package's files by name, size and mtime, and the
     dist-info's text."""
+    from importlib import metadata
+
     root = Path(__file__).parent
     entries = []
     for top, dirs, files in os.walk(root):
@@ -174,8 +176,6 @@ def _stamp() -> str:
             info = os.stat(os.path.join(top, name))
             entries.append([os.path.relpath(os.path.join(top, name), root), info.st_size,
                             info.st_mtime_ns])
-    from importlib import metadata
-
     dist = metadata.distribution("tether")
     blob = json.dumps([__version__, entries, dist.read_text("METADATA"),
                        dist.read_text("entry_points.txt")])
