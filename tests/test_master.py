@@ -253,6 +253,7 @@ def test_master_ends_with_up(prepared: Prepared, testbed: SSHBed, runtime: Path,
             proc.wait(5)
     assert proc.returncode == 0, err
     assert "ControlMaster" in err and "publickey" in err, err
+    assert "started before the command line loaded" in err, err  # tether._login's, adopted
     _wait(lambda: not _masters(str(runtime)), 3, "end of the master")
     assert not list(runtime.glob("tether-[0-9]*")), list(runtime.iterdir())
     with socket.socket() as s:  # the forward went with it
@@ -264,6 +265,17 @@ def test_master_ends_with_an_error(testbed: SSHBed, runtime: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "ControlMaster" in err and "python" in err.splitlines()[-1].lower(), err
+    assert not _masters(str(runtime))
+    assert not list(runtime.glob("tether-[0-9]*")), list(runtime.iterdir())
+
+
+def test_an_early_login_nobody_adopts_is_ended(testbed: SSHBed, runtime: Path) -> None:
+    """`tether up HOST` starts its login before it parses; a command that then fails to parse
+    (a wrong --port) ends that ssh and its folder, and says only the usage error."""
+    proc = _up(testbed, runtime, "gpubox", "--port", "nine")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err.startswith("error: Invalid value for '--port'") and len(err.splitlines()) == 1
     assert not _masters(str(runtime))
     assert not list(runtime.glob("tether-[0-9]*")), list(runtime.iterdir())
 

@@ -238,15 +238,15 @@ def test_the_socket_folder_is_private_and_short(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     import os
 
-    from tether import _master
+    from tether import _login
 
     long = tmp_path / ("x" * 120)
     long.mkdir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(long))  # too long for a socket: not used
-    path = _master.runtime_dir()
+    path = _login.runtime_dir()
     try:
         assert not path.startswith(str(long))
-        assert len(os.fsencode(path + "/m")) + 17 <= _master.SOCKET_MAX
+        assert len(os.fsencode(path + "/m")) + 17 <= _login.SOCKET_MAX
         assert os.stat(path).st_mode & 0o777 == 0o700
         assert f"tether-{os.getpid()}-" in path
     finally:
@@ -291,3 +291,40 @@ def test_a_warm_call_goes_straight_to_tether_host_where_the_environment_is_this_
         argv = bootstrap.remote_command("python3", params)
         assert "tether.host" not in argv[2] and len(argv) == 7
     assert _seed.HOST_MAIN == "import sys; from tether.host import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("args", [
+    ["up", "gpubox"],
+    ["-v", "up", "gpubox", "-F", "/c", "--port", "9000", "-o", "A=b", "--ssh-option=C=d",
+     "-oE=f", "--json"],
+    ["up", "gpubox", "--ssh-config=/d", "--batch", "-vv", "--kernel-python", "/p"],
+    ["up", "gpubox", "-F/e", "--forward", "6006", "--slurm", "--gpus", "1"],
+])
+def test_the_early_login_guesses_the_target_the_command_line_parses(args: list[str]) -> None:
+    """tether._login reads `up HOST` and its ssh options off the arguments as click does; the
+    ssh it would start is the one tether._master adopts (BatchMode aside: it never prompts)."""
+    from dataclasses import replace
+
+    from tether import _login
+    from tether.cli import _verbosity_first, cli, make_target
+
+    words = [a for a in _verbosity_first(args) if not _login.VERBOSITY.fullmatch(a)]
+    command = cli.get_command(None, "up")  # type: ignore[arg-type]
+    assert command is not None
+    kw = command.make_context("up", words[1:]).params
+    parsed = make_target(kw["hosts"][0], kw["ssh_config"], kw["ssh_opts"], kw["batch"])
+    guessed = _login.guess(args)
+    assert guessed is not None
+    assert replace(guessed, interactive=False).argv() == replace(parsed, interactive=False).argv()
+    assert guessed.interactive == parsed.interactive
+
+
+@pytest.mark.parametrize("args", [
+    [], ["up"], ["serve"], ["down", "gpubox"], ["up", "--port", "9000", "gpubox"],
+    ["up", "gpubox", "--help"], ["up", "-h"], ["up", "gpubox", "--", "-F", "x"],
+])
+def test_the_early_login_leaves_anything_else_alone(args: list[str]) -> None:
+    from tether import _login
+
+    assert _login.guess(args) is None
+    assert not _login.start(args) and _login.take(_ssh.SSHTarget("gpubox")) is None

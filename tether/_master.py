@@ -27,14 +27,14 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
-import tempfile
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from tether import _ssh
+from tether import _login, _ssh
 from tether.errors import PortInUseError, SSHError
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ CONTROL_TIMEOUT = 5.0  # ``ssh -O ...``: a local round trip to the master
 ALIVE_TIMEOUT = 2.5  # a round trip to the host through the master
 CONFIG_TIMEOUT = 10.0  # ``ssh -G``
 POLL = 0.005  # a stat or a listdir: cheap, and a start is found ~10 ms sooner than at 20 ms
-# sun_path holds 104 bytes on macOS and the BSDs (108 on Linux); ssh binds a temporary name
-# (ControlPath + ".XXXXXXXXXXXXXXXX") before it renames it into place.
-SOCKET_MAX = 100
+TERM_WAIT = 3.0  # the master's ssh after SIGTERM, before SIGKILL
 TYPED = ("password", "keyboard-interactive")  # methods a person types
 # The only place OpenSSH says how it logged in is its log (LogLevel VERBOSE): there is no
 # machine-readable form of it.
@@ -79,7 +77,9 @@ class Master:
         self.on_prompt = on_prompt or (lambda waiting: None)
         self.mode = Mode.NONE
         self.auth_method = ""  # as the master logged in: "publickey", "password", ...
-        self.proc: asyncio.subprocess.Process | None = None
+        # the master's ssh: a plain child (no pipes), so that the one `up` started before the
+        # command line loaded (tether._login) is the same kind of process as any later one
+        self.proc: subprocess.Popen[bytes] | None = None
         self.dir: Path | None = None
         self.forwards: set[str] = set()
 
@@ -99,15 +99,18 @@ class Master:
         return self.base
 
     async def start(self) -> None:
-        """Decide how to connect, and connect once (the one prompt, if the host asks)."""
-        self.mode = await choose_mode(self.base)
+        """Decide how to connect, and connect once (the one prompt, if the host asks); adopt
+        the login ``up`` started early for this very target (:func:`tether._login.take`)."""
+        early = _login.take(self.base)
+        self.mode = Mode.OWN if early is not None else await choose_mode(self.base)
         if self.mode is not Mode.OWN:
             log.info("%s: no ControlMaster of tether's (%s)", self.base.host, self.mode.value)
             return
-        self.dir = Path(runtime_dir())
         try:
-            await self._connect()
-        except _NoMux as e:
+            self.dir = Path(early.folder if early is not None else _login.runtime_dir())
+            if early is None or not await self._adopt(early.proc):
+                await self._connect()
+        except _login.NoMux as e:
             log.info("%s: ssh cannot multiplex here (%s); one connection per command",
                      self.base.host, e)
             await self.aclose()
@@ -116,8 +119,19 @@ class Master:
             await self.aclose()
             raise
 
+    async def _adopt(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Take the login started before the command line loaded; False (and it is ended)
+        where it could not log in (it never prompts: a password host logs in as always)."""
+        try:
+            await self._connect(proc)
+        except SSHError as e:
+            log.info("%s: the early login did not get in (%s); logging in again",
+                     self.base.host, e)
+            return False
+        return True
+
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.proc is not None and self.proc.poll() is None
 
     async def ensure(self) -> None:
         """The master runs: connected again if it was lost (a prompt, where the host asks)."""
@@ -125,21 +139,20 @@ class Master:
             await self._stop()
             await self._connect()
 
-    async def _connect(self) -> None:
-        """Start the master and wait (bounded) until it listens; nothing is left on failure."""
+    async def _connect(self, started: subprocess.Popen[bytes] | None = None) -> None:
+        """Start the master (or take the one ``started`` early) and wait (bounded) until it
+        listens; nothing is left on failure."""
         assert self.dir is not None and self.log_path is not None
-        Path(self.path).unlink(missing_ok=True)  # a socket left by a killed master
-        start = _size(self.log_path)
-        argv = self.base.argv("-M", "-N", "-T", "-S", self.path, "-E", str(self.log_path),
-                              "-o", "ControlPersist=no", "-o", "LogLevel=VERBOSE",
-                              *(arg for opt in _ssh.KEEPALIVE for arg in ("-o", opt)))
+        if started is None:
+            Path(self.path).unlink(missing_ok=True)  # a socket left by a killed master
+        start = 0 if started is not None else _size(self.log_path)
         deadline = INTERACTIVE_DEADLINE if self.base.prompts else CONNECT_DEADLINE
         self.forwards.clear()
         async with self._prompting():
-            # ssh's own early errors (before it opens -E) go to the same file
-            with open(self.log_path, "ab") as stderr:
-                self.proc = await _ssh.spawn(self.base, argv, stdin=asyncio.subprocess.DEVNULL,
-                                             stdout=asyncio.subprocess.DEVNULL, stderr=stderr.fileno())
+            if started is None:
+                log.debug("spawn %s", shlex.join(_login.master_argv(self.base, str(self.dir))))
+            self.proc = started or _login.spawn_master(self.base, str(self.dir))
+            _login.running.add(self.proc)
             try:
                 await self._listening(start, deadline)
             except BaseException:
@@ -147,8 +160,9 @@ class Master:
                 raise
         found = _AUTHENTICATED.findall(self._log(start))
         self.auth_method = found[-1].decode() if found else ""
-        log.info("%s: ControlMaster %s up (pid %s, %s)", self.base.host, self.path,
-                 self.proc.pid, self.auth_method or "?")
+        log.info("%s: ControlMaster %s up (pid %s, %s%s)", self.base.host, self.path,
+                 self.proc.pid, self.auth_method or "?",
+                 ", started before the command line loaded" if started is not None else "")
 
     async def _listening(self, start: int, deadline: float) -> None:
         assert self.proc is not None
@@ -156,10 +170,11 @@ class Master:
             async with asyncio.timeout(deadline):
                 # ssh binds the socket only once it has logged in (no other readiness signal)
                 while not os.path.exists(self.path):
-                    if await _ssh.wait_exit(self.proc, POLL):
+                    if self.proc.poll() is not None:
                         raise self._failed(start)
                     if b"disabling multiplexing" in self._log(start):
-                        raise _NoMux(_ssh.stderr_tail(self._log(start), 200))
+                        raise _login.NoMux(_ssh.stderr_tail(self._log(start), 200))
+                    await asyncio.sleep(POLL)
         except TimeoutError as e:
             raise SSHError(f"connecting to {self.base.host} took more than {deadline:.0f} s",
                            hint=f"`ssh -v {self.base.host}` shows where it stops.",
@@ -169,7 +184,7 @@ class Master:
         assert self.proc is not None and self.proc.returncode is not None
         text = self._log(start)
         if any(s in text.lower() for s in _NO_MUX) and b"permission denied" not in text.lower():
-            return _NoMux(_ssh.stderr_tail(text, 200))
+            return _login.NoMux(_ssh.stderr_tail(text, 200))
         return _ssh.ssh_error(self.base, "ssh", self.proc.returncode, text)
 
     def _log(self, start: int = 0) -> bytes:
@@ -259,7 +274,8 @@ class Master:
 
     async def _stop(self) -> None:
         if self.proc is not None:
-            await _ssh.terminate(self.proc)
+            await _end(self.proc)
+            _login.running.discard(self.proc)
             self.proc = None
         self.forwards.clear()
 
@@ -290,10 +306,6 @@ class Master:
             self.dir = None
 
 
-class _NoMux(Exception):
-    """ssh cannot run a ControlMaster here (the reason is the message)."""
-
-
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
     weakref.WeakKeyDictionary()
 
@@ -314,28 +326,25 @@ def _size(path: Path | None) -> int:
         return 0
 
 
-def runtime_dir() -> str:
-    """A new 0700 folder for one master's socket and log, with a path short enough for it."""
-    tops = (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp")
-    for top in tops:
-        # + "/tether-<pid>-XXXXXXXX" + "/m" + ssh's ".XXXXXXXXXXXXXXXX"
-        if top and os.path.isdir(top) and len(os.fsencode(top)) + 24 + 10 + 17 <= SOCKET_MAX:
-            try:
-                return tempfile.mkdtemp(prefix=f"tether-{os.getpid()}-", dir=top)
-            except OSError as e:
-                log.debug("cannot use %s for the ControlMaster: %s", top, e)
-    raise _NoMux("no folder with a short enough path for a Unix socket")
+async def _end(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after :data:`TERM_WAIT`; reaped. A cancellation meanwhile ends it
+    at once (SIGKILL) before it goes on: no master outlives this."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        await _ssh.wait_exit(proc, TERM_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def choose_mode(target: _ssh.SSHTarget) -> Mode:
     """OWN unless the client has no ControlMaster or the user's config sets their own."""
     if sys.platform == "win32":
         return Mode.NONE
-    config = await ssh_config(target)
-    if config.get("controlmaster", "false") != "false" \
-            or config.get("controlpath", "none") != "none":
-        return Mode.USER
-    return Mode.OWN
+    return Mode.USER if _login.users_master(await ssh_config(target)) else Mode.OWN
 
 
 async def ssh_config(target: _ssh.SSHTarget) -> dict[str, str]:
@@ -349,11 +358,7 @@ async def ssh_config(target: _ssh.SSHTarget) -> dict[str, str]:
         return {}
     finally:
         await _ssh.terminate(proc)
-    config: dict[str, str] = {}
-    for line in out.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        config.setdefault(key.lower(), value.strip())
-    return config
+    return _login.parse_config(out.decode(errors="replace"))
 
 
 async def auth_method(target: _ssh.SSHTarget) -> str:

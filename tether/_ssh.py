@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shlex
-import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
+from tether import _login
+from tether._login import SSHTarget as SSHTarget
+from tether._login import interactive_default as interactive_default
 from tether.errors import AuthenticationError, HostUnreachableError, SSHError
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,11 @@ log = logging.getLogger(__name__)
 SSH_FAILED = 255
 DEFAULT_TIMEOUT = 60.0
 STDERR_TAIL = 800
-# Keep-alives: a dead path (laptop asleep, Wi-Fi gone) is noticed in ~15 s, then reconnected.
-KEEPALIVE = ("ServerAliveInterval=5", "ServerAliveCountMax=3")
+KEEPALIVE = _login.KEEPALIVE  # a dead path is noticed in ~15 s, then reconnected
 # Once ssh has exited, what its pipes still have to say arrives within this (see _Protocol).
 PIPE_GRACE = 0.5
 STREAM_LIMIT = 2 ** 16
+POLL = 0.005  # a plain child's exit (the ControlMaster's ssh) is polled this often
 
 _UNREACHABLE = (
     "could not resolve hostname", "connection refused", "connection timed out",
@@ -49,49 +51,6 @@ _UNREACHABLE = (
 )
 _AUTH = ("permission denied", "too many authentication failures", "host key verification failed",
          "no matching host key", "remote host identification has changed")
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """A host as the user's ``ssh`` understands it, plus the options to pass through."""
-
-    host: str
-    config_file: str | None = None
-    options: tuple[str, ...] = ()
-    interactive: bool = False
-    ssh: str = field(default_factory=lambda: shutil.which("ssh") or "ssh")
-    # NAME=VALUE pairs every remote command runs with (``env NAME=VALUE command``): the one place
-    # that sets e.g. XDG_CACHE_HOME for tether's files there, since sshd seldom accepts SendEnv
-    remote_env: tuple[tuple[str, str], ...] = ()
-    # the ControlPath of tether's own ControlMaster to this host (tether._master): every ssh
-    # then runs over that one authenticated connection and never prompts itself
-    control_path: str = ""
-
-    @property
-    def prompts(self) -> bool:
-        """Whether an ssh of this target may ask the user (a passphrase, a password, 2FA)."""
-        return self.interactive and not self.control_path
-
-    def argv(self, *extra: str, command: Sequence[str] | None = None) -> list[str]:
-        """The local ``ssh`` argv; ``command`` is a remote argv, quoted for the remote shell."""
-        args = [self.ssh]
-        if self.config_file:
-            args += ["-F", self.config_file]
-        for opt in self.options:
-            args += ["-o", opt]
-        if self.control_path:
-            args += ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
-        if not self.prompts:
-            # no prompt can be answered (or, through the master, none is needed): fail at once
-            # instead of hanging on a hidden one (a mux client whose master is gone connects
-            # directly, and must not ask for a password into the spinner's line)
-            args += ["-o", "BatchMode=yes"]
-        args += [*extra, "--", self.host]
-        if command is not None:
-            if self.remote_env:
-                command = ["env", *(f"{k}={v}" for k, v in self.remote_env), *command]
-            args.append(shlex.join(command))
-        return args
 
 
 @dataclass(frozen=True)
@@ -202,8 +161,17 @@ def exited(proc: asyncio.subprocess.Process) -> asyncio.Future[None]:
     return protocol.exited
 
 
-async def wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
-    """Wait (bounded) for ``proc`` to exit; True if it has. Never waits on its pipes."""
+async def wait_exit(proc: asyncio.subprocess.Process | subprocess.Popen[bytes],
+                    timeout: float) -> bool:
+    """Wait (bounded) for ``proc`` to exit; True if it has. Never waits on its pipes. A
+    ControlMaster's ssh is a plain child (:mod:`tether._login`): polled."""
+    if isinstance(proc, subprocess.Popen):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while proc.poll() is None:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(min(POLL, timeout))
+        return True
     if proc.returncode is not None:
         return True
     done, _ = await asyncio.wait({exited(proc)}, timeout=timeout)
@@ -273,7 +241,9 @@ async def reap_all(timeout: float) -> None:
 
 
 def kill_all() -> list[int]:
-    """SIGKILL every ssh started here that is still running (the last resort on exit)."""
+    """SIGKILL every ssh started here that is still running (the last resort on exit), the
+    early login of ``up`` (:mod:`tether._login`) too where nothing adopted it."""
+    _login.kill_all()
     pids = []
     for proc in list(_children):
         if proc.returncode is None:
@@ -307,9 +277,3 @@ async def check_output(target: SSHTarget, command: Sequence[str], *,
     return (await run(target, command, timeout=timeout)).text
 
 
-def interactive_default() -> bool:
-    """Prompts (passphrases, 2FA) can reach the user only when stdin is a terminal."""
-    try:
-        return os.isatty(0)
-    except OSError:
-        return False

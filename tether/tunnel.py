@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -213,7 +214,8 @@ class Tunnel:
         self.token = token
         self.on_status = on_status or (lambda s: None)
         self.status = Status(State.CONNECTING, since=time.time())
-        self.proc: asyncio.subprocess.Process | None = None
+        # its own ssh, or (through a master) the master's, a plain child: see tether._login
+        self.proc: asyncio.subprocess.Process | subprocess.Popen[bytes] | None = None
         self._stderr: _Tail | None = None
 
     def argv(self) -> list[str]:
@@ -455,7 +457,7 @@ class Tunnel:
     async def _stop(self) -> bytes:
         """End the current ssh (bounded) and return the tail of its stderr."""
         stderr = b""
-        if self.proc is not None and self.master is None:  # (the master is its owner's)
+        if isinstance(self.proc, asyncio.subprocess.Process):  # (a master is its owner's)
             await _ssh.terminate(self.proc)
         if self._stderr is not None:
             stderr = await self._stderr.finish(2 * _ssh.PIPE_GRACE)

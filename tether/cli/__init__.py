@@ -144,7 +144,7 @@ def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     immediate. The handlers stay until the loop is gone, so no signal lands in asyncio's own
     shutdown (no "Event loop is closed" on the way out).
     """
-    from tether import _ssh
+    from tether import _login, _ssh
 
     received: list[int] = []
 
@@ -162,6 +162,9 @@ def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         if sys.platform != "win32":
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, on_signal, signum)
+        for held in _login.held:  # (while the command line loaded: tether.__main__)
+            on_signal(held)
+        _login.held.clear()
         work = asyncio.ensure_future(make())
         try:
             await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
