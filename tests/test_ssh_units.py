@@ -328,3 +328,23 @@ def test_the_early_login_leaves_anything_else_alone(args: list[str]) -> None:
 
     assert _login.guess(args) is None
     assert not _login.start(args) and _login.take(_ssh.SSHTarget("gpubox")) is None
+
+
+def test_the_masters_exit_is_seen_at_once_and_a_wait_is_bounded() -> None:
+    """The ControlMaster's ssh is a plain child (tether._login): waiting for it ends at its exit
+    (a pidfd where the system has them), or after the timeout while it runs."""
+    import subprocess
+    import time
+
+    async def main() -> tuple[bool, float, bool, float, bool]:
+        proc = subprocess.Popen(["sleep", "0.5"])
+        t0 = time.monotonic()
+        early = await _ssh.wait_exit(proc, 0.1)
+        waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        done = await _ssh.wait_exit(proc, 30)
+        return early, waited, done, time.monotonic() - t0, await _ssh.wait_exit(proc, 0)
+
+    early, waited, done, took, again = asyncio.run(main())
+    assert not early and 0.09 < waited < 0.4
+    assert done and took < 2 and again

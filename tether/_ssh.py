@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -41,7 +42,7 @@ KEEPALIVE = _login.KEEPALIVE  # a dead path is noticed in ~15 s, then reconnecte
 # Once ssh has exited, what its pipes still have to say arrives within this (see _Protocol).
 PIPE_GRACE = 0.5
 STREAM_LIMIT = 2 ** 16
-POLL = 0.005  # a plain child's exit (the ControlMaster's ssh) is polled this often
+POLL = 0.005  # a plain child's exit (the ControlMaster's ssh), where there is no pidfd: polled
 
 _UNREACHABLE = (
     "could not resolve hostname", "connection refused", "connection timed out",
@@ -166,16 +167,44 @@ async def wait_exit(proc: asyncio.subprocess.Process | subprocess.Popen[bytes],
     """Wait (bounded) for ``proc`` to exit; True if it has. Never waits on its pipes. A
     ControlMaster's ssh is a plain child (:mod:`tether._login`): polled."""
     if isinstance(proc, subprocess.Popen):
-        deadline = asyncio.get_running_loop().time() + timeout
-        while proc.poll() is None:
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(min(POLL, timeout))
-        return True
+        return await _popen_exit(proc, timeout)
     if proc.returncode is not None:
         return True
     done, _ = await asyncio.wait({exited(proc)}, timeout=timeout)
     return bool(done)
+
+
+async def _popen_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """:func:`wait_exit` for a plain child: woken by its pidfd where the system has them
+    (Linux >= 5.3), as asyncio's own child watcher is; else polled, less often as it waits."""
+    if proc.poll() is not None:
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # (the fd stays readable: once is enough)
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait({gone}, timeout=timeout)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return proc.poll() is not None
+    deadline, pause = loop.time() + timeout, POLL
+    while proc.poll() is None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+        pause = min(pause * 2, 0.1)
+    return True
 
 
 async def terminate(proc: asyncio.subprocess.Process, timeout: float = 3.0) -> None:
