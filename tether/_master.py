@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tether import _login, _ssh
-from tether.errors import PortInUseError, SSHError
+from tether.errors import AuthenticationError, PortInUseError, SSHError
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,12 @@ class Master:
 
     async def _adopt(self, proc: subprocess.Popen[bytes]) -> bool:
         """Take the login started before the command line loaded; False (and it is ended)
-        where it could not log in (it never prompts: a password host logs in as always)."""
+        where it was refused for want of a prompt (a password, a passphrase, 2FA, a new host
+        key: it never prompts), so ``up`` logs in as always. Another failure (the host cannot
+        be reached) is the answer a second try would give: raised."""
         try:
             await self._connect(proc)
-        except SSHError as e:
+        except AuthenticationError as e:
             log.info("%s: the early login did not get in (%s); logging in again",
                      self.base.host, e)
             return False
@@ -146,7 +148,8 @@ class Master:
         if started is None:
             Path(self.path).unlink(missing_ok=True)  # a socket left by a killed master
         start = 0 if started is not None else _size(self.log_path)
-        deadline = INTERACTIVE_DEADLINE if self.base.prompts else CONNECT_DEADLINE
+        prompts = self.base.prompts and started is None  # (the early one never prompts)
+        deadline = INTERACTIVE_DEADLINE if prompts else CONNECT_DEADLINE
         self.forwards.clear()
         async with self._prompting():
             if started is None:
