@@ -277,7 +277,7 @@ def test_signal_leaves_no_ssh(prepared: Prepared, testbed: SSHBed, phase: str, h
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         if phase == "bootstrap":  # the remote side's ssh runs (not the login's, nor `ssh -G`)
-            assert _wait_for(lambda: any(not {"-M", "-G", "-O"} & set(_cmdline(p))
+            assert _wait_for(lambda: any((c := _cmdline(p)) and not {"-M", "-G", "-O"} & set(c)
                                          for p in ours()), 30)
         elif phase == "tunnel":  # the forward's ssh runs, not yet listening
             assert _wait_for(lambda: any("-N" in _cmdline(p) for p in ours()), 30)

@@ -12,8 +12,7 @@ from tether import _login
 
 def main() -> None:
     """The console script's entry point."""
-    if _login.start(sys.argv[1:]):
-        _login.hold_signals()
+    _login.start(sys.argv[1:])
     try:
         from tether.cli import main as cli_main
 

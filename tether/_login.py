@@ -192,10 +192,12 @@ def guess(args: Sequence[str]) -> SSHTarget | None:
 def start(args: Sequence[str]) -> bool:
     """``tether up HOST``: start the ControlMaster's ssh now, where tether would start its own
     (``ssh -G`` first: the user's own ControlMaster settings are theirs); whether it did.
-    Quiet: any doubt, and nothing is started; :mod:`tether._master` then logs in as always."""
+    Quiet: any doubt, and nothing is started; :mod:`tether._master` then logs in as always.
+    From the guess on, SIGINT and SIGTERM are held (:func:`hold_signals`)."""
     target = guess(args)
     if target is None or sys.platform == "win32":
         return False
+    hold_signals()  # from before the first ssh: no signal can leave one behind
     target = replace(target, interactive=False)  # BatchMode: it never prompts
     try:
         done = subprocess.run(target.argv("-G"), stdin=subprocess.DEVNULL,
