@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 CONFIG_TIMEOUT = 10.0  # ``ssh -G``
-END_WAIT = 3.0  # an early ssh that was not adopted: SIGTERM, then SIGKILL after this
+END_WAIT = 3.0  # a master's ssh (early or not): SIGTERM, then SIGKILL after this
 # sun_path holds 104 bytes on macOS and the BSDs (108 on Linux); ssh binds a temporary name
 # (ControlPath + ".XXXXXXXXXXXXXXXX") before it renames it into place.
 SOCKET_MAX = 100

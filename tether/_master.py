@@ -43,9 +43,7 @@ CONNECT_DEADLINE = 30.0
 INTERACTIVE_DEADLINE = 180.0  # a password, passphrase or 2FA prompt may be waiting for the user
 CONTROL_TIMEOUT = 5.0  # ``ssh -O ...``: a local round trip to the master
 ALIVE_TIMEOUT = 2.5  # a round trip to the host through the master
-CONFIG_TIMEOUT = 10.0  # ``ssh -G``
 POLL = 0.005  # a stat or a listdir: cheap, and a start is found ~10 ms sooner than at 20 ms
-TERM_WAIT = 3.0  # the master's ssh after SIGTERM, before SIGKILL
 TYPED = ("password", "keyboard-interactive")  # methods a person types
 # The only place OpenSSH says how it logged in is its log (LogLevel VERBOSE): there is no
 # machine-readable form of it.
@@ -330,13 +328,13 @@ def _size(path: Path | None) -> int:
 
 
 async def _end(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after :data:`TERM_WAIT`; reaped. A cancellation meanwhile ends it
+    """SIGTERM, then SIGKILL after :data:`tether._login.END_WAIT`; reaped. A cancellation meanwhile ends it
     at once (SIGKILL) before it goes on: no master outlives this."""
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
-        await _ssh.wait_exit(proc, TERM_WAIT)
+        await _ssh.wait_exit(proc, _login.END_WAIT)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -355,7 +353,7 @@ async def ssh_config(target: _ssh.SSHTarget) -> dict[str, str]:
     argv = target.argv("-G")
     proc = await _ssh.spawn(target, argv, stdin=asyncio.subprocess.DEVNULL)
     try:
-        async with asyncio.timeout(CONFIG_TIMEOUT):
+        async with asyncio.timeout(_login.CONFIG_TIMEOUT):
             out, _ = await proc.communicate()
     except TimeoutError:
         return {}

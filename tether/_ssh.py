@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from tether import _login
 from tether._login import SSHTarget as SSHTarget
 from tether._login import interactive_default as interactive_default
@@ -165,7 +164,7 @@ def exited(proc: asyncio.subprocess.Process) -> asyncio.Future[None]:
 async def wait_exit(proc: asyncio.subprocess.Process | subprocess.Popen[bytes],
                     timeout: float) -> bool:
     """Wait (bounded) for ``proc`` to exit; True if it has. Never waits on its pipes. A
-    ControlMaster's ssh is a plain child (:mod:`tether._login`): polled."""
+    ControlMaster's ssh is a plain child (:mod:`tether._login`): see :func:`_popen_exit`."""
     if isinstance(proc, subprocess.Popen):
         return await _popen_exit(proc, timeout)
     if proc.returncode is not None:
